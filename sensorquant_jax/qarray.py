@@ -1,0 +1,126 @@
+"""The quantized array pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class QArray:
+  """An int8-quantized array: integer ``values`` plus float32 ``scale``.
+
+  ``values`` has the logical shape of the original array. ``scale`` (and
+  ``zero_point`` when present) has the same rank, with size 1 along every
+  reduced axis, except for block schemes, where the block axis holds one entry
+  per block. This keepdims layout broadcasts against ``values``, keeps working
+  when QArrays are stacked along a new leading axis (``axes`` count from the
+  end), and lets sharding propagate from values to scales.
+
+  Attributes:
+    values: int8 array with the original shape.
+    scale: float32 array, see above.
+    zero_point: optional int8 array shaped like ``scale`` (asymmetric schemes).
+    scheme: scheme name, e.g. ``"symmetric_per_tensor_int8"`` (static).
+    axes: reduced axes as negative indices: all axes for per-tensor, the
+      non-channel axes for per-channel, the block axis for per-block (static).
+    block_size: values per block for block schemes, else ``None`` (static).
+    dtype: the original floating dtype, restored by ``dequantize`` (static).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None = None
+  scheme: str = struct.field(pytree_node=False, default="symmetric_per_tensor_int8")
+  axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+  block_size: int | None = struct.field(pytree_node=False, default=None)
+  dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.values.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by values, scales and zero points together."""
+    total = _nbytes(self.values) + _nbytes(self.scale)
+    if self.zero_point is not None:
+      total += _nbytes(self.zero_point)
+    return total
+
+  @property
+  def original_nbytes(self) -> int:
+    """Bytes the float array this was quantized from occupied."""
+    return self.size * np.dtype(self.dtype).itemsize
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    """Returns the float array ``(values - zero_point) * scale``.
+
+    Args:
+      dtype: output dtype; defaults to the original dtype.
+
+    Returns:
+      An array with the shape of ``values``. For ``symmetric_per_tensor_int8``
+      it equals the Rust module's ``dequantize`` bit for bit.
+    """
+    v = self.values.astype(jnp.float32)
+    if self.zero_point is not None:
+      v = v - self.zero_point.astype(jnp.float32)
+    if self.block_size is None:
+      out = v * self.scale
+    else:
+      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size)
+    return out.astype(self.dtype if dtype is None else dtype)
+
+  def __repr__(self) -> str:
+    return (
+        f"QArray(scheme={self.scheme!r}, shape={self.shape}, "
+        f"values={_dtype_name(self.values)}, scale={tuple(np.shape(self.scale))}, "
+        f"dtype={np.dtype(self.dtype).name})"
+    )
+
+
+def _dtype_name(x: Any) -> str:
+  dtype = getattr(x, "dtype", None)
+  return np.dtype(dtype).name if dtype is not None else type(x).__name__
+
+
+def _nbytes(x: Any) -> int:
+  if hasattr(x, "nbytes"):
+    return int(x.nbytes)
+  return int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _apply_blocks(v: jax.Array, scale: jax.Array, axis: int, block: int) -> jax.Array:
+  """Multiplies ``v`` by per-block ``scale`` along ``axis`` (negative)."""
+  axis = v.ndim + axis
+  n = v.shape[axis]
+  nb = scale.shape[axis]
+  pad = nb * block - n
+  if pad:
+    widths = [(0, 0)] * v.ndim
+    widths[axis] = (0, pad)
+    v = jnp.pad(v, widths)
+  blocked = v.reshape(v.shape[:axis] + (nb, block) + v.shape[axis + 1 :])
+  out = blocked * jnp.expand_dims(scale, axis + 1)
+  out = out.reshape(v.shape)
+  if pad:
+    out = jax.lax.slice_in_dim(out, 0, n, axis=axis)
+  return out
+
+
+def is_qarray(x: Any) -> bool:
+  """Returns True for QArray leaves (handy as ``is_leaf`` in tree maps)."""
+  return isinstance(x, QArray)

@@ -1,0 +1,194 @@
+"""Int8 quantization schemes: the arithmetic, one function per scheme.
+
+Exactness notes. The Rust ``sensorlm`` module computes, in float32,
+``scale = max(max|w| / 127, 1e-8)`` and ``q = clamp(round(w / scale))`` with
+``f32::round`` (half away from zero). Two XLA behaviours break a literal port:
+
+* ``jnp.round`` rounds half to even; ``lax.round``'s default
+  (``AWAY_FROM_ZERO``) is what Rust does.
+* XLA's algebraic simplifier rewrites ``a / broadcast(b)`` (and ``a / const``)
+  into ``a * (1 / b)``, which is off by one ulp for a large share of inputs and
+  then flips rounding decisions. :func:`_exact_div` divides by
+  ``where(isnan(a), 1, b)`` instead: the same value, but no longer a broadcast
+  or a constant, so the rewrite does not match and the division stays a true
+  IEEE division, which is just as fast on CPU (the op is memory bound).
+
+Both are covered by tests against fixtures made by the Rust module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sensorquant_jax.qarray import QArray
+
+PER_TENSOR = "symmetric_per_tensor_int8"
+PER_CHANNEL = "symmetric_per_channel_int8"
+PER_BLOCK = "symmetric_per_block_int8"
+ASYMMETRIC_PER_CHANNEL = "asymmetric_per_channel_int8"
+
+SCHEMES: tuple[str, ...] = (PER_TENSOR, PER_CHANNEL, PER_BLOCK, ASYMMETRIC_PER_CHANNEL)
+"""Scheme names, the Rust module's first."""
+
+DEFAULT_BLOCK_SIZE = 32
+_MIN_SCALE = np.float32(1e-8)  # the Rust module's floor, as an f32 literal
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A resolved quantization request for one array.
+
+  Attributes:
+    scheme: one of :data:`SCHEMES`.
+    axes: per-channel schemes: the channel (kept) axes; per-block: a 1-tuple
+      with the block axis; ``None`` picks the documented default for the
+      array's rank and leaf name (see :func:`default_axes`).
+    block_size: values per block (per-block scheme only).
+  """
+
+  scheme: str = PER_TENSOR
+  axes: tuple[int, ...] | None = None
+  block_size: int = DEFAULT_BLOCK_SIZE
+
+  def __post_init__(self):
+    if self.scheme not in SCHEMES:
+      raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if self.axes is not None:
+      object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+    if int(self.block_size) < 1:
+      raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...] | None:
+  """The default channel axes (per-channel) or block axis (per-block).
+
+  Per-channel keeps one scale per output feature. Flax kernels put the output
+  features last (Dense ``[in, out]``, Conv ``[..., in, out]``, DenseGeneral
+  ``[in, heads, head_dim]`` and ``[heads, head_dim, out]``), so the default
+  channel axis is ``-1``; embedding tables (leaf ``embedding``, ``[vocab,
+  features]``) get one scale per row (axis ``0``).
+
+  Per-block splits the contraction axis: axis ``0`` for 2-D and 3-D kernels
+  (Dense input features; DenseGeneral ``in`` or ``heads``), ``-2`` for 4-D and
+  larger (a Conv kernel's input features), and the feature axis ``-1`` for
+  embedding tables. Override with a :class:`~sensorquant_jax.Rule`'s ``axes``.
+
+  Args:
+    scheme: scheme name.
+    ndim: rank of the array.
+    leaf_name: last component of the leaf's path.
+
+  Returns:
+    A tuple of axes, or ``None`` for the per-tensor scheme.
+  """
+  if scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL):
+    if ndim == 0:
+      return ()
+    return (0,) if leaf_name == "embedding" else (ndim - 1,)
+  if scheme == PER_BLOCK:
+    if ndim == 0:
+      raise ValueError("per-block quantization needs at least one axis")
+    if leaf_name == "embedding" or ndim == 1:
+      return (ndim - 1,)
+    return (0,) if ndim <= 3 else (ndim - 2,)
+  return None
+
+
+def _exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
+  """IEEE ``a / b`` that XLA cannot turn into ``a * (1 / b)`` (see module doc)."""
+  return a / jnp.where(jnp.isnan(a), jnp.float32(1), b)
+
+
+def _round_clip(y: jax.Array, lo: int, hi: int) -> jax.Array:
+  """round-half-away-from-zero, NaN -> 0, clamp; as Rust's ``round().clamp() as i32``."""
+  r = lax.round(y, lax.RoundingMethod.AWAY_FROM_ZERO)
+  r = jnp.where(jnp.isnan(r), jnp.float32(0), r)
+  return jnp.clip(r, lo, hi)
+
+
+def _abs_max(w: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+  # NaN is ignored as Rust's fold(0.0, f32::max) ignores it; the caller reports it.
+  return jnp.max(jnp.where(jnp.isnan(w), jnp.float32(0), jnp.abs(w)), axis=axis, keepdims=True)
+
+
+def _symmetric(w: jax.Array, reduce_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  m = _abs_max(w, reduce_axes)
+  scale = jnp.maximum(_exact_div(m, jnp.float32(127)), _MIN_SCALE)
+  q = _round_clip(_exact_div(w, scale), -127, 127).astype(jnp.int8)
+  return q, scale
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for an array of rank {ndim}")
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"repeated axes {tuple(axes)}")
+  return tuple(sorted(out))
+
+
+def resolve(spec: Spec, ndim: int, leaf_name: str = "") -> Spec:
+  """Fills in default axes and validates them for an array of rank ``ndim``."""
+  axes = spec.axes if spec.axes is not None else default_axes(spec.scheme, ndim, leaf_name)
+  if spec.scheme == PER_TENSOR:
+    return dataclasses.replace(spec, axes=None)
+  axes = _normalize_axes(axes, ndim)
+  if spec.scheme == PER_BLOCK and len(axes) != 1:
+    raise ValueError(f"per-block quantization takes exactly one block axis, got {axes}")
+  return dataclasses.replace(spec, axes=axes)
+
+
+def quantize_array_impl(w: jax.Array, spec: Spec) -> QArray:
+  """Quantizes one array under a resolved :class:`Spec` (traceable)."""
+  dtype = np.dtype(w.dtype)
+  ndim = w.ndim
+  wf = w.astype(jnp.float32)
+  neg = lambda axes: tuple(a - ndim for a in axes)  # noqa: E731
+
+  if spec.scheme == PER_TENSOR:
+    axes = tuple(range(ndim))
+    q, scale = _symmetric(wf, axes)
+    return QArray(q, scale, None, PER_TENSOR, neg(axes), None, dtype)
+
+  if spec.scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL):
+    reduce_axes = tuple(a for a in range(ndim) if a not in spec.axes)
+    if spec.scheme == PER_CHANNEL:
+      q, scale = _symmetric(wf, reduce_axes)
+      return QArray(q, scale, None, PER_CHANNEL, neg(reduce_axes), None, dtype)
+    finite = jnp.where(jnp.isnan(wf), jnp.float32(0), wf)
+    lo = jnp.minimum(jnp.min(finite, axis=reduce_axes, keepdims=True), 0)
+    hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
+    scale = jnp.maximum(_exact_div(hi - lo, jnp.float32(255)), _MIN_SCALE)
+    zp = _round_clip(jnp.float32(-128) - _exact_div(lo, scale), -128, 127)
+    q = _round_clip(_round_clip(_exact_div(wf, scale), -255, 255) + zp, -128, 127)
+    return QArray(
+        q.astype(jnp.int8), scale, zp.astype(jnp.int8), ASYMMETRIC_PER_CHANNEL,
+        neg(reduce_axes), None, dtype,
+    )
+
+  # Per-block: pad the block axis with zeros (they never raise a block's max),
+  # split it into (n_blocks, block), reduce over the block, then undo the split.
+  (axis,) = spec.axes
+  block = int(spec.block_size)
+  n = wf.shape[axis]
+  nb = max(1, -(-n // block))
+  pad = nb * block - n
+  if pad:
+    widths = [(0, 0)] * ndim
+    widths[axis] = (0, pad)
+    wf = jnp.pad(wf, widths)
+  blocked = wf.reshape(wf.shape[:axis] + (nb, block) + wf.shape[axis + 1 :])
+  q, scale = _symmetric(blocked, (axis + 1,))
+  q = q.reshape(wf.shape)
+  if pad:
+    q = lax.slice_in_dim(q, 0, n, axis=axis)
+  scale = jnp.squeeze(scale, axis + 1)
+  return QArray(q, scale, None, PER_BLOCK, (axis - ndim,), block, dtype)
