@@ -2,29 +2,29 @@
 
 from sensorquant_jax.qarray import QArray, is_qarray
 from sensorquant_jax.quantize import (
-    MIN_SIZE,
-    NonFiniteError,
-    Rule,
-    dequantize,
-    nbytes,
-    path_str,
-    quantize,
-    quantize_array,
+  MIN_SIZE,
+  NonFiniteError,
+  Rule,
+  dequantize,
+  nbytes,
+  path_str,
+  quantize,
+  quantize_array,
 )
 from sensorquant_jax.schemes import SCHEMES
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MIN_SIZE",
-    "NonFiniteError",
-    "QArray",
-    "Rule",
-    "SCHEMES",
-    "dequantize",
-    "is_qarray",
-    "nbytes",
-    "path_str",
-    "quantize",
-    "quantize_array",
+  "MIN_SIZE",
+  "NonFiniteError",
+  "QArray",
+  "Rule",
+  "SCHEMES",
+  "dequantize",
+  "is_qarray",
+  "nbytes",
+  "path_str",
+  "quantize",
+  "quantize_array",
 ]

@@ -86,9 +86,9 @@ class QArray:
 
   def __repr__(self) -> str:
     return (
-        f"QArray(scheme={self.scheme!r}, shape={self.shape}, "
-        f"values={_dtype_name(self.values)}, scale={tuple(np.shape(self.scale))}, "
-        f"dtype={np.dtype(self.dtype).name})"
+      f"QArray(scheme={self.scheme!r}, shape={self.shape}, "
+      f"values={_dtype_name(self.values)}, scale={tuple(np.shape(self.scale))}, "
+      f"dtype={np.dtype(self.dtype).name})"
     )
 
 

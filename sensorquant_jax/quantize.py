@@ -128,12 +128,12 @@ def _raise_in_callback(path: str, size: int, n_nan, n_inf):
 
 
 def quantize_array(
-    w: jax.Array,
-    scheme: str = schemes.PER_TENSOR,
-    *,
-    axes: Sequence[int] | None = None,
-    block_size: int = schemes.DEFAULT_BLOCK_SIZE,
-    check_finite: bool = True,
+  w: jax.Array,
+  scheme: str = schemes.PER_TENSOR,
+  *,
+  axes: Sequence[int] | None = None,
+  block_size: int = schemes.DEFAULT_BLOCK_SIZE,
+  check_finite: bool = True,
 ) -> QArray:
   """Quantizes a single floating array.
 
@@ -151,18 +151,21 @@ def quantize_array(
     >>> qa = quantize_array(jnp.ones((4, 4)), "symmetric_per_channel_int8")
   """
   spec = schemes.Spec(scheme, None if axes is None else tuple(axes), block_size)
-  out = quantize({"w": w}, rules=[Rule("^w$", spec.scheme, spec.axes, spec.block_size)],
-                 check_finite=check_finite)
+  out = quantize(
+    {"w": w},
+    rules=[Rule("^w$", spec.scheme, spec.axes, spec.block_size)],
+    check_finite=check_finite,
+  )
   return out["w"]
 
 
 def quantize(
-    params: Any,
-    scheme: str = schemes.PER_TENSOR,
-    rules: RulesLike = None,
-    *,
-    min_size: int = MIN_SIZE,
-    check_finite: bool = True,
+  params: Any,
+  scheme: str = schemes.PER_TENSOR,
+  rules: RulesLike = None,
+  *,
+  min_size: int = MIN_SIZE,
+  check_finite: bool = True,
 ) -> Any:
   """Quantizes the floating kernels and embedding tables of a param pytree.
 
@@ -221,14 +224,18 @@ def quantize(
     out.append(qa)
     if check_finite:
       if isinstance(n_nan, jax.core.Tracer):
-        jax.debug.callback(functools.partial(_raise_in_callback, name, int(np.prod(x.shape))),
-                           n_nan, n_inf)
+        jax.debug.callback(
+          functools.partial(_raise_in_callback, name, int(np.prod(x.shape))), n_nan, n_inf
+        )
       else:
         pending.append((name, int(np.prod(x.shape)), n_nan, n_inf))
   if pending:
     counts = jax.device_get([(a, b) for _, _, a, b in pending])
-    bad = [_message(p, int(a), int(b), size)
-           for (p, size, _, _), (a, b) in zip(pending, counts) if int(a) or int(b)]
+    bad = [
+      _message(p, int(a), int(b), size)
+      for (p, size, _, _), (a, b) in zip(pending, counts, strict=True)
+      if int(a) or int(b)
+    ]
     if bad:
       raise NonFiniteError("non-finite weights: " + "; ".join(bad))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -245,7 +252,7 @@ def dequantize(qparams: Any, dtype: Any = None) -> Any:
     A pytree of the same structure with plain arrays.
   """
   return jax.tree_util.tree_map(
-      lambda x: x.dequantize(dtype) if is_qarray(x) else x, qparams, is_leaf=is_qarray
+    lambda x: x.dequantize(dtype) if is_qarray(x) else x, qparams, is_leaf=is_qarray
   )
 
 

@@ -170,8 +170,13 @@ def quantize_array_impl(w: jax.Array, spec: Spec) -> QArray:
     zp = _round_clip(jnp.float32(-128) - _exact_div(lo, scale), -128, 127)
     q = _round_clip(_round_clip(_exact_div(wf, scale), -255, 255) + zp, -128, 127)
     return QArray(
-        q.astype(jnp.int8), scale, zp.astype(jnp.int8), ASYMMETRIC_PER_CHANNEL,
-        neg(reduce_axes), None, dtype,
+      q.astype(jnp.int8),
+      scale,
+      zp.astype(jnp.int8),
+      ASYMMETRIC_PER_CHANNEL,
+      neg(reduce_axes),
+      None,
+      dtype,
     )
 
   # Per-block: pad the block axis with zeros (they never raise a block's max),

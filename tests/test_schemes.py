@@ -78,7 +78,7 @@ def test_the_two_traps_are_real():
   _, w, q, s = data["ties_pow2_-7"]
   assert np.any(np.asarray(jnp.round(w / s)) != q)  # half to even
   np.testing.assert_array_equal(
-      np.clip(np.asarray(lax.round(jnp.asarray(w) / s)), -127, 127).astype(np.int8), q
+    np.clip(np.asarray(lax.round(jnp.asarray(w) / s)), -127, 127).astype(np.int8), q
   )
   rng = np.random.default_rng(0)
   big = rng.standard_normal((512, 512)).astype(np.float32)
