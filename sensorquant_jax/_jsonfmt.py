@@ -1,0 +1,81 @@
+"""serde_json-compatible formatting: ryu float32 layout, string escapes, int lines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def format_f32(x) -> str:
+  """Formats a finite float32 the way ryu 1.0 ``format32`` (serde_json) does.
+
+  Shortest round-trip digits; ``0.0``, ``123456790.0``, ``1e13``, ``0.003937008``,
+  ``1e-7``, ``1.5e-7``, ``3.4028235e38``.
+  """
+  x = np.float32(x)
+  if not np.isfinite(x):
+    raise ValueError(f"{x} has no JSON representation")
+  if x == 0:
+    return "-0.0" if np.signbit(x) else "0.0"
+  sci = np.format_float_scientific(np.abs(x), unique=True, trim="-")
+  mant, exp = sci.split("e")
+  digits = mant.replace(".", "").rstrip("0") or "0"
+  length = len(digits)
+  kk = int(exp) + 1  # 10^(kk-1) <= |x| < 10^kk
+  k = kk - length
+  sign = "-" if np.signbit(x) else ""
+  if 0 <= k and kk <= 13:
+    body = digits + "0" * k + ".0"
+  elif 0 < kk <= 13:
+    body = digits[:kk] + "." + digits[kk:]
+  elif -6 < kk <= 0:
+    body = "0." + "0" * (-kk) + digits
+  elif length == 1:
+    body = f"{digits}e{kk - 1}"
+  else:
+    body = f"{digits[0]}.{digits[1:]}e{kk - 1}"
+  return sign + body
+
+
+def format_str(s: str) -> str:
+  """A JSON string literal escaped as serde_json escapes it (UTF-8 kept raw)."""
+  return json.dumps(s, ensure_ascii=False)
+
+
+def _record_table(indent: int) -> np.ndarray:
+  """Per int8 value (indexed by its uint8 bit pattern): text, ',\\n', indent; NUL-padded."""
+  table = np.zeros(256, "V16")
+  for v in range(-128, 128):
+    rec = f"{v},\n".encode() + b" " * indent
+    table[v & 0xFF] = rec.ljust(16, b"\x00")
+  return table
+
+
+_TABLES: dict[int, np.ndarray] = {}
+_CHUNK = 1 << 20
+
+
+def int8_lines(q: np.ndarray, indent: int):
+  """Yields the bytes of ``q`` as serde pretty-printed array elements.
+
+  Every element is ``indent`` spaces, the number and ``,\\n``; the last one has
+  no comma. No Python object per element: each value indexes a table of
+  16-byte, NUL-padded records (number, comma, newline, next indentation), and
+  one C-level ``bytes.translate`` drops the padding.
+  """
+  if not 0 <= indent <= 10:
+    raise ValueError("indent must be in [0, 10]")
+  if indent not in _TABLES:
+    _TABLES[indent] = _record_table(indent)
+  table = _TABLES[indent]
+  q = np.ascontiguousarray(q, np.int8).reshape(-1)
+  n = q.size
+  if n == 0:
+    return
+  yield b" " * indent
+  for start in range(0, n, _CHUNK):
+    out = table[q[start : start + _CHUNK].view(np.uint8)].tobytes().translate(None, b"\x00")
+    if start + _CHUNK >= n:
+      out = out[: len(out) - 2 - indent] + b"\n"
+    yield out
