@@ -1,5 +1,13 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
+from sensorquant_jax import manifest
+from sensorquant_jax.convert import (
+  RequantizationWarning,
+  default_layer_name,
+  from_manifest,
+  to_manifest,
+)
+from sensorquant_jax.manifest import ManifestError
 from sensorquant_jax.qarray import QArray, is_qarray
 from sensorquant_jax.quantize import (
   MIN_SIZE,
@@ -16,6 +24,12 @@ from sensorquant_jax.schemes import SCHEMES
 __version__ = "0.1.0"
 
 __all__ = [
+  "ManifestError",
+  "RequantizationWarning",
+  "default_layer_name",
+  "from_manifest",
+  "manifest",
+  "to_manifest",
   "MIN_SIZE",
   "NonFiniteError",
   "QArray",

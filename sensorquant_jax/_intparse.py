@@ -48,7 +48,7 @@ def _parse_chunk(a: np.ndarray, final: bool, base: int) -> np.ndarray:
   if commas.size != expect_commas or n == 0:
     where = base + int(commas[0]) if n == 0 and commas.size else base
     raise IntArrayError(
-        f"malformed integer list near byte {where}: {n} numbers and {commas.size} commas"
+      f"malformed integer list near byte {where}: {n} numbers and {commas.size} commas"
     )
   # Every comma sits between the end of one token and the start of the next.
   if final:

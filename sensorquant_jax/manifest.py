@@ -109,12 +109,12 @@ class QuantizedWeights:
 
   @classmethod
   def from_f32(
-      cls,
-      name: str,
-      w: Any,
-      shape: Sequence[int],
-      bias: Any = None,
-      scale: float | None = None,
+    cls,
+    name: str,
+    w: Any,
+    shape: Sequence[int],
+    bias: Any = None,
+    scale: float | None = None,
   ) -> QuantizedWeights:
     """Quantizes float32 weights exactly as ``QuantizedWeights::from_f32``.
 
@@ -157,16 +157,16 @@ class QuantizedWeights:
     if not isinstance(other, QuantizedWeights):
       return NotImplemented
     same_bias = (self.bias is None and other.bias is None) or (
-        self.bias is not None
-        and other.bias is not None
-        and np.array_equal(self.bias.view(np.uint32), other.bias.view(np.uint32))
+      self.bias is not None
+      and other.bias is not None
+      and np.array_equal(self.bias.view(np.uint32), other.bias.view(np.uint32))
     )
     return (
-        self.name == other.name
-        and self.shape == other.shape
-        and np.float32(self.scale).view(np.uint32) == np.float32(other.scale).view(np.uint32)
-        and np.array_equal(self.weights_i8, other.weights_i8)
-        and same_bias
+      self.name == other.name
+      and self.shape == other.shape
+      and np.float32(self.scale).view(np.uint32) == np.float32(other.scale).view(np.uint32)
+      and np.array_equal(self.weights_i8, other.weights_i8)
+      and same_bias
     )
 
 
@@ -183,19 +183,19 @@ class QuantizedModel:
   def compression_ratio(self) -> np.float32:
     """``total_fp32_bytes as f32 / max(total_quantized_bytes, 1) as f32``."""
     return np.float32(
-        np.float32(self.total_fp32_bytes) / np.float32(max(self.total_quantized_bytes, 1))
+      np.float32(self.total_fp32_bytes) / np.float32(max(self.total_quantized_bytes, 1))
     )
 
   def __eq__(self, other: object) -> bool:
     if not isinstance(other, QuantizedModel):
       return NotImplemented
     return (
-        self.config_json == other.config_json
-        and self.scheme == other.scheme
-        and self.total_quantized_bytes == other.total_quantized_bytes
-        and self.total_fp32_bytes == other.total_fp32_bytes
-        and len(self.layers) == len(other.layers)
-        and all(a == b for a, b in zip(self.layers, other.layers, strict=True))
+      self.config_json == other.config_json
+      and self.scheme == other.scheme
+      and self.total_quantized_bytes == other.total_quantized_bytes
+      and self.total_fp32_bytes == other.total_fp32_bytes
+      and len(self.layers) == len(other.layers)
+      and all(a == b for a, b in zip(self.layers, other.layers, strict=True))
     )
 
   def validate(self, *, check_bias: bool = True) -> None:
@@ -225,6 +225,7 @@ class QuantizedModel:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
+      os.fchmod(fd, _file_mode(path))
       with os.fdopen(fd, "wb", buffering=1 << 20) as f:
         for piece in self._pieces():
           f.write(piece)
@@ -261,18 +262,18 @@ class QuantizedModel:
         yield b"\n    }" + (b",\n" if i + 1 < len(self.layers) else b"\n")
       yield b"  ],\n"
     yield (
-        '  "scheme": '
-        + _str(self.scheme)
-        + ',\n  "total_quantized_bytes": '
-        + str(int(self.total_quantized_bytes))
-        + ',\n  "total_fp32_bytes": '
-        + str(int(self.total_fp32_bytes))
-        + "\n}"
+      '  "scheme": '
+      + _str(self.scheme)
+      + ',\n  "total_quantized_bytes": '
+      + str(int(self.total_quantized_bytes))
+      + ',\n  "total_fp32_bytes": '
+      + str(int(self.total_fp32_bytes))
+      + "\n}"
     ).encode()
 
   @classmethod
   def load(
-      cls, path: str | os.PathLike, *, check_bias: bool = True, max_bytes: int | None = None
+    cls, path: str | os.PathLike, *, check_bias: bool = True, max_bytes: int | None = None
   ) -> QuantizedModel:
     """Reads and validates a manifest written by the Rust module or by :meth:`save`.
 
@@ -316,6 +317,16 @@ class QuantizedModel:
       raise ManifestError(f"invalid manifest: {e}") from None
     model.validate(check_bias=check_bias)
     return model
+
+
+def _file_mode(path: str) -> int:
+  """The mode a plain ``open(path, "w")`` would give (or the existing file's)."""
+  try:
+    return os.stat(path).st_mode & 0o777
+  except OSError:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder: str) -> None:
@@ -371,8 +382,8 @@ def _check_layer(i: int, layer: QuantizedWeights, check_bias: bool) -> None:
     raise ManifestError(f"{where}: shape entry exceeds u64")
   if math.prod(layer.shape) != w.size:
     raise ManifestError(
-        f"{where}: weights_i8 has {w.size} values but shape {list(layer.shape)} "
-        f"needs {math.prod(layer.shape)}"
+      f"{where}: weights_i8 has {w.size} values but shape {list(layer.shape)} "
+      f"needs {math.prod(layer.shape)}"
     )
   s = np.float32(layer.scale)
   if not np.isfinite(s) or s <= 0:
@@ -382,7 +393,7 @@ def _check_layer(i: int, layer: QuantizedWeights, check_bias: bool) -> None:
       raise ManifestError(f"{where}: bias holds NaN or Inf (Rust would write null)")
     if check_bias and len(layer.shape) == 2 and layer.bias.size != layer.shape[0]:
       raise ManifestError(
-          f"{where}: bias has {layer.bias.size} values but out_features is {layer.shape[0]}"
+        f"{where}: bias has {layer.bias.size} values but out_features is {layer.shape[0]}"
       )
 
 
@@ -584,19 +595,19 @@ class _Parser:
       return np.array(vals, np.float32)
 
     self.obj(
-        {
-            "name": setter("name", self._named_string),
-            "weights_i8": setter("weights_i8", self.int8_list),
-            "shape": setter("shape", lambda: self.array(lambda k: self.uint(f"shape[{k}]"))),
-            "scale": setter("scale", lambda: self.f32("scale")),
-            "bias": setter("bias", bias),
-        }
+      {
+        "name": setter("name", self._named_string),
+        "weights_i8": setter("weights_i8", self.int8_list),
+        "shape": setter("shape", lambda: self.array(lambda k: self.uint(f"shape[{k}]"))),
+        "scale": setter("scale", lambda: self.f32("scale")),
+        "bias": setter("bias", bias),
+      }
     )
     for key in ("name", "weights_i8", "shape", "scale"):
       if key not in got:
         raise self.fail(f"missing field {key!r}")
     return QuantizedWeights(
-        got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias")
+      got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias")
     )
 
   def _named_string(self) -> str:
@@ -618,15 +629,15 @@ class _Parser:
     if not self.b:
       raise self.fail("empty file")
     self.obj(
-        {
-            "config_json": top("config_json", self.string),
-            "layers": top("layers", lambda: self.array(self.layer)),
-            "scheme": top("scheme", self.string),
-            "total_quantized_bytes": top(
-                "total_quantized_bytes", lambda: self.uint("total_quantized_bytes")
-            ),
-            "total_fp32_bytes": top("total_fp32_bytes", lambda: self.uint("total_fp32_bytes")),
-        }
+      {
+        "config_json": top("config_json", self.string),
+        "layers": top("layers", lambda: self.array(self.layer)),
+        "scheme": top("scheme", self.string),
+        "total_quantized_bytes": top(
+          "total_quantized_bytes", lambda: self.uint("total_quantized_bytes")
+        ),
+        "total_fp32_bytes": top("total_fp32_bytes", lambda: self.uint("total_fp32_bytes")),
+      }
     )
     self.ws()
     if self.i != len(self.b):
@@ -635,11 +646,11 @@ class _Parser:
       if key not in got:
         raise self.fail(f"missing field {key!r}")
     return QuantizedModel(
-        got["config_json"],
-        got["layers"],
-        got["scheme"],
-        got["total_quantized_bytes"],
-        got["total_fp32_bytes"],
+      got["config_json"],
+      got["layers"],
+      got["scheme"],
+      got["total_quantized_bytes"],
+      got["total_fp32_bytes"],
     )
 
 
@@ -671,7 +682,7 @@ class Calibrator:
 
 
 def quantize_model_weights(
-    config_json: str, layers: Iterable[tuple[str, Any, Sequence[int], Any]]
+  config_json: str, layers: Iterable[tuple[str, Any, Sequence[int], Any]]
 ) -> QuantizedModel:
   """Quantizes ``(name, weights, shape, bias)`` tuples into a :class:`QuantizedModel`."""
   out, total = [], 0
