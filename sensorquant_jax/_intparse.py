@@ -164,7 +164,7 @@ def _pool() -> ThreadPoolExecutor:
 def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent: int):
   """Whole-list fast path; ``None`` when any part is not in the canonical layout."""
   close = b"\n" + b" " * (indent - 2)
-  if indent < 2 or not buf.startswith(close, stop - len(close)):
+  if indent < 2 or buf[stop - len(close) : stop] != close:
     return None
   body_end = stop - len(close)
   chunks = _split(buf, start, body_end)
@@ -182,7 +182,7 @@ def parse_int8_list(buf: bytes, start: int, stop: int, indent: int = 8) -> np.nd
   """Parses the text between ``[`` and ``]`` (exclusive) as int8 values.
 
   Args:
-    buf: the whole document.
+    buf: the whole document (``bytes`` or a read-only ``mmap``).
     start: index just after ``[``.
     stop: index of the matching ``]``.
     indent: element indentation of the canonical layout (fast path).

@@ -18,13 +18,16 @@ values that Rust would write as an unloadable ``null``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import mmap
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ SCHEME = "symmetric_per_tensor_int8"
 _MIN_SCALE = np.float32(1e-8)
 _MAX_DEPTH = 128  # serde_json's recursion limit
 _U64_MAX = 2**64 - 1
+_MMAP_MIN = 1 << 24
 
 
 class ManifestError(ValueError):
@@ -211,11 +215,12 @@ class QuantizedModel:
       if not isinstance(got, (int, np.integer)) or got != want:
         raise ManifestError(f"{field} is {got}, but the layers hold {want}")
 
-  def save(self, path: str | os.PathLike, *, check_bias: bool = True) -> None:
+  def save(self, path: str | os.PathLike, *, check_bias: bool = True, fsync: bool = True) -> None:
     """Writes the manifest exactly as ``QuantizedModel::save`` does, atomically.
 
     The bytes go to a temporary file in the same folder, which is flushed,
-    fsynced and renamed over ``path``: a crash leaves the old file intact.
+    fsynced (unless ``fsync=False``) and renamed over ``path``: a crash leaves
+    the old file intact.
 
     Raises:
       ManifestError: the model is invalid or holds values Rust writes as ``null``.
@@ -227,16 +232,17 @@ class QuantizedModel:
     try:
       os.fchmod(fd, _file_mode(path))
       with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-        for piece in self._pieces():
-          f.write(piece)
+        _write_pipelined(f, self._pieces())
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+          os.fsync(f.fileno())
       os.replace(tmp, path)
     except BaseException:
       if os.path.exists(tmp):
         os.unlink(tmp)
       raise
-    _fsync_dir(folder)
+    if fsync:
+      _fsync_dir(folder)
 
   def dumps(self, *, check_bias: bool = True) -> bytes:
     """The manifest's bytes (what :meth:`save` writes)."""
@@ -290,17 +296,30 @@ class QuantizedModel:
       ManifestError: for any problem, naming the layer and field.
     """
     try:
-      size = os.path.getsize(path)
-      if max_bytes is not None and size > max_bytes:
-        raise ManifestError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
       with open(path, "rb") as f:
-        data = f.read()
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+          raise ManifestError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
+        if size < _MMAP_MIN:
+          return cls.loads(f.read(), check_bias=check_bias)
+        # Large files are mapped, not copied: the parser reads them in place.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
       raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
-    return cls.loads(data, check_bias=check_bias)
+    message = None
+    try:
+      return cls.loads(data, check_bias=check_bias)
+    except ManifestError as e:
+      message = str(e)  # re-raised below, once no frame holds a view of the map
+    finally:
+      try:
+        data.close()
+      except BufferError:
+        pass  # a view is still alive somewhere; the map closes when it dies
+    raise ManifestError(message)
 
   @classmethod
-  def loads(cls, data: bytes | str, *, check_bias: bool = True) -> QuantizedModel:
+  def loads(cls, data: bytes | str | mmap.mmap, *, check_bias: bool = True) -> QuantizedModel:
     """Parses manifest text (see :meth:`load`)."""
     if isinstance(data, str):
       try:
@@ -317,6 +336,20 @@ class QuantizedModel:
       raise ManifestError(f"invalid manifest: {e}") from None
     model.validate(check_bias=check_bias)
     return model
+
+
+def _write_pipelined(f, pieces: Iterable[bytes], depth: int = 3) -> None:
+  """Writes ``pieces`` in order from a helper thread, overlapping the file I/O
+  (which releases the GIL) with formatting the next pieces; at most ``depth``
+  pieces wait, which bounds memory."""
+  with ThreadPoolExecutor(max_workers=1) as pool:
+    pending: collections.deque = collections.deque()
+    for piece in pieces:
+      pending.append(pool.submit(f.write, piece))
+      while len(pending) > depth:
+        pending.popleft().result()
+    while pending:
+      pending.popleft().result()
 
 
 def _file_mode(path: str) -> int:
@@ -438,7 +471,7 @@ class _Parser:
       raise self.fail("invalid string (unterminated, control character or bad escape)")
     self.i = m.end()
     try:
-      s = json.loads(m.group(0))
+      s = json.loads(bytes(m.group(0)))
       s.encode("utf-8")  # lone surrogates from \ud800-style escapes
     except (UnicodeError, ValueError) as e:
       raise self.fail(f"invalid string: {e}") from None
@@ -467,7 +500,7 @@ class _Parser:
 
   def f32(self, field: str) -> np.float32:
     c = self.peek()
-    if c == 0x6E and self.b.startswith(b"null", self.i):
+    if c == 0x6E and self.at(b"null"):
       raise self.fail(f"{field}: null is not a number")
     if c != 0x2D and not 0x30 <= c <= 0x39:
       raise self.fail(f"{field}: expected a number")
@@ -476,8 +509,11 @@ class _Parser:
     with np.errstate(over="ignore"):
       return np.float32(float(text))
 
+  def at(self, word: bytes) -> bool:
+    return self.b[self.i : self.i + len(word)] == word
+
   def literal(self, word: bytes):
-    if not self.b.startswith(word, self.i):
+    if not self.at(word):
       raise self.fail("invalid literal")
     self.i += len(word)
     return {b"null": None, b"true": True, b"false": False}[word]
@@ -521,7 +557,7 @@ class _Parser:
       return self.string()
     if c in (0x74, 0x66, 0x6E):
       for w in (b"true", b"false", b"null"):
-        if self.b.startswith(w, self.i):
+        if self.at(w):
           return self.literal(w)
       raise self.fail("invalid literal")
     if c == 0x2D or 0x30 <= c <= 0x39:

@@ -457,3 +457,18 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_golden_folder_is_complete():
   assert len(glob.glob(os.path.join(GOLDEN, "*", "OUT.json"))) == 8
+
+
+def test_large_file_goes_through_mmap(tmp_path):
+  rng = np.random.default_rng(5)
+  w = rng.standard_normal(1_600_000).astype(np.float32)
+  model = m.quantize_model_weights("{}", [("big", w, [1600, 1000], rng.random(1600))])
+  path = tmp_path / "big.json"
+  model.save(path, fsync=False)
+  assert os.path.getsize(path) > m._MMAP_MIN
+  assert m.QuantizedModel.load(path) == model
+  raw = bytearray(_read(path))
+  raw[len(raw) // 2] = ord("x")
+  path.write_bytes(bytes(raw))
+  with pytest.raises(m.ManifestError, match="weights_i8"):
+    m.QuantizedModel.load(path)
