@@ -1,13 +1,15 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
-from sensorquant_jax import manifest
+from sensorquant_jax import manifest, nnx
 from sensorquant_jax.convert import (
   RequantizationWarning,
   default_layer_name,
   from_manifest,
   to_manifest,
 )
+from sensorquant_jax.linen import QuantizedDense, QuantizedDenseGeneral, apply
 from sensorquant_jax.manifest import ManifestError
+from sensorquant_jax.ops import PackedQArray, dense, dense_general, pack, unpack
 from sensorquant_jax.qarray import QArray, is_qarray
 from sensorquant_jax.quantize import (
   MIN_SIZE,
@@ -24,6 +26,15 @@ from sensorquant_jax.schemes import SCHEMES
 __version__ = "0.1.0"
 
 __all__ = [
+  "PackedQArray",
+  "QuantizedDense",
+  "QuantizedDenseGeneral",
+  "apply",
+  "dense",
+  "dense_general",
+  "nnx",
+  "pack",
+  "unpack",
   "ManifestError",
   "RequantizationWarning",
   "default_layer_name",

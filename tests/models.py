@@ -37,3 +37,42 @@ class TinyTransformer(nn.Module):
       x = Block(self.d_model, name=f"blocks_{i}")(x)
     x = nn.LayerNorm(name="ln_f")(x)
     return nn.Dense(self.classes, name="head")(jnp.mean(x, axis=1))
+
+
+from flax import nnx  # noqa: E402
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, d, heads, rngs):
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.fc1 = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.fc2 = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.ln1(x)
+    x = x + self.attn(h, h)
+    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+class NNXTransformer(nnx.Module):
+  """The NNX equivalent of TinyTransformer (+ an Einsum layer and a tied attend)."""
+
+  def __init__(self, vocab=96, d=64, depth=2, classes=10, *, rngs):
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+    self.conv = nnx.Conv(d, d, kernel_size=(3,), rngs=rngs)
+    self.blocks = nnx.List([NNXBlock(d, 4, rngs) for _ in range(depth)])
+    self.mix = nnx.Einsum("btd,dh->bth", (d, d), rngs=rngs)
+    self.ln_f = nnx.LayerNorm(d, rngs=rngs)
+    self.head = nnx.Linear(d, classes, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    x = x + self.conv(x)
+    for block in self.blocks:
+      x = block(x)
+    x = x + self.mix(x)
+    x = self.ln_f(x)
+    logits = self.embed.attend(x)  # tied output over the vocabulary
+    return self.head(jnp.mean(x, axis=1)) + jnp.mean(logits, axis=(1, 2))[:, None]

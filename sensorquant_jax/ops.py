@@ -1,0 +1,366 @@
+"""Int8 inference ops: dense layers that read int8 weights without a float copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from sensorquant_jax import schemes
+from sensorquant_jax.qarray import QArray, is_qarray
+
+MODES = ("weight_only", "w8a8")
+DEFAULT_TILE = 512  # measured best on a 2-core x86 CPU (benchmarks/bench_dense.py)
+
+
+def _auto_tile(tile):
+  """Column tiling helps XLA:CPU, which would otherwise build a float copy of the
+  weight; XLA:GPU/TPU fuse the int8 convert into the GEMM, so they get one dot."""
+  if tile == "auto":
+    return DEFAULT_TILE if jax.default_backend() == "cpu" else None
+  return tile
+
+
+@struct.dataclass
+class PackedQArray:
+  """A 2-D int8 kernel ``[K, N]`` stored as column tiles ``[N // tile, K, tile]``.
+
+  The inference layout made by :func:`pack`: each tile is one contiguous
+  block, so the weight-only op converts and multiplies one tile at a time
+  instead of building a float copy of the whole kernel. ``unpack`` returns the
+  canonical :class:`QArray`; every op accepts both.
+
+  Attributes:
+    tiles: int8 ``[N // tile, K, tile]``.
+    scale: float32 ``[1, N]`` (per-tensor scales are broadcast).
+    zero_point: optional int8 ``[1, N]``.
+    qarray_meta: the canonical QArray's static fields (scheme, axes, ...).
+  """
+
+  tiles: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None = None
+  scheme: str = struct.field(pytree_node=False, default=schemes.PER_TENSOR)
+  axes: tuple[int, ...] = struct.field(pytree_node=False, default=(-2, -1))
+  dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
+  tail_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    nt, k, t = self.tiles.shape
+    return (k, nt * t) if not self.tail_shape else (k, *self.tail_shape)
+
+  @property
+  def nbytes(self) -> int:
+    total = int(self.tiles.nbytes) + int(self.scale.nbytes)
+    return total + (int(self.zero_point.nbytes) if self.zero_point is not None else 0)
+
+  def unpack(self) -> QArray:
+    nt, k, t = self.tiles.shape
+    values = jnp.transpose(self.tiles, (1, 0, 2)).reshape(k, nt * t)
+    n_axes = len(self.axes)
+    shape = self.shape
+    scale = self.scale
+    zp = self.zero_point
+    if self.scheme == schemes.PER_TENSOR:
+      scale = scale[:, :1]
+    values = values.reshape(shape)
+    if self.tail_shape:
+      scale = scale.reshape((1,) + tuple(self.tail_shape)) if scale.shape[1] > 1 else scale
+    if scale.ndim != len(shape):
+      scale = scale.reshape((1,) * (len(shape) - scale.ndim) + scale.shape)
+    if zp is not None:
+      zp = zp.reshape(scale.shape)
+    del n_axes
+    return QArray(values, scale, zp, self.scheme, self.axes, None, self.dtype)
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    return self.unpack().dequantize(dtype)
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, (QArray, PackedQArray))
+
+
+# ---------------------------------------------------------------------------
+# Kernel views.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Matrix:
+  """A quantized kernel seen as ``[K, N]`` with scales along N (or per K-block)."""
+
+  values: jax.Array  # [K, N] int8, or tiles [N/T, K, T]
+  scale: jax.Array  # [1, N] or [nb, N]
+  zero_point: jax.Array | None  # [1, N]
+  block: int | None
+  tiled: bool = False
+
+
+def _as_matrix(w: QArray | PackedQArray, n_in: int) -> _Matrix | None:
+  """Views a kernel whose first ``n_in`` axes are contracted as ``[K, N]``.
+
+  Returns ``None`` when the scales vary along the contraction in a way that
+  does not factor out of the matmul (the caller then dequantizes).
+  """
+  if isinstance(w, PackedQArray):
+    if n_in != 1:
+      return None
+    return _Matrix(w.tiles, w.scale, w.zero_point, None, tiled=True)
+  shape = w.shape
+  k = math.prod(shape[:n_in])
+  n = math.prod(shape[n_in:])
+  values = w.values.reshape(k, n)
+  ndim = w.ndim
+  reduced = {ndim + a for a in w.axes}
+  if w.block_size is None:
+    if not set(range(n_in)) <= reduced:
+      return None  # per-channel along a contracted axis
+    scale = jnp.broadcast_to(w.scale, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
+    zp = None
+    if w.zero_point is not None:
+      zp = jnp.broadcast_to(w.zero_point, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
+    return _Matrix(values, scale, zp, None)
+  (axis,) = reduced
+  if n_in != 1 or axis != 0:
+    return None
+  return _Matrix(values, w.scale.reshape(w.scale.shape[0], n), None, w.block_size)
+
+
+# ---------------------------------------------------------------------------
+# Matmuls.
+# ---------------------------------------------------------------------------
+
+
+def _tiled_dot(x2: jax.Array, tiles: jax.Array) -> jax.Array:
+  """``x2 @ W`` for int8 ``W`` given as tiles ``[N/T, K, T]``, one tile at a time."""
+  out = lax.map(lambda t: jnp.dot(x2, t.astype(x2.dtype), preferred_element_type=x2.dtype), tiles)
+  nt, b, t = out.shape
+  return jnp.transpose(out, (1, 0, 2)).reshape(b, nt * t)
+
+
+def _sliced_dot(x2: jax.Array, values: jax.Array, tile: int) -> jax.Array:
+  """``x2 @ W`` for int8 ``W [K, N]``, converting ``tile`` columns at a time in place."""
+  k, n = values.shape
+
+  def one(i):
+    cols = lax.dynamic_slice_in_dim(values, i * tile, tile, axis=1)
+    return jnp.dot(x2, cols.astype(x2.dtype), preferred_element_type=x2.dtype)
+
+  out = lax.map(one, jnp.arange(n // tile))
+  return jnp.transpose(out, (1, 0, 2)).reshape(x2.shape[0], n)
+
+
+def _tiles_of(values: jax.Array, tile: int) -> jax.Array | None:
+  k, n = values.shape
+  if n % tile or n == tile:
+    return None
+  return jnp.transpose(values.reshape(k, n // tile, tile), (1, 0, 2))
+
+
+TILED_MAX_ROWS = 32
+"""Above this many rows the matmul is compute bound: one dot on the converted
+kernel beats the tiled loop (the conversion is then a small share of the work)."""
+
+
+def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
+  if not tile or rows > TILED_MAX_ROWS:
+    return None
+  for t in (tile, tile // 2, tile // 4):
+    if t >= 64 and n % t == 0 and n > t:
+      return t
+  return None
+
+
+def _weight_only(x2: jax.Array, m: _Matrix, tile: int | None) -> jax.Array:
+  cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
+  x2 = x2.astype(cdt)
+  if not m.tiled:
+    tile = _pick_tile(tile, *m.values.shape, x2.shape[0])
+  if m.block is not None:
+    k, n = m.values.shape
+    nb = m.scale.shape[0]
+    pad = nb * m.block - k
+    xb = jnp.pad(x2, ((0, 0), (0, pad))).reshape(x2.shape[0], nb, m.block)
+    qb = jnp.pad(m.values, ((0, pad), (0, 0))).reshape(nb, m.block, n)
+    part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)
+    return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
+  if m.tiled and (not tile or x2.shape[0] > TILED_MAX_ROWS):
+    nt, k, t = m.values.shape
+    flat = jnp.transpose(m.values, (1, 0, 2)).reshape(k, nt * t)
+    acc = jnp.dot(x2, flat.astype(cdt), preferred_element_type=cdt)
+  elif m.tiled:
+    acc = _tiled_dot(x2, m.values)
+  elif tile:
+    acc = _sliced_dot(x2, m.values, tile)
+  else:
+    acc = jnp.dot(x2, m.values.astype(cdt), preferred_element_type=cdt)
+  if m.zero_point is not None:
+    acc = acc - jnp.sum(x2, axis=-1, keepdims=True) * m.zero_point.astype(cdt)
+  return acc * m.scale.astype(cdt)
+
+
+def quantize_activations(
+  x2: jax.Array, act_scale: jax.Array | float | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 activations: per-token dynamic scales, or a static scale.
+
+  Args:
+    x2: ``[tokens, K]`` floats.
+    act_scale: a calibrated static scale (scalar); ``None`` for per-token
+      ``max|x| / 127``.
+
+  Returns:
+    ``(int8 values, float32 scales [tokens, 1])``.
+  """
+  xf = x2.astype(jnp.float32)
+  if act_scale is None:
+    s = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    s = jnp.maximum(s, 1e-12)
+  else:
+    s = jnp.broadcast_to(jnp.asarray(act_scale, jnp.float32).reshape(1, 1), (xf.shape[0], 1))
+  q = jnp.clip(lax.round(xf / s, lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127)
+  return q.astype(jnp.int8), s
+
+
+def _w8a8(x2: jax.Array, m: _Matrix, act_scale) -> jax.Array:
+  xq, xs = quantize_activations(x2, act_scale)
+  values = m.values
+  if m.tiled:
+    nt, k, t = values.shape
+    values = jnp.transpose(values, (1, 0, 2)).reshape(k, nt * t)
+  if m.block is not None:
+    k, n = values.shape
+    nb = m.scale.shape[0]
+    pad = nb * m.block - k
+    xb = jnp.pad(xq, ((0, 0), (0, pad))).reshape(xq.shape[0], nb, m.block)
+    qb = jnp.pad(values, ((0, pad), (0, 0))).reshape(nb, m.block, n)
+    acc = jnp.einsum("bnk,nko->bno", xb, qb, preferred_element_type=jnp.int32)
+    y = jnp.sum(acc.astype(jnp.float32) * m.scale[None], axis=1)
+    return y * xs
+  acc = lax.dot_general(xq, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  if m.zero_point is not None:
+    acc = acc - jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True) * m.zero_point.astype(
+      jnp.int32
+    )
+  return acc.astype(jnp.float32) * xs * m.scale
+
+
+def dense_general(
+  x: jax.Array,
+  kernel: QArray | PackedQArray,
+  bias: jax.Array | None = None,
+  *,
+  n_in: int = 1,
+  mode: str = "weight_only",
+  act_scale: jax.Array | float | None = None,
+  tile: int | str | None = "auto",
+  dtype: Any = None,
+) -> jax.Array:
+  """``x`` contracted with a quantized kernel over its first ``n_in`` axes.
+
+  The kernel's first ``n_in`` axes match ``x``'s last ``n_in`` axes (Flax
+  DenseGeneral layout: ``[*in, *out]``); the output is ``[*batch, *out]``.
+
+  Args:
+    x: float activations.
+    kernel: :class:`QArray` (any int8 scheme) or :class:`PackedQArray`.
+    bias: optional float bias of shape ``kernel.shape[n_in:]``.
+    n_in: number of contracted kernel axes.
+    mode: ``"weight_only"`` (int8 weights, float activations and
+      accumulation) or ``"w8a8"`` (int8 activations with per-token dynamic
+      scales, or ``act_scale`` when given; int32 accumulation).
+    act_scale: static activation scale for ``w8a8`` (from calibration).
+    tile: columns converted per step by the weight-only op; ``"auto"``: 512
+      on CPU, one fused dot elsewhere; ``None``: one dot.
+    dtype: output dtype (default: ``x``'s floating dtype).
+
+  Returns:
+    The layer output, close to ``x @ dequantize(kernel) + bias``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  shape = kernel.shape
+  in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
+  if tuple(x.shape[x.ndim - n_in :]) != in_shape:
+    raise ValueError(
+      f"input feature shape {x.shape[x.ndim - n_in :]} does not match kernel {shape}"
+    )
+  out_dtype = dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+  batch = x.shape[: x.ndim - n_in]
+  x2 = x.reshape(math.prod(batch), math.prod(in_shape))
+  tile = _auto_tile(tile)
+  m = _as_matrix(kernel, n_in)
+  if m is None:  # scales do not factor out: dequantize (correct, not fast)
+    w = kernel.dequantize(jnp.float32).reshape(x2.shape[1], -1)
+    y = jnp.dot(x2.astype(jnp.float32), w)
+  elif mode == "weight_only":
+    y = _weight_only(x2, m, tile)
+  else:
+    y = _w8a8(x2, m, act_scale)
+  y = y.reshape(batch + out_shape)
+  if bias is not None:
+    y = y + jnp.asarray(bias).astype(y.dtype)
+  return y.astype(out_dtype)
+
+
+def dense(
+  x: jax.Array,
+  qkernel: QArray | PackedQArray,
+  bias: jax.Array | None = None,
+  *,
+  mode: str = "weight_only",
+  act_scale: jax.Array | float | None = None,
+  tile: int | str | None = "auto",
+  dtype: Any = None,
+) -> jax.Array:
+  """``x @ kernel + bias`` for a quantized Dense kernel ``[in, out]``.
+
+  Weight-only on CPU reads the int8 kernel in column tiles (``tile`` columns
+  at a time; pass a :func:`pack`-ed kernel to skip the per-call retiling), so
+  no float copy of the whole weight is ever built. See :func:`dense_general`.
+
+  Example:
+    >>> qk = sq.quantize_array(kernel, "symmetric_per_channel_int8")
+    >>> y = jax.jit(sq.dense)(x, qk, bias)
+  """
+  return dense_general(
+    x, qkernel, bias, n_in=1, mode=mode, act_scale=act_scale, tile=tile, dtype=dtype
+  )
+
+
+def pack(qparams: Any, tile: int = DEFAULT_TILE) -> Any:
+  """Converts 2-D per-tensor/per-channel QArray kernels to :class:`PackedQArray`.
+
+  Other leaves (and kernels the tiled op cannot use: other ranks, block or
+  row-wise scales, ``N`` not a multiple of ``tile``) are returned unchanged.
+  Cheap (one int8 transpose per kernel) and explicit; every op and
+  :func:`sensorquant_jax.apply` accept packed and unpacked trees alike.
+  """
+
+  def one(x):
+    if not is_qarray(x) or x.ndim != 2 or x.block_size is not None:
+      return x
+    m = _as_matrix(x, 1)
+    if m is None or x.shape[1] % tile or x.shape[1] == tile:
+      return x
+    tiles = _tiles_of(m.values, tile)
+    return PackedQArray(tiles, m.scale, m.zero_point, x.scheme, x.axes, x.dtype, ())
+
+  return jax.tree_util.tree_map(one, qparams, is_leaf=is_qarray)
+
+
+def unpack(qparams: Any) -> Any:
+  """Inverse of :func:`pack`."""
+  return jax.tree_util.tree_map(
+    lambda x: x.unpack() if isinstance(x, PackedQArray) else x,
+    qparams,
+    is_leaf=lambda x: isinstance(x, PackedQArray),
+  )
