@@ -1,0 +1,91 @@
+"""GPU check for the int8 ops: does XLA fuse the int8 convert into the GEMM, and timings.
+
+Prints, for a 4096x4096 weight-only layer, the compiled temporaries against the
+float32 weight size and whether a single fusion holds both the convert and the
+dot; then stacks of 8 distinct layers (4096x4096, 4096x16384) at several
+batches: float32, bf16, ours weight-only (bf16 activations) and ours W8A8,
+each as bf16 time / variant time (higher is faster). Run on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sensorquant_jax as sq
+
+
+def _timeit(fn, *args, repeats=20):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def fusion_report(k=4096, n=4096, rows=1):
+  abstract = jax.eval_shape(
+    lambda w: sq.quantize_array(w, "symmetric_per_channel_int8", check_finite=False),
+    jax.ShapeDtypeStruct((k, n), jnp.float32),
+  )
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x = jax.ShapeDtypeStruct((rows, k), dtype)
+    compiled = jax.jit(lambda x, q: sq.dense(x, q)).lower(x, abstract).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    text = compiled.as_text()
+    fused = False
+    for comp in re.split(r"\n(?=\S)", text):
+      name = comp.split("(", 1)[0]
+      if re.search(r"fus|triton|gemm", name) and " convert(" in comp and " dot(" in comp:
+        fused = True  # one fused computation converts the int8 operand and multiplies
+    kinds = sorted(set(re.findall(r"kind=(k\w+)", text)))
+    custom = sorted(set(re.findall(r'"(__triton\w*|__cublas\w*)"', text)))
+    print(
+      f"weight-only {k}x{n}, {rows} row(s), x {np.dtype(dtype).name}: temp {temp / 2**20:.2f} MiB "
+      f"= {temp / (k * n * 4):.1%} of the f32 weight; convert and dot in one computation: "
+      f"{fused}; fusion kinds {kinds}; custom calls {custom}"
+    )
+
+
+def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
+  rng = np.random.default_rng(0)
+
+  def stack(f):
+    return jax.jit(
+      lambda x, ws: sum(jnp.tanh(f(x, w).astype(jnp.float32))[:, :8].sum() for w in ws)
+    )
+
+  variants = {
+    "f32": stack(lambda x, w: x.astype(jnp.float32) @ w),
+    "bf16": stack(lambda x, w: x @ w),
+    "w-only": stack(lambda x, w: sq.dense(x, w)),
+    "w8a8": stack(lambda x, w: sq.dense(x, w, mode="w8a8")),
+  }
+  for k, n in ((4096, 4096), (4096, 16384)):
+    f = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02) for _ in range(layers)]
+    q = [sq.quantize_array(w, "symmetric_per_channel_int8") for w in f]
+    weights = {"f32": f, "bf16": [w.astype(jnp.bfloat16) for w in f], "w-only": q, "w8a8": q}
+    print(f"\n{k}x{n} x{layers} layers; ratio = bf16 time / variant time")
+    print(f"{'batch':>6s} {'bf16 us':>9s} " + " ".join(f"{v:>8s}" for v in variants))
+    for b in batches:
+      x = jnp.asarray(rng.standard_normal((b, k)), jnp.bfloat16)
+      t = {name: _timeit(fn, x, weights[name]) for name, fn in variants.items()}
+      print(
+        f"{b:6d} {t['bf16'] * 1e6:9.1f} " + " ".join(f"{t['bf16'] / v:7.2f}x" for v in t.values()),
+        flush=True,
+      )
+    del f, q, weights
+
+
+if __name__ == "__main__":
+  print(jax.devices())
+  for rows in (1, 64):
+    fusion_report(rows=rows)
+  timings()
