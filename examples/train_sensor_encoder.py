@@ -52,13 +52,13 @@ def _new_index(cls, d=None):
 
 
 _SAFE = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__new__,
-    ("_codecs", "encode"): codecs.encode,
-    ("__builtin__", "slice"): slice,
-    ("__builtin__", "object"): object,
-    ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): np.dtype,
+  ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__new__,
+  ("_codecs", "encode"): codecs.encode,
+  ("__builtin__", "slice"): slice,
+  ("__builtin__", "object"): object,
+  ("copy_reg", "_reconstructor"): copyreg._reconstructor,
 }
 _PANDAS = {"DataFrame", "BlockManager", "Index", "RangeIndex"}
 
@@ -135,8 +135,10 @@ def main():
 
   model = SensorEncoder()
   variables = model.init(jax.random.key(args.seed), jnp.zeros((1, WINDOW, 6)))
-  stats = {"mean": jnp.asarray(xtr.reshape(-1, 6).mean(0)),
-           "std": jnp.asarray(xtr.reshape(-1, 6).std(0) + 1e-6)}
+  stats = {
+    "mean": jnp.asarray(xtr.reshape(-1, 6).mean(0)),
+    "std": jnp.asarray(xtr.reshape(-1, 6).std(0) + 1e-6),
+  }
   params = variables["params"]
   steps = args.epochs * (len(ytr) // 64)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, steps // 20, steps), 1e-2)
@@ -163,14 +165,21 @@ def main():
       params, opt, loss = step(params, opt, xtr[idx], ytr[idx], sub)
     if epoch % 5 == 4 or epoch == args.epochs - 1:
       fn = jax.jit(lambda x: model.apply({"params": params, "stats": stats}, x))
-      print(f"epoch {epoch + 1}: loss {float(loss):.3f}, held-out accuracy "
-            f"{accuracy(fn, xev, yev):.4f}", flush=True)
+      print(
+        f"epoch {epoch + 1}: loss {float(loss):.3f}, held-out accuracy "
+        f"{accuracy(fn, xev, yev):.4f}",
+        flush=True,
+      )
   final = {"params": params, "stats": stats}
   os.makedirs(OUT, exist_ok=True)
   with open(os.path.join(OUT, "sensor_encoder.msgpack"), "wb") as f:
     f.write(serialization.to_bytes(final))
-  np.savez_compressed(os.path.join(OUT, "hapt_eval.npz"), x=xev.astype(np.float16), y=yev.astype(np.int8),
-                      subject=sev.astype(np.int8))
+  np.savez_compressed(
+    os.path.join(OUT, "hapt_eval.npz"),
+    x=xev.astype(np.float16),
+    y=yev.astype(np.int8),
+    subject=sev.astype(np.int8),
+  )
   print("wrote", OUT)
 
 

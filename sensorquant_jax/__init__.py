@@ -1,6 +1,7 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
 from sensorquant_jax import manifest, nnx
+from sensorquant_jax.checkpoint import CheckpointError, load_float, restore, save
 from sensorquant_jax.convert import (
   RequantizationWarning,
   default_layer_name,
@@ -26,6 +27,10 @@ from sensorquant_jax.schemes import SCHEMES
 __version__ = "0.1.0"
 
 __all__ = [
+  "CheckpointError",
+  "load_float",
+  "restore",
+  "save",
   "PackedQArray",
   "QuantizedDense",
   "QuantizedDenseGeneral",

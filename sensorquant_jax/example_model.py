@@ -100,8 +100,11 @@ def load_example() -> tuple[SensorEncoder, Any, dict[str, np.ndarray]]:
   variables = serialization.from_bytes(template, _data_file("sensor_encoder.msgpack").read_bytes())
   with _data_file("hapt_eval.npz").open("rb") as f:
     data = np.load(f)
-    split = {"x": data["x"].astype(np.float32), "y": data["y"].astype(np.int32),
-             "subject": data["subject"].astype(np.int32)}
+    split = {
+      "x": data["x"].astype(np.float32),
+      "y": data["y"].astype(np.int32),
+      "subject": data["subject"].astype(np.int32),
+    }
   return model, variables, split
 
 
