@@ -164,7 +164,7 @@ def main():
       idx = order[i : i + 64]
       params, opt, loss = step(params, opt, xtr[idx], ytr[idx], sub)
     if epoch % 5 == 4 or epoch == args.epochs - 1:
-      fn = jax.jit(lambda x: model.apply({"params": params, "stats": stats}, x))
+      fn = jax.jit(lambda x, p=params: model.apply({"params": p, "stats": stats}, x))
       print(
         f"epoch {epoch + 1}: loss {float(loss):.3f}, held-out accuracy "
         f"{accuracy(fn, xev, yev):.4f}",
