@@ -1,6 +1,13 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
 from sensorquant_jax import manifest, nnx
+from sensorquant_jax.calibrate import (
+  ObserverConfig,
+  act_scales,
+  calibrate,
+  load_calibration,
+  save_calibration,
+)
 from sensorquant_jax.checkpoint import CheckpointError, load_float, restore, save
 from sensorquant_jax.convert import (
   RequantizationWarning,
@@ -22,11 +29,21 @@ from sensorquant_jax.quantize import (
   quantize,
   quantize_array,
 )
+from sensorquant_jax.report import Budget, Policy, auto_policy, report
 from sensorquant_jax.schemes import SCHEMES
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "Budget",
+  "ObserverConfig",
+  "Policy",
+  "act_scales",
+  "auto_policy",
+  "calibrate",
+  "load_calibration",
+  "report",
+  "save_calibration",
   "CheckpointError",
   "load_float",
   "restore",

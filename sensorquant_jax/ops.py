@@ -166,12 +166,18 @@ def _tiles_of(values: jax.Array, tile: int) -> jax.Array | None:
 
 
 TILED_MAX_ROWS = 32
-"""Above this many rows the matmul is compute bound: one dot on the converted
-kernel beats the tiled loop (the conversion is then a small share of the work)."""
+TILED_MIN_SIZE = 1 << 22
+"""Kernels of fewer elements (whose float copy fits in cache) are tiled only up
+to ``TILED_MAX_ROWS`` rows; above that one dot on the converted kernel is
+faster. Larger kernels are always tiled (measured: benchmarks/bench_*.py)."""
+
+
+def _use_tiles(k: int, n: int, rows: int) -> bool:
+  return rows <= TILED_MAX_ROWS or k * n >= TILED_MIN_SIZE
 
 
 def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
-  if not tile or rows > TILED_MAX_ROWS:
+  if not tile or not _use_tiles(k, n, rows):
     return None
   for t in (tile, tile // 2, tile // 4):
     if t >= 64 and n % t == 0 and n > t:
@@ -192,7 +198,10 @@ def _weight_only(x2: jax.Array, m: _Matrix, tile: int | None) -> jax.Array:
     qb = jnp.pad(m.values, ((0, pad), (0, 0))).reshape(nb, m.block, n)
     part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)
     return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
-  if m.tiled and (not tile or x2.shape[0] > TILED_MAX_ROWS):
+  if m.tiled and (
+    not tile
+    or not _use_tiles(m.values.shape[1], m.values.shape[0] * m.values.shape[2], x2.shape[0])
+  ):
     nt, k, t = m.values.shape
     flat = jnp.transpose(m.values, (1, 0, 2)).reshape(k, nt * t)
     acc = jnp.dot(x2, flat.astype(cdt), preferred_element_type=cdt)

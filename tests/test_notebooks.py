@@ -16,11 +16,13 @@ def test_notebook_executes(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
   env_flags = os.environ.pop("XLA_FLAGS", None)  # the kernel needs no fake devices
   try:
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={
-        "metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
   finally:
     if env_flags is not None:
       os.environ["XLA_FLAGS"] = env_flags
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                    for o in c.get("outputs", []))
+  outputs = "".join(
+    o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
   assert "float32:" in outputs and "layers," in outputs
