@@ -220,3 +220,21 @@ def test_report_on_bundled_model(tmp_path):
 
   img = matplotlib.image.imread(tmp_path / "r.png")
   assert img.shape[0] > 200 and img.shape[1] > 600
+
+
+def test_auto_policy_accuracy_budget():
+  model = MLP()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+  params["params"]["fc2"]["kernel"] = params["params"]["fc2"]["kernel"].at[:, 3].multiply(300.0)
+  batches = [
+    np.random.default_rng(i).standard_normal((256, 64)).astype(np.float32) for i in range(2)
+  ]
+  labels = [np.asarray(model.apply(params, b)).argmax(-1) for b in batches]  # float is 100%
+  policy = sq.auto_policy(
+    params, budget=sq.Budget(max_accuracy_drop=0.0), model=model, batches=batches, labels=labels
+  )
+  q = sq.dequantize(sq.quantize(params, rules=policy.rules))
+  for b, lab in zip(batches, labels, strict=True):
+    assert np.all(np.asarray(model.apply(q, b)).argmax(-1) == lab)
+  with pytest.raises(ValueError, match="needs labels"):
+    sq.auto_policy(params, budget=sq.Budget(max_accuracy_drop=0.01), model=model, batches=batches)
