@@ -84,8 +84,31 @@ def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
     del f, q, weights
 
 
+def exactness_report(fixture="tests/fixtures/oracle/per_tensor_cases.npz"):
+  """How many Rust-oracle cases the per-tensor quantizer reproduces on each backend."""
+  data = np.load(fixture)
+  names = sorted({k.split("__")[0] for k in data.files})
+  for device in {jax.devices()[0], jax.devices("cpu")[0]}:
+    bad_cases, bad_q, bad_s = [], 0, 0
+    with jax.default_device(device):
+      for name in names:
+        w, q, s = data[name + "__w"], data[name + "__q"], data[name + "__scale"]
+        qa = sq.quantize_array(jax.device_put(w, device))
+        dq = int(np.sum(np.asarray(qa.values) != q))
+        ds = int(np.asarray(qa.scale, np.float32).reshape(()).view(np.uint32) != s.view(np.uint32))
+        if dq or ds:
+          bad_cases.append(f"{name}(q:{dq},scale:{ds})")
+        bad_q += dq
+        bad_s += ds
+    print(
+      f"exactness on {device.platform}: {len(names) - len(bad_cases)}/{len(names)} cases "
+      f"bit-identical; {bad_q} int8 values and {bad_s} scales differ: {bad_cases}"
+    )
+
+
 if __name__ == "__main__":
   print(jax.devices())
+  exactness_report()
   for rows in (1, 64):
     fusion_report(rows=rows)
   timings()
