@@ -35,24 +35,37 @@ def _leaf_key(i: int) -> str:
   return f"leaf_{i:06d}"
 
 
-def save(path: str | os.PathLike, qparams: Any, metadata: dict | None = None) -> None:
-  """Saves a (quantized) pytree to the folder ``path``, atomically.
+def _part_dir(k: int) -> str:
+  return f"part_{k:04d}"
 
-  Args:
-    path: destination folder; replaced if it exists.
-    qparams: a tree of arrays, :class:`QArray` leaves and JSON-able scalars.
-    metadata: JSON-able dict stored alongside (e.g. the model config).
 
-  Raises:
-    CheckpointError: a leaf that is neither an array, a QArray nor JSON-able.
+class CheckpointWriter:
+  """Writes a checkpoint leaf by leaf, in Orbax parts of about ``part_bytes``.
+
+  Leaves are held only until their part is written, so a streaming writer's
+  memory is bounded by ``part_bytes`` rather than the whole tree. The folder
+  appears at ``path`` only when :meth:`close` succeeds (written aside, then
+  renamed); :meth:`abort` (or an exception inside ``with``) removes it.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy import, only when saving)
 
-  path = os.path.abspath(os.fspath(path))
-  leaves = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
-  spec, arrays = [], {}
-  for i, (p, x) in enumerate(leaves):
-    name = path_str(p)
+  def __init__(
+    self, path: str | os.PathLike, metadata: dict | None = None, part_bytes: int = 256 << 20
+  ):
+    self.path = os.path.abspath(os.fspath(path))
+    self.metadata = metadata or {}
+    json.dumps(self.metadata)
+    self.part_bytes = part_bytes
+    parent = os.path.dirname(self.path)
+    os.makedirs(parent, exist_ok=True)
+    self._tmp = tempfile.mkdtemp(prefix=".tmp-sq-", dir=parent)
+    self._spec: list[dict] = []
+    self._part: dict[str, dict] = {}
+    self._part_size = 0
+    self._parts = 0
+
+  def add(self, name: str, x: Any) -> None:
+    """Adds one leaf (array, QArray or JSON-able value) at '/'-path ``name``."""
+    i = len(self._spec)
     if is_qarray(x):
       entry = {
         "path": name,
@@ -66,40 +79,88 @@ def save(path: str | os.PathLike, qparams: Any, metadata: dict | None = None) ->
       group = {"values": x.values, "scale": x.scale}
       if x.zero_point is not None:
         group["zero_point"] = x.zero_point
-      arrays[_leaf_key(i)] = group
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       entry = {"path": name, "kind": "array"}
-      arrays[_leaf_key(i)] = {"value": x}
+      group = {"value": x}
     else:
       try:
         json.dumps(x)
       except TypeError:
         raise CheckpointError(f"{name}: cannot save a leaf of type {type(x).__name__}") from None
-      entry = {"path": name, "kind": "json", "value": x}
-    spec.append(entry)
-  document = {"format": FORMAT, "metadata": metadata or {}, "leaves": spec}
-  json.dumps(document)  # fail before touching the disk
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-sq-", dir=parent)
-  try:
+      self._spec.append({"path": name, "kind": "json", "value": x})
+      return
+    entry["part"] = self._parts
+    self._spec.append(entry)
+    self._part[_leaf_key(i)] = group
+    self._part_size += sum(int(getattr(a, "nbytes", 0)) for a in group.values())
+    if self._part_size >= self.part_bytes:
+      self._flush()
+
+  def _flush(self) -> None:
+    if not self._part:
+      return
+    import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy import, only when saving)
+
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, "arrays"), arrays)
+    ckptr.save(os.path.join(self._tmp, "arrays", _part_dir(self._parts)), self._part)
     ckptr.wait_until_finished()
-    with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as f:
-      json.dump(document, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    if os.path.exists(path):
-      old = path + ".old-" + os.path.basename(tmp)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
+    self._part, self._part_size = {}, 0
+    self._parts += 1
+
+  def close(self) -> None:
+    """Writes the last part and the spec, then moves the folder into place."""
+    try:
+      self._flush()
+      document = {
+        "format": FORMAT,
+        "metadata": self.metadata,
+        "parts": self._parts,
+        "leaves": self._spec,
+      }
+      with open(os.path.join(self._tmp, SPEC_FILE), "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+      if os.path.exists(self.path):
+        old = self.path + ".old-" + os.path.basename(self._tmp)
+        os.replace(self.path, old)
+        os.replace(self._tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(self._tmp, self.path)
+    except BaseException:
+      self.abort()
+      raise
+
+  def abort(self) -> None:
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, value, tb):
+    if kind is None:
+      self.close()
     else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      self.abort()
+
+
+def save(path: str | os.PathLike, qparams: Any, metadata: dict | None = None) -> None:
+  """Saves a (quantized) pytree to the folder ``path``, atomically.
+
+  Args:
+    path: destination folder; replaced if it exists.
+    qparams: a tree of arrays, :class:`QArray` leaves and JSON-able scalars.
+    metadata: JSON-able dict stored alongside (e.g. the model config).
+
+  Raises:
+    CheckpointError: a leaf that is neither an array, a QArray nor JSON-able.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
+  writer = CheckpointWriter(path, metadata, part_bytes=1 << 62)
+  with writer:
+    for p, x in leaves:
+      writer.add(path_str(p), x)
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -149,13 +210,12 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
   path = os.path.abspath(os.fspath(path))
   doc = read_spec(path)
   spec = doc["leaves"]
-  target = None
-  like_leaves = None
+  targets: dict[int, dict] | None = None
   if like is not None:
     like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_qarray)
     if [path_str(p) for p, _ in like_leaves] != [e["path"] for e in spec]:
       raise CheckpointError(f"{path}: `like` does not have the saved tree's leaves")
-    target = {}
+    targets = {}
     for i, ((_, x), e) in enumerate(zip(like_leaves, spec, strict=True)):
       if e["kind"] == "json":
         continue
@@ -167,17 +227,24 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
           group["zero_point"] = _abstract(x.zero_point)
       else:
         group = {"value": _abstract(x)}
-      target[_leaf_key(i)] = group
-  try:
-    arrays = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
-  except Exception as e:  # Orbax raises many types for a damaged folder
-    raise CheckpointError(f"{path}: cannot read arrays: {_first_line(e)}") from None
+      targets.setdefault(e["part"], {})[_leaf_key(i)] = group
+  arrays: dict[str, Any] = {}
+  for k in sorted({e["part"] for e in spec if e["kind"] != "json"}):
+    try:
+      part = ocp.StandardCheckpointer().restore(
+        os.path.join(path, "arrays", _part_dir(int(k))), None if targets is None else targets[k]
+      )
+    except Exception as e:  # Orbax raises many types for a damaged folder
+      raise CheckpointError(f"{path}: cannot read arrays: {_first_line(e)}") from None
+    if not isinstance(part, dict):
+      raise CheckpointError(f"{path}: part {k} is not a mapping")
+    arrays.update(part)
   out = []
   for i, e in enumerate(spec):
     if e["kind"] == "json":
       out.append(e["value"])
       continue
-    group = arrays.get(_leaf_key(i)) if isinstance(arrays, dict) else None
+    group = arrays.get(_leaf_key(i))
     if group is None:
       raise CheckpointError(f"{path}: arrays for {e['path']} are missing")
     if e["kind"] == "array":

@@ -24,12 +24,14 @@ def quantize_file(
   min_size: int = MIN_SIZE,
   metadata: dict | None = None,
   progress: Callable[[str, int], None] | None = None,
+  part_bytes: int = 256 << 20,
 ) -> dict[str, Any]:
   """Quantizes a float checkpoint leaf by leaf and saves the result to ``dst``.
 
   Only one float leaf is in memory at a time (``.npz`` and ``.safetensors``
-  are read lazily), so peak memory is about the largest float leaf plus the
-  quantized result (a quarter of the float model), not the float model.
+  are read lazily) and quantized leaves are written out in parts of about
+  ``part_bytes``, so peak memory is about the largest float leaf plus one
+  part, not the model.
   Selection, rules and errors are those of :func:`sensorquant_jax.quantize`.
 
   Args:
@@ -40,30 +42,30 @@ def quantize_file(
     min_size: as for ``quantize``.
     metadata: stored with the checkpoint.
     progress: called with ``(leaf path, float bytes)`` after each leaf.
+    part_bytes: quantized bytes buffered before a part is written.
 
   Returns:
     A summary: leaves, quantized leaves, float bytes, stored bytes.
   """
-  out: dict[str, Any] = {}
   n, nq, float_bytes, stored = 0, 0, 0, 0
-  for path, x in checkpoint.iter_float_leaves(src):
-    single = _nest_one(path, x if not np.issubdtype(x.dtype, np.floating) else jnp.asarray(x))
-    q = quantize(single, scheme, rules, min_size=min_size)
-    leaf = _get(q, path)
-    if is_qarray(leaf):
-      nq += 1
-      stored += leaf.nbytes
-      leaf = jax.block_until_ready(leaf)
-    else:
-      leaf = np.asarray(x)
-      stored += leaf.nbytes
-    _set(out, path, leaf)
-    n += 1
-    float_bytes += x.nbytes
-    del x, single, q
-    if progress is not None:
-      progress(path, float_bytes)
-  checkpoint.save(dst, out, metadata)
+  with checkpoint.CheckpointWriter(dst, metadata, part_bytes=part_bytes) as writer:
+    for path, x in checkpoint.iter_float_leaves(src):
+      floating = np.issubdtype(x.dtype, np.floating)
+      single = _nest_one(path, jnp.asarray(x) if floating else x)
+      leaf = _get(quantize(single, scheme, rules, min_size=min_size), path)
+      if is_qarray(leaf):
+        nq += 1
+        leaf = jax.block_until_ready(leaf)
+        stored += leaf.nbytes
+      else:
+        leaf = np.asarray(x)
+        stored += leaf.nbytes
+      writer.add(path, leaf)
+      n += 1
+      float_bytes += x.nbytes
+      del x, single, leaf
+      if progress is not None:
+        progress(path, float_bytes)
   return {"leaves": n, "quantized": nq, "float_bytes": float_bytes, "stored_bytes": stored}
 
 
@@ -81,10 +83,3 @@ def _get(tree: dict, path: str) -> Any:
   for k in path.split("/"):
     tree = tree[k]
   return tree
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-  parts = path.split("/")
-  for k in parts[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[parts[-1]] = value

@@ -190,3 +190,16 @@ def test_streaming_matches_in_memory_quantize(tmp_path):
   )
   assert summary["leaves"] == 3 and summary["quantized"] == 2 and len(seen) == 3
   _assert_same_qtree(sq.restore(tmp_path / "out"), sq.quantize(tree, "symmetric_per_channel_int8"))
+
+
+def test_streaming_writes_bounded_parts(tmp_path):
+  rng = np.random.default_rng(2)
+  flat = {f"params/l{i}/kernel": rng.standard_normal((64, 64)).astype(np.float32) for i in range(5)}
+  np.savez(tmp_path / "p.npz", **flat)
+  stream.quantize_file(tmp_path / "p.npz", tmp_path / "out", part_bytes=5000)
+  spec = checkpoint.read_spec(tmp_path / "out")
+  assert spec["parts"] == 5 and len(os.listdir(tmp_path / "out" / "arrays")) == 5
+  tree = {"params": {f"l{i}": {"kernel": flat[f"params/l{i}/kernel"]} for i in range(5)}}
+  _assert_same_qtree(sq.restore(tmp_path / "out"), sq.quantize(tree))
+  like = jax.eval_shape(lambda: sq.quantize(tree))
+  _assert_same_qtree(sq.restore(tmp_path / "out", like=like), sq.quantize(tree))
