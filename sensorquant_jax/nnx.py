@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sensorquant_jax import ops, schemes
+from sensorquant_jax.checkpoint import _nest
 from sensorquant_jax.linen import _take_rows, transpose_2d
 from sensorquant_jax.qarray import QArray
 from sensorquant_jax.quantize import MIN_SIZE, RulesLike
@@ -130,7 +129,7 @@ def quantize(
     for path, node, leaf in targets
   }
   # Flatten to one level so that rules see the full path, as in `quantize`.
-  nested = _nest(tree)
+  nested = _nest(list(tree), list(tree.values()))
   qtree = _quantize_tree(nested, scheme, rules, min_size=min_size, check_finite=check_finite)
   flat = dict(
     ("/".join(str(getattr(k, "key", k)) for k in p), x)
@@ -158,14 +157,3 @@ def quantize(
       parent = _get(parent, key)
     _set(parent, path[-1], new)
   return model
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in flat.items():
-    parts = key.split("/")
-    d = out
-    for p in parts[:-1]:
-      d = d.setdefault(p, {})
-    d[parts[-1]] = value
-  return out

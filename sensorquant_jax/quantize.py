@@ -176,11 +176,13 @@ def quantize(
   leaves are kept as they are. ``rules`` override this per leaf.
 
   Exactness: ``symmetric_per_tensor_int8`` matches the Rust ``sensorlm``
-  module bit for bit (values and scales) for every finite input, both when
-  called eagerly and when traced inside an outer ``jax.jit``: the division is
-  written so that XLA keeps it a true division (see
-  :mod:`sensorquant_jax.schemes`). Sharded leaves are quantized where they
-  live; values keep the input's sharding and scales follow it.
+  module bit for bit (values and scales) for every finite input on CPU, both
+  when called eagerly and when traced inside an outer ``jax.jit``: the
+  division is written so that XLA keeps it a true division (see
+  :mod:`sensorquant_jax.schemes`). XLA:GPU's float32 division is not
+  correctly rounded, so on GPU a small share of values can differ by one.
+  Sharded leaves are quantized where they live; values keep the input's
+  sharding and scales follow it.
 
   Args:
     params: any pytree, e.g. ``{"params": {...}}`` from ``model.init``.

@@ -13,7 +13,9 @@ Exactness notes. The Rust ``sensorlm`` module computes, in float32,
   or a constant, so the rewrite does not match and the division stays a true
   IEEE division, which is just as fast on CPU (the op is memory bound).
 
-Both are covered by tests against fixtures made by the Rust module.
+Both are covered by tests against fixtures made by the Rust module (on CPU;
+XLA:GPU lowers float32 division to an approximation that is not correctly
+rounded, see ``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
