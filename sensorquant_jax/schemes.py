@@ -107,6 +107,74 @@ def _exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
   return a / jnp.where(jnp.isnan(a), jnp.float32(1), b)
 
 
+def _split12(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``x = hi + lo`` exactly, each half with at most 12 significant bits."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  hi = lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
+  return hi, x - hi
+
+
+def _scale_fix(m: jax.Array, c0: jax.Array) -> jax.Array:
+  """The correctly rounded ``m / 127`` from an approximation ``c0`` (within 2 ulps).
+
+  For each neighbour ``c`` of ``c0`` the residual ``m - 127 c`` is computed
+  exactly (``c`` split into 12-bit halves: every product is exact, and each
+  difference is representable, so IEEE subtraction returns it exactly); the
+  correctly rounded quotient is the neighbour with the smallest residual
+  (ties cannot occur: 127 is odd).
+  """
+  down = jnp.nextafter(c0, jnp.float32(-jnp.inf))
+  up = jnp.nextafter(c0, jnp.float32(jnp.inf))
+  cands = jnp.stack(
+    [
+      jnp.nextafter(down, jnp.float32(-jnp.inf)),
+      down,
+      c0,
+      up,
+      jnp.nextafter(up, jnp.float32(jnp.inf)),
+    ]
+  )
+
+  def resid(c):
+    hi, lo = _split12(c)
+    return jnp.abs((m - hi * jnp.float32(127)) - lo * jnp.float32(127))
+
+  r = jnp.stack([resid(cands[i]) for i in range(5)])
+  r = jnp.where(jnp.isnan(r), jnp.float32(jnp.inf), r)
+  best = jnp.take_along_axis(cands, jnp.argmin(r, axis=0)[None], axis=0)[0]
+  return jnp.where(jnp.isfinite(m) & jnp.isfinite(c0), best, c0)
+
+
+def _quotient_round_fix(w: jax.Array, s: jax.Array, y0: jax.Array) -> jax.Array:
+  """``round_half_away(fl(w / s))`` from an approximate quotient ``y0`` (within 2 ulps).
+
+  Only quotients within 2^-12 of a half-integer ``b`` can round the wrong
+  way; for those, ``fl(|w| / s) >= b`` is decided exactly: it holds iff
+  ``|w| - b s > -s ulp_below(b) / 2``, and ``|w| - b s`` is computed exactly
+  with ``s`` split into 12-bit halves (``b`` has at most 8 significant bits,
+  so both products are exact and both differences representable).
+  """
+  a = jnp.abs(y0)
+  b = jnp.floor(a) + jnp.float32(0.5)
+  near = jnp.abs(a - b) < jnp.float32(2.0**-12)
+  hi, lo = _split12(s)
+  t = (jnp.abs(w) - b * hi) - b * lo
+  half_ulp = (b - jnp.nextafter(b, jnp.float32(0))) * jnp.float32(0.5)
+  above = t > -(half_ulp * s)
+  q_near = jnp.where(above, b + jnp.float32(0.5), b - jnp.float32(0.5))
+  q_abs = jnp.where(near, q_near, lax.round(a, lax.RoundingMethod.AWAY_FROM_ZERO))
+  return jnp.where(jnp.signbit(y0), -q_abs, q_abs)
+
+
+def _needs_fix() -> bool:
+  """Whether the backend's float32 division may be inexact (everything but XLA:CPU)."""
+  return FORCE_DIVISION_FIX or jax.default_backend() != "cpu"
+
+
+FORCE_DIVISION_FIX = False
+"""Apply the exact-division corrections on CPU too (tests use it to check them)."""
+
+
 def _round_clip(y: jax.Array, lo: int, hi: int) -> jax.Array:
   """round-half-away-from-zero, NaN -> 0, clamp; as Rust's ``round().clamp() as i32``."""
   r = lax.round(y, lax.RoundingMethod.AWAY_FROM_ZERO)
@@ -121,8 +189,14 @@ def _abs_max(w: jax.Array, axis: tuple[int, ...]) -> jax.Array:
 
 def _symmetric(w: jax.Array, reduce_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   m = _abs_max(w, reduce_axes)
-  scale = jnp.maximum(_exact_div(m, jnp.float32(127)), _MIN_SCALE)
-  q = _round_clip(_exact_div(w, scale), -127, 127).astype(jnp.int8)
+  s0 = _exact_div(m, jnp.float32(127))
+  if _needs_fix():
+    s0 = _scale_fix(m, s0)
+  scale = jnp.maximum(s0, _MIN_SCALE)
+  y = _exact_div(w, scale)
+  if _needs_fix():
+    y = _quotient_round_fix(w, scale, y)
+  q = _round_clip(y, -127, 127).astype(jnp.int8)
   return q, scale
 
 

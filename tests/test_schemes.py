@@ -107,3 +107,43 @@ def test_dtypes_compute_in_float32(dtype):
   ref = sq.quantize_array(np.asarray(w.astype(jnp.float32)))
   np.testing.assert_array_equal(np.asarray(qa.values), np.asarray(ref.values))
   assert qa.dequantize().dtype == dtype
+
+
+@pytest.fixture
+def force_fix(monkeypatch):
+  monkeypatch.setattr(schemes, "FORCE_DIVISION_FIX", True)
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def _check_all_cases():
+  for name, w, q, s in CASES:
+    qa = sq.quantize_array(w)
+    np.testing.assert_array_equal(np.asarray(qa.values), q, err_msg=name)
+    assert _bits(np.asarray(qa.scale).reshape(())) == _bits(s), name
+
+
+def test_division_fix_is_exact_with_exact_division(force_fix):
+  """The correction used on backends whose division is inexact (GPU) changes nothing here."""
+  _check_all_cases()
+
+
+@pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
+def test_division_fix_repairs_an_inexact_division(ulps, force_fix, monkeypatch):
+  """Simulates XLA:GPU's approximate f32 division: every quotient off by `ulps`."""
+  exact = schemes._exact_div
+
+  def sloppy(a, b):
+    y = exact(a, b)
+    for _ in range(abs(ulps)):
+      y = jnp.nextafter(y, jnp.float32(np.inf if ulps > 0 else -np.inf))
+    return y
+
+  monkeypatch.setattr(schemes, "_exact_div", sloppy)
+  _check_all_cases()
+  # Without the fix the same division gets values wrong.
+  monkeypatch.setattr(schemes, "FORCE_DIVISION_FIX", False)
+  jax.clear_caches()
+  wrong = sum(int(np.sum(np.asarray(sq.quantize_array(w).values) != q)) for _, w, q, _ in CASES)
+  assert wrong > 0
