@@ -176,11 +176,11 @@ def quantize(
   leaves are kept as they are. ``rules`` override this per leaf.
 
   Exactness: ``symmetric_per_tensor_int8`` matches the Rust ``sensorlm``
-  module bit for bit (values and scales) for every finite input on CPU, both
-  when called eagerly and when traced inside an outer ``jax.jit``: the
-  division is written so that XLA keeps it a true division (see
-  :mod:`sensorquant_jax.schemes`). XLA:GPU's float32 division is not
-  correctly rounded, so on GPU a small share of values can differ by one.
+  module bit for bit (values and scales) for every finite input, both when
+  called eagerly and when traced inside an outer ``jax.jit``: on CPU the
+  division is written so that XLA keeps it a true division, and on GPU
+  (whose float32 division is approximate) scale and rounding decisions are
+  corrected with exact residuals (see :mod:`sensorquant_jax.schemes`).
   Sharded leaves are quantized where they live; values keep the input's
   sharding and scales follow it.
 
