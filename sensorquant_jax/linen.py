@@ -8,7 +8,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sensorquant_jax import ops
 from sensorquant_jax.qarray import QArray
@@ -226,6 +225,3 @@ def _params(module):
       "quantized modules have no initializer: quantize a float model's params and pass them in"
     )
   return kernel, bias
-
-
-del np

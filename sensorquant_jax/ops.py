@@ -40,7 +40,7 @@ class PackedQArray:
     tiles: int8 ``[N // tile, K, tile]``.
     scale: float32 ``[1, N]`` (per-tensor scales are broadcast).
     zero_point: optional int8 ``[1, N]``.
-    qarray_meta: the canonical QArray's static fields (scheme, axes, ...).
+    scheme, axes, dtype: the canonical QArray's static fields.
   """
 
   tiles: jax.Array
@@ -49,12 +49,11 @@ class PackedQArray:
   scheme: str = struct.field(pytree_node=False, default=schemes.PER_TENSOR)
   axes: tuple[int, ...] = struct.field(pytree_node=False, default=(-2, -1))
   dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
-  tail_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
   @property
   def shape(self) -> tuple[int, ...]:
     nt, k, t = self.tiles.shape
-    return (k, nt * t) if not self.tail_shape else (k, *self.tail_shape)
+    return (k, nt * t)
 
   @property
   def nbytes(self) -> int:
@@ -62,23 +61,11 @@ class PackedQArray:
     return total + (int(self.zero_point.nbytes) if self.zero_point is not None else 0)
 
   def unpack(self) -> QArray:
+    """The canonical :class:`QArray` (``[K, N]`` values, keepdims scales)."""
     nt, k, t = self.tiles.shape
     values = jnp.transpose(self.tiles, (1, 0, 2)).reshape(k, nt * t)
-    n_axes = len(self.axes)
-    shape = self.shape
-    scale = self.scale
-    zp = self.zero_point
-    if self.scheme == schemes.PER_TENSOR:
-      scale = scale[:, :1]
-    values = values.reshape(shape)
-    if self.tail_shape:
-      scale = scale.reshape((1,) + tuple(self.tail_shape)) if scale.shape[1] > 1 else scale
-    if scale.ndim != len(shape):
-      scale = scale.reshape((1,) * (len(shape) - scale.ndim) + scale.shape)
-    if zp is not None:
-      zp = zp.reshape(scale.shape)
-    del n_axes
-    return QArray(values, scale, zp, self.scheme, self.axes, None, self.dtype)
+    scale = self.scale[:, :1] if self.scheme == schemes.PER_TENSOR else self.scale
+    return QArray(values, scale, self.zero_point, self.scheme, self.axes, None, self.dtype)
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     return self.unpack().dequantize(dtype)
@@ -361,7 +348,7 @@ def pack(qparams: Any, tile: int = DEFAULT_TILE) -> Any:
     if m is None or x.shape[1] % tile or x.shape[1] == tile:
       return x
     tiles = _tiles_of(m.values, tile)
-    return PackedQArray(tiles, m.scale, m.zero_point, x.scheme, x.axes, x.dtype, ())
+    return PackedQArray(tiles, m.scale, m.zero_point, x.scheme, x.axes, x.dtype)
 
   return jax.tree_util.tree_map(one, qparams, is_leaf=is_qarray)
 
