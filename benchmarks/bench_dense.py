@@ -18,24 +18,13 @@ at 16-64; W8A8 >= 1.5x at 64-256.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_time
 
 import sensorquant_jax as sq
-
-
-def _timeit(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _stack(layer_fn):
@@ -90,7 +79,9 @@ def main():
     for b in (int(v) for v in args.batches.split(",")):
       x = jnp.asarray(rng.standard_normal((b, k), np.float32))
       reps = args.repeats if b <= 64 else max(3, args.repeats // 2)
-      times = {name: _timeit(fn, x, weights[name], repeats=reps) for name, fn in variants.items()}
+      times = {
+        name: median_time(fn, x, weights[name], repeats=reps) for name, fn in variants.items()
+      }
       base = times["f32"]
       print(
         f"{b:5d} {base * 1e3:8.1f} " + " ".join(f"{base / t:15.2f}x" for t in times.values()),

@@ -10,13 +10,12 @@ variant time (higher is faster). Qwix runs its PTQ path
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_time
 
 import sensorquant_jax as sq
 
@@ -39,16 +38,6 @@ class Encoder(nn.Module):
       h = nn.Dense(self.mlp, name=f"mlp_in_{i}")(h)
       x = x + nn.Dense(self.d_model, name=f"mlp_out_{i}")(nn.gelu(h))
     return nn.Dense(self.classes, name="head")(nn.LayerNorm(name="ln_f")(x).mean(axis=1))
-
-
-def _timeit(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _tree_bytes(tree):
@@ -106,7 +95,7 @@ def main():
     row = f"{name:18s} {_tree_bytes(p) / 1e6:9.1f}"
     err = 0.0
     for b, x in xs.items():
-      t = _timeit(fn, p, x, repeats=args.repeats if b <= 8 else max(3, args.repeats // 2))
+      t = median_time(fn, p, x, repeats=args.repeats if b <= 8 else max(3, args.repeats // 2))
       base.setdefault(b, t)
       row += f" {t * 1e3:10.2f} {base[b] / t:6.2f}"
       err = max(err, float(jnp.max(jnp.abs(fn(p, x) - ref[b]))))

@@ -10,24 +10,13 @@ each as bf16 time / variant time (higher is faster). Run on a GPU machine.
 from __future__ import annotations
 
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_time
 
 import sensorquant_jax as sq
-
-
-def _timeit(fn, *args, repeats=20):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def fusion_report(k=4096, n=4096, rows=1):
@@ -76,7 +65,7 @@ def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
     print(f"{'batch':>6s} {'bf16 us':>9s} " + " ".join(f"{v:>8s}" for v in variants))
     for b in batches:
       x = jnp.asarray(rng.standard_normal((b, k)), jnp.bfloat16)
-      t = {name: _timeit(fn, x, weights[name]) for name, fn in variants.items()}
+      t = {name: median_time(fn, x, weights[name], repeats=20) for name, fn in variants.items()}
       print(
         f"{b:6d} {t['bf16'] * 1e6:9.1f} " + " ".join(f"{t['bf16'] / v:7.2f}x" for v in t.values()),
         flush=True,

@@ -111,7 +111,7 @@ def cmd_quantize(args) -> None:
       man.save(args.manifest)
       console.print(f"  manifest ({sq.SCHEMES[0]}): {args.manifest} ({len(man.layers)} layers)")
     if args.report:
-      _print_leaf_table(console, variables, qvars)
+      sq.report(variables, qvars)
     return
   with _progress() as bar:
     task = bar.add_task(f"quantizing {os.path.basename(args.src)}", total=None)
@@ -132,39 +132,7 @@ def cmd_quantize(args) -> None:
     man.save(args.manifest)
     console.print(f"manifest ({sq.SCHEMES[0]}): {args.manifest} ({len(man.layers)} layers)")
   if args.report:
-    _print_leaf_table(console, checkpoint.load_float(args.src), checkpoint.restore(args.out))
-
-
-def _print_leaf_table(console, float_tree, qtree) -> None:
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from rich.table import Table  # noqa: PLC0415
-
-  import sensorquant_jax as sq  # noqa: PLC0415
-
-  table = Table(title="per-leaf quantization")
-  for col in ("leaf", "shape", "scheme", "bytes", "int8 bytes", "SQNR dB", "max |err|"):
-    table.add_column(col)
-  f_leaves = dict(
-    (sq.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(float_tree)[0]
-  )
-  for p, q in jax.tree_util.tree_flatten_with_path(qtree, is_leaf=sq.is_qarray)[0]:
-    name = sq.path_str(p)
-    if not sq.is_qarray(q) or name not in f_leaves:
-      continue
-    w = np.asarray(f_leaves[name], np.float64)
-    err = np.asarray(q.dequantize(), np.float64) - w
-    sqnr = 10 * np.log10(np.sum(w**2) / max(np.sum(err**2), 1e-30))
-    table.add_row(
-      name,
-      str(tuple(q.shape)),
-      q.scheme,
-      _fmt_bytes(w.size * 4),
-      _fmt_bytes(q.nbytes),
-      f"{sqnr:.1f}",
-      f"{np.max(np.abs(err)):.2e}",
-    )
-  console.print(table)
+    sq.report(checkpoint.load_float(args.src), checkpoint.restore(args.out))
 
 
 def cmd_inspect(args) -> None:
