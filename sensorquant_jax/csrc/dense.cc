@@ -1,0 +1,576 @@
+// Weight-only int8 dense layers for XLA:CPU, called through the XLA FFI.
+//
+// y[m, n] = sum_k x[m, k] * dequant(w)[k, n]: the int8 weight is converted to
+// float32 in registers (few rows) or one L2-sized panel at a time (many rows),
+// so no float copy of the weight ever reaches memory. XLA:CPU cannot fuse the
+// int8 convert into its dot, which is why this file exists.
+//
+// Weight layout: column tiles [N / T, K, T] (T = N for the canonical [K, N]).
+// Scales: per column [1, N] (applied to the accumulator), or per K-block
+// [ceil(K / B), N] (applied to the converted weights).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// GCC scalarizes generic int8 -> float vector conversions, so the common
+// targets get their sign-extend + convert instructions spelled out.
+inline f32x16 load_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+#elif defined(__AVX2__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+  f32x16 out;
+  std::memcpy(&out, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+#else
+  i8x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16);
+#endif
+}
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f32x16 splat(float s) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_set1_ps(s);
+#else
+  return f32x16{} + s;
+#endif
+}
+// Keeps a weight vector in a register: otherwise GCC folds its load into every
+// row's FMA, and the loads (one 512-bit load per cycle) become the bottleneck.
+inline void pin(f32x16& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+constexpr int kLanes = 16;
+constexpr int kPanel = 64;     // columns per register panel: one int8 cache line per row
+constexpr int kRows = 6;       // rows per register block when many rows share a panel
+constexpr int kSmallRows = 4;  // up to this many rows, weights convert in registers
+constexpr int64_t kChunkCols = 256;  // columns per work item (read as whole row segments)
+constexpr int64_t kSmallK = 32;      // K rows per staged int8 block (128 KB)
+constexpr int64_t kLargeK = 256;     // K rows per converted float block (256 KB)
+
+struct Weights {
+  const int8_t* data;
+  int64_t k, n, tile;  // tiles [n / tile, k, tile]
+  const float* scale;  // [1, n] or [nblocks, n]
+  int64_t block;       // 0: per-column scale
+  const int8_t* at(int64_t row, int64_t col) const {
+    return data + (col / tile) * k * tile + row * tile + col % tile;
+  }
+};
+
+template <int M, int NV, bool kBlocked>
+void int8_panel_impl(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                     int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy,
+                     bool first, bool last) {
+  f32x16 acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = first ? f32x16{} : load_f32(y + m * ldy + v * kLanes);
+  f32x16 s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = splat(1.0f);
+  for (int64_t k = 0; k < kc; ++k, w += ldw) {
+    if (kBlocked && (k == 0 || (k0 + k) % wt.block == 0)) {
+      const float* srow = wt.scale + ((k0 + k) / wt.block) * wt.n + col;
+      for (int v = 0; v < NV; ++v) s[v] = load_f32(srow + v * kLanes);
+    }
+    f32x16 wv[NV];
+    for (int v = 0; v < NV; ++v) {
+      wv[v] = load_i8(w + v * kLanes);
+      if (kBlocked) wv[v] *= s[v];
+      pin(wv[v]);
+    }
+    for (int m = 0; m < M; ++m) {
+      f32x16 xb = splat(x[m * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += xb * wv[v];
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    f32x16 sc = (last && !kBlocked) ? load_f32(wt.scale + col + v * kLanes) : splat(1.0f);
+    for (int m = 0; m < M; ++m) store_f32(y + m * ldy + v * kLanes, acc[m][v] * sc);
+  }
+}
+
+// acc[m][v] = (first ? 0 : y) + sum over kc rows of x[m, k] * w[k, v-th 16 columns];
+// per-block scales multiply the converted weights, per-column scales the
+// finished sums (when `last`).
+template <int M, int NV>
+void int8_panel(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy, bool first,
+                bool last) {
+  if (wt.block) {
+    int8_panel_impl<M, NV, true>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last);
+  } else {
+    int8_panel_impl<M, NV, false>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last);
+  }
+}
+
+// The same against a converted float block bp[kc][kPanel] (first NV * 16 used).
+template <int M, int NV>
+void float_panel(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y,
+                 int64_t ldy, bool first, const float* scale) {
+  constexpr int64_t ldb = kPanel;  // blocks keep the full panel stride
+  f32x16 acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = first ? f32x16{} : load_f32(y + m * ldy + v * kLanes);
+  for (int64_t k = 0; k < kc; ++k, bp += ldb) {
+    f32x16 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load_f32(bp + v * kLanes), pin(wv[v]);
+    for (int m = 0; m < M; ++m) {
+      f32x16 xb = splat(x[m * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += xb * wv[v];
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    f32x16 s = scale ? load_f32(scale + v * kLanes) : splat(1.0f);
+    for (int m = 0; m < M; ++m) store_f32(y + m * ldy + v * kLanes, acc[m][v] * s);
+  }
+}
+
+template <int M>
+void int8_panel_n(int nv, const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                  int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy, bool first,
+                  bool last) {
+  switch (nv) {
+    case 4: int8_panel<M, 4>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
+    case 3: int8_panel<M, 3>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
+    case 2: int8_panel<M, 2>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
+    case 1: int8_panel<M, 1>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
+  }
+}
+
+template <int NV>
+void float_rows(const float* x, int64_t ldx, int64_t m_rows, const float* bp, int64_t kc,
+                float* y, int64_t ldy, bool first, const float* scale) {
+  int64_t m = 0;
+  for (; m + kRows <= m_rows; m += kRows)
+    float_panel<kRows, NV>(x + m * ldx, ldx, bp, kc, y + m * ldy, ldy, first, scale);
+  x += m * ldx, y += m * ldy;
+  switch (m_rows - m) {
+    case 1: float_panel<1, NV>(x, ldx, bp, kc, y, ldy, first, scale); break;
+    case 2: float_panel<2, NV>(x, ldx, bp, kc, y, ldy, first, scale); break;
+    case 3: float_panel<3, NV>(x, ldx, bp, kc, y, ldy, first, scale); break;
+    case 4: float_panel<4, NV>(x, ldx, bp, kc, y, ldy, first, scale); break;
+    case 5: float_panel<5, NV>(x, ldx, bp, kc, y, ldy, first, scale); break;
+    default: break;
+  }
+}
+
+// Rows of a wide tile lie a page or more apart, and hardware prefetchers stop
+// at page boundaries: ask for the row kAhead rows down (harmless past the end).
+// At least kAhead rows and 16 KB ahead, which covers DRAM latency.
+constexpr int64_t kAhead = 8;
+inline int64_t ahead_bytes(int64_t row_stride) {
+  return std::max<int64_t>(kAhead, 16384 / row_stride) * row_stride;
+}
+inline void prefetch_row(const int8_t* p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c, 0, 1);
+}
+
+// Few rows from a tile no wider than a panel (the packed layout): each panel
+// is one contiguous stream, read in place. Columns [c0, c1) of one tile.
+void few_rows_direct(const float* x, int64_t m_rows, const Weights& wt, int64_t c0, int64_t c1,
+                     float* y) {
+  const int64_t ldx = wt.k, ldy = wt.n;
+  for (int64_t c = c0; c < c1; c += kPanel) {
+    const int nv = std::min<int64_t>(kPanel, c1 - c) / kLanes;
+    for (int64_t m = 0; m < m_rows; m += kSmallRows) {
+      const float* xr = x + m * ldx;
+      float* yr = y + m * ldy + c;
+      const int8_t* w = wt.at(0, c);
+      switch (std::min<int64_t>(kSmallRows, m_rows - m)) {
+        case 1: int8_panel_n<1>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+        case 2: int8_panel_n<2>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+        case 3: int8_panel_n<3>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+        case 4: int8_panel_n<4>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+      }
+    }
+  }
+}
+
+constexpr int64_t kStageCols = 4096;  // one page of int8 per staged row
+// Staged panels are padded by a cache line: a power-of-two panel stride would
+// put a row's 64 stores into the same two L1 sets.
+constexpr int64_t kStagePanel = kSmallK * kPanel + 64;
+
+// Few rows from wide tiles (the canonical layout): rows [k0, k1) of every
+// tile, read as whole rows (up to a page each: a panel at a time would cross
+// a page every row, where prefetchers stop), staged panel-major, and summed
+// into part[m_rows, n] without scales.
+void few_rows_staged(const float* x, int64_t m_rows, const Weights& wt, int64_t k0, int64_t k1,
+                     float* part) {
+  const int64_t ldx = wt.k, ldy = wt.n;
+  thread_local std::vector<int8_t> stage;
+  stage.resize((kStageCols / kPanel) * kStagePanel);
+  for (int64_t kb = k0; kb < k1; kb += kSmallK) {
+    const int64_t kc = std::min(kSmallK, k1 - kb);
+    for (int64_t c0 = 0, c1; c0 < wt.n; c0 = c1) {
+      c1 = std::min({c0 + kStageCols, (c0 / wt.tile + 1) * wt.tile, wt.n});
+      const int64_t width = c1 - c0;
+      const int8_t* src = wt.at(kb, c0);
+      const int64_t ahead = ahead_bytes(wt.tile);
+      for (int64_t k = 0; k < kc; ++k, src += wt.tile) {
+        prefetch_row(src + ahead, width);
+        int8_t* dst = stage.data() + k * kPanel;
+        int64_t c = 0;
+        for (; c + kPanel <= width; c += kPanel, dst += kStagePanel)
+          std::memcpy(dst, src + c, kPanel);  // fixed size: one vector move
+        for (int64_t j = 0; c + j < width; j += kLanes) std::memcpy(dst + j, src + c + j, kLanes);
+      }
+      for (int64_t c = c0; c < c1; c += kPanel) {
+        const int nv = std::min<int64_t>(kPanel, c1 - c) / kLanes;
+        const int8_t* w = stage.data() + ((c - c0) / kPanel) * kStagePanel;
+        const bool first = kb == k0;
+        for (int64_t m = 0; m < m_rows; m += kSmallRows) {
+          const float* xr = x + m * ldx + kb;
+          float* yr = part + m * ldy + c;
+          switch (std::min<int64_t>(kSmallRows, m_rows - m)) {
+            case 1: int8_panel_n<1>(nv, xr, ldx, w, kPanel, kb, kc, wt, c, yr, ldy, first, false); break;
+            case 2: int8_panel_n<2>(nv, xr, ldx, w, kPanel, kb, kc, wt, c, yr, ldy, first, false); break;
+            case 3: int8_panel_n<3>(nv, xr, ldx, w, kPanel, kb, kc, wt, c, yr, ldy, first, false); break;
+            case 4: int8_panel_n<4>(nv, xr, ldx, w, kPanel, kb, kc, wt, c, yr, ldy, first, false); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Many rows, columns [c0, c1) of one tile: kLargeK rows at a time are
+// converted (and block-scaled) into panel-major float blocks that every
+// register block of rows then reuses from L2.
+void many_rows(const float* x, int64_t m_rows, const Weights& wt, int64_t c0, int64_t c1,
+               float* y) {
+  const int64_t ldx = wt.k, ldy = wt.n;
+  constexpr int64_t kBlockPanel = kLargeK * kPanel + 16;  // padded, as kStagePanel
+  thread_local std::vector<float> bp;
+  bp.resize((kChunkCols / kPanel) * kBlockPanel);
+  for (int64_t k0 = 0; k0 < wt.k; k0 += kLargeK) {
+    const int64_t kc = std::min(kLargeK, wt.k - k0);
+    const bool first = k0 == 0, last = k0 + kc == wt.k;
+    const int8_t* src = wt.at(k0, c0);
+    const int64_t ahead = ahead_bytes(wt.tile);
+    for (int64_t k = 0; k < kc; ++k, src += wt.tile) {
+      prefetch_row(src + ahead, c1 - c0);
+      const float* s = wt.block ? wt.scale + ((k0 + k) / wt.block) * wt.n + c0 : nullptr;
+      for (int64_t c = 0; c < c1 - c0; c += kLanes) {
+        f32x16 v = load_i8(src + c);
+        if (s) v *= load_f32(s + c);
+        store_f32(bp.data() + (c / kPanel) * kBlockPanel + k * kPanel + c % kPanel, v);
+      }
+    }
+    for (int64_t c = c0; c < c1; c += kPanel) {
+      const float* panel = bp.data() + ((c - c0) / kPanel) * kBlockPanel;
+      const float* scale = (last && wt.block == 0) ? wt.scale + c : nullptr;
+      const float* xr = x + k0;
+      float* yr = y + c;
+      switch (std::min<int64_t>(kPanel, c1 - c) / kLanes) {
+        case 4: float_rows<4>(xr, ldx, m_rows, panel, kc, yr, ldy, first, scale); break;
+        case 3: float_rows<3>(xr, ldx, m_rows, panel, kc, yr, ldy, first, scale); break;
+        case 2: float_rows<2>(xr, ldx, m_rows, panel, kc, yr, ldy, first, scale); break;
+        case 1: float_rows<1>(xr, ldx, m_rows, panel, kc, yr, ldy, first, scale); break;
+      }
+    }
+  }
+}
+
+// Runs fn(i) for i in [0, n) on the caller and up to pool threads - 1 helpers.
+// The caller takes items too, so a busy (or absent) pool cannot deadlock it.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  const F* fnp = &fn;
+  auto work = [state, n, fnp] {
+    // A helper that starts late finds no items left and never touches *fnp,
+    // whose frame may be gone by then.
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*fnp)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+ffi::Error WeightOnlyDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t block) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  if (w.element_type() != ffi::S8) return ffi::Error::InvalidArgument("w must be int8");
+  Weights wt;
+  wt.data = reinterpret_cast<const int8_t*>(w.untyped_data());
+  if (wd.size() == 2) {
+    wt.k = wd[0], wt.n = wd[1], wt.tile = wd[1];
+  } else if (wd.size() == 3) {
+    wt.k = wd[1], wt.tile = wd[2], wt.n = wd[0] * wd[2];
+  } else {
+    return ffi::Error::InvalidArgument("w must be [K, N] or [N/T, K, T]");
+  }
+  const int64_t m_rows = xd[0];
+  if (xd[1] != wt.k) return ffi::Error::InvalidArgument("x and w disagree on K");
+  if (wt.n % kLanes || wt.tile % kLanes)
+    return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
+  wt.scale = scale.typed_data();
+  wt.block = block;
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  if (wt.k == 0) {
+    std::fill(yp, yp + m_rows * wt.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  if (m_rows <= kSmallRows && wt.tile > kPanel) {
+    // Split K: each part sums its rows over all columns; then reduce and scale.
+    const int64_t blocks = (wt.k + kSmallK - 1) / kSmallK;
+    const int64_t parts = std::max<int64_t>(1, std::min(blocks, 2 * pool.num_threads()));
+    const int64_t per = (blocks + parts - 1) / parts * kSmallK;
+    std::vector<float> partial(parts * m_rows * wt.n);
+    parallel_for(pool, parts, [&](int64_t p) {
+      const int64_t k0 = std::min(wt.k, p * per), k1 = std::min(wt.k, k0 + per);
+      float* out = partial.data() + p * m_rows * wt.n;
+      if (k0 == k1) {
+        std::fill(out, out + m_rows * wt.n, 0.0f);
+      } else {
+        few_rows_staged(xp, m_rows, wt, k0, k1, out);
+      }
+    });
+    const int64_t mn = m_rows * wt.n;
+    for (int64_t i = 0; i < mn; ++i) {
+      float acc = partial[i];
+      for (int64_t p = 1; p < parts; ++p) acc += partial[p * mn + i];
+      yp[i] = wt.block ? acc : acc * wt.scale[i % wt.n];
+    }
+    return ffi::Error::Success();
+  }
+  // Work items are column chunks that never straddle a tile.
+  const int64_t chunks_per_tile = (wt.tile + kChunkCols - 1) / kChunkCols;
+  const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t t = i / chunks_per_tile, j = i % chunks_per_tile;
+    const int64_t c0 = t * wt.tile + j * kChunkCols;
+    const int64_t c1 = std::min(c0 + kChunkCols, (t + 1) * wt.tile);
+    if (m_rows <= kSmallRows) {
+      few_rows_direct(xp, m_rows, wt, c0, c1, yp);
+    } else {
+      many_rows(xp, m_rows, wt, c0, c1, yp);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------
+// W8A8: int8 activations x int8 weights -> int32, with AVX-512 VNNI.
+// ---------------------------------------------------------------------------
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SQ_HAVE_W8A8 1
+
+// vpdpbusd multiplies unsigned by signed bytes, so activations are offset by
+// 128 (xq ^ 0x80 == xq + 128) and 128 * colsum(w) is subtracted at the end:
+// exact in int32 while K * 255 * 127 < 2^31 (K <= 65536, checked by the caller).
+constexpr int64_t kW8Cols = 128;  // columns per work item; packed block K * 128 bytes
+
+// Packs w[:, c0:c1] (c1 - c0 <= kW8Cols, a multiple of 16) as
+// [panel][K/4][64 columns][4 k] bytes (zero-padded in K), and column sums.
+void pack_vnni(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* out,
+               int32_t* colsum) {
+  const int64_t width = c1 - c0;
+  const int64_t panel_bytes = kp * kPanel;
+  const int64_t ahead = ahead_bytes(wt.tile);
+  i32x16 sums[kW8Cols / kLanes] = {};
+  // Four rows at a time, each read as one contiguous segment of the chunk.
+  for (int64_t k = 0; k < kp; k += 4) {
+    const int8_t* rows[4];
+    for (int j = 0; j < 4; ++j) {
+      rows[j] = k + j < wt.k ? wt.at(k + j, c0) : nullptr;
+      if (rows[j]) prefetch_row(rows[j] + ahead, width);
+    }
+    for (int64_t c = 0; c < width; c += kLanes) {
+      __m128i r[4];
+      for (int j = 0; j < 4; ++j)
+        r[j] = rows[j] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + c))
+                       : _mm_setzero_si128();
+      // A 4 x 16 byte transpose: each column's four k values become adjacent.
+      __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
+      __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
+      __m128i u0 = _mm_unpacklo_epi16(t0, t2), u1 = _mm_unpackhi_epi16(t0, t2);
+      __m128i u2 = _mm_unpacklo_epi16(t1, t3), u3 = _mm_unpackhi_epi16(t1, t3);
+      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(u1, u0)),
+                                     _mm256_set_m128i(u3, u2), 1);
+      _mm512_storeu_si512(out + (c / kPanel) * panel_bytes + k * kPanel + (c % kPanel) * 4, v);
+      sums[c / kLanes] =
+          (i32x16)_mm512_dpbusd_epi32((__m512i)sums[c / kLanes], _mm512_set1_epi8(1), v);
+    }
+  }
+  for (int64_t c = 0; c < width; c += kLanes) std::memcpy(colsum + c, &sums[c / kLanes], 64);
+}
+
+template <int M, int NV>
+void vnni_panel(const uint8_t* xu, int64_t ldx, const int8_t* bp, int64_t kp,
+                const int32_t* colsum, const float* xs, const float* ws, float* y, int64_t ldy) {
+  // GCC vector types, not __m512i arrays: those it keeps in memory.
+  i32x16 acc[M][NV] = {};
+  for (int64_t k = 0; k < kp; k += 4, bp += kPanel * 4) {
+    i32x16 b[NV];
+    for (int v = 0; v < NV; ++v) {
+      std::memcpy(&b[v], bp + v * 64, 64);
+      asm("" : "+v"(b[v]));
+    }
+    for (int m = 0; m < M; ++m) {
+      int32_t a4;
+      std::memcpy(&a4, xu + m * ldx + k, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = (i32x16)_mm512_dpbusd_epi32((__m512i)acc[m][v], a, (__m512i)b[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    i32x16 cs;
+    std::memcpy(&cs, colsum + v * kLanes, 64);
+    const f32x16 s = load_f32(ws + v * kLanes);
+    for (int m = 0; m < M; ++m) {
+      f32x16 f = __builtin_convertvector(acc[m][v] - cs * 128, f32x16);
+      store_f32(y + m * ldy + v * kLanes, f * s * splat(xs[m]));
+    }
+  }
+}
+
+template <int NV>
+void vnni_rows(const uint8_t* xu, int64_t ldx, int64_t m_rows, const int8_t* bp, int64_t kp,
+               const int32_t* colsum, const float* xs, const float* ws, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kRows <= m_rows; m += kRows)
+    vnni_panel<kRows, NV>(xu + m * ldx, ldx, bp, kp, colsum, xs + m, ws, y + m * ldy, ldy);
+  xu += m * ldx, xs += m, y += m * ldy;
+  switch (m_rows - m) {
+    case 1: vnni_panel<1, NV>(xu, ldx, bp, kp, colsum, xs, ws, y, ldy); break;
+    case 2: vnni_panel<2, NV>(xu, ldx, bp, kp, colsum, xs, ws, y, ldy); break;
+    case 3: vnni_panel<3, NV>(xu, ldx, bp, kp, colsum, xs, ws, y, ldy); break;
+    case 4: vnni_panel<4, NV>(xu, ldx, bp, kp, colsum, xs, ws, y, ldy); break;
+    case 5: vnni_panel<5, NV>(xu, ldx, bp, kp, colsum, xs, ws, y, ldy); break;
+    default: break;
+  }
+}
+
+ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
+                     ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = xq.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || xq.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
+  if (w.element_type() != ffi::S8) return ffi::Error::InvalidArgument("w must be int8");
+  Weights wt;
+  wt.data = reinterpret_cast<const int8_t*>(w.untyped_data());
+  if (wd.size() == 2) {
+    wt.k = wd[0], wt.n = wd[1], wt.tile = wd[1];
+  } else if (wd.size() == 3) {
+    wt.k = wd[1], wt.tile = wd[2], wt.n = wd[0] * wd[2];
+  } else {
+    return ffi::Error::InvalidArgument("w must be [K, N] or [N/T, K, T]");
+  }
+  wt.scale = scale.typed_data();
+  wt.block = 0;
+  const int64_t m_rows = xd[0];
+  if (xd[1] != wt.k) return ffi::Error::InvalidArgument("xq and w disagree on K");
+  if (wt.n % kLanes || wt.tile % kLanes)
+    return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
+  if (wt.k > 65536) return ffi::Error::InvalidArgument("K > 65536 could overflow int32");
+  float* yp = y->typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  const int64_t kp = (wt.k + 3) / 4 * 4;
+  // Offset activations to unsigned once, K padded to a multiple of 4 with zeros
+  // (the padded weights are zero too).
+  std::vector<uint8_t> xu(m_rows * kp, 0);
+  const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(xp[m * wt.k + k]) ^ 0x80;
+  const float* xsp = xs.typed_data();
+  const int64_t chunks_per_tile = (wt.tile + kW8Cols - 1) / kW8Cols;
+  const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t t = i / chunks_per_tile, j = i % chunks_per_tile;
+    const int64_t c0 = t * wt.tile + j * kW8Cols;
+    const int64_t c1 = std::min(c0 + kW8Cols, (t + 1) * wt.tile);
+    thread_local std::vector<int8_t> packed;
+    thread_local std::vector<int32_t> colsum;
+    packed.resize(kp * kW8Cols);
+    colsum.resize(kW8Cols);
+    pack_vnni(wt, c0, c1, kp, packed.data(), colsum.data());
+    for (int64_t c = c0; c < c1; c += kPanel) {
+      const int8_t* bp = packed.data() + ((c - c0) / kPanel) * kp * kPanel;
+      const int32_t* cs = colsum.data() + (c - c0);
+      switch (std::min<int64_t>(kPanel, c1 - c) / kLanes) {
+        case 4: vnni_rows<4>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
+        case 3: vnni_rows<3>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
+        case 2: vnni_rows<2>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
+        case 1: vnni_rows<1>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+#endif  // AVX-512 VNNI
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqWeightOnlyDense, WeightOnlyDense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+#if defined(SQ_HAVE_W8A8)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqW8A8Dense, W8A8Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+#endif
