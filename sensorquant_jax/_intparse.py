@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from sensorquant_jax import _native
 
 _CHUNK = 1 << 20  # bytes of text per numpy batch: bounds the temporaries
 _WS = (32, 10, 13, 9)
@@ -169,8 +172,23 @@ def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent
   body_end = stop - len(close)
   chunks = _split(buf, start, body_end)
 
-  def work(c):
-    return _parse_canonical_chunk(view[c[0] : c[1]], indent, c[2])
+  lib = _native.library()
+  if lib is not None:
+    fn = lib.SqParseInt8Canonical
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    fn.argtypes += [ctypes.c_void_p, ctypes.c_size_t]
+    base = view.ctypes.data
+
+    def work(c):
+      cap = (c[1] - c[0]) // (indent + 2) + 1  # every element takes >= indent + 2 bytes
+      out = np.empty(cap, np.int8)
+      n = fn(base + c[0], c[1] - c[0], indent, int(c[2]), out.ctypes.data, cap)
+      return None if n < 0 else out[:n]
+  else:
+
+    def work(c):
+      return _parse_canonical_chunk(view[c[0] : c[1]], indent, c[2])
 
   parts = list(_pool().map(work, chunks)) if len(chunks) > 1 else [work(chunks[0])]
   if any(p is None for p in parts):

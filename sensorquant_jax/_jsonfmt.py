@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import numpy as np
+
+from sensorquant_jax import _native
 
 
 def format_f32(x) -> str:
@@ -60,22 +63,40 @@ def int8_lines(q: np.ndarray, indent: int):
   """Yields the bytes of ``q`` as serde pretty-printed array elements.
 
   Every element is ``indent`` spaces, the number and ``,\\n``; the last one has
-  no comma. No Python object per element: each value indexes a table of
-  16-byte, NUL-padded records (number, comma, newline, next indentation), and
-  one C-level ``bytes.translate`` drops the padding.
+  no comma. No Python object per element: the native formatter (see
+  :mod:`sensorquant_jax._native`) copies fixed 16-byte records from a table
+  with the GIL released; without it, each value indexes a numpy table of
+  NUL-padded records and one ``bytes.translate`` drops the padding.
   """
   if not 0 <= indent <= 10:
     raise ValueError("indent must be in [0, 10]")
-  if indent not in _TABLES:
-    _TABLES[indent] = _record_table(indent)
-  table = _TABLES[indent]
   q = np.ascontiguousarray(q, np.int8).reshape(-1)
   n = q.size
   if n == 0:
     return
+  lib = _native.library()
+  if lib is not None:
+    yield from _native_lines(lib, q, indent)
+    return
+  if indent not in _TABLES:
+    _TABLES[indent] = _record_table(indent)
+  table = _TABLES[indent]
   yield b" " * indent
   for start in range(0, n, _CHUNK):
     out = table[q[start : start + _CHUNK].view(np.uint8)].tobytes().translate(None, b"\x00")
     if start + _CHUNK >= n:
       out = out[: len(out) - 2 - indent] + b"\n"
     yield out
+
+
+def _native_lines(lib, q: np.ndarray, indent: int):
+  fn = lib.SqInt8Lines
+  fn.restype = ctypes.c_size_t
+  fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+  n = q.size
+  for start in range(0, n, _CHUNK):
+    chunk = q[start : start + _CHUNK]
+    # A fresh buffer per chunk: the previous one may still be queued for writing.
+    out = np.empty(chunk.size * (indent + 6) + 16, np.uint8)
+    size = fn(chunk.ctypes.data, chunk.size, indent, int(start + _CHUNK >= n), out.ctypes.data)
+    yield memoryview(out)[:size]

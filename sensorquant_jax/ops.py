@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from sensorquant_jax import schemes
+from sensorquant_jax import _native, schemes
 from sensorquant_jax.qarray import QArray, is_qarray
 
 MODES = ("weight_only", "w8a8")
@@ -122,6 +123,91 @@ def _as_matrix(w: QArray | PackedQArray, n_in: int) -> _Matrix | None:
 
 
 # ---------------------------------------------------------------------------
+# Native XLA:CPU kernels (csrc/dense.cc).
+# ---------------------------------------------------------------------------
+
+IMPLS = ("auto", "native", "xla")
+_WO_TARGET = "sq_weight_only_dense"
+_W8_TARGET = "sq_w8a8_dense"
+_W8_MAX_K = 65536  # int32 accumulation of (x + 128) * w stays exact up to here
+
+
+def _native_available(target: str, impl: str) -> bool:
+  """Whether ``target`` serves this call: CPU backend, built, not switched off."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+  if impl == "xla":
+    return False
+  # A CPU default backend means no accelerator is attached: every computation
+  # runs on XLA:CPU. Elsewhere XLA fuses the convert into its GEMM itself.
+  ok = jax.default_backend() == "cpu" and target in _native.ffi_targets()
+  if impl == "native" and not ok:
+    why = _native.build_error() or (
+      "not on a CPU backend" if jax.default_backend() != "cpu" else "CPU lacks the instructions"
+    )
+    raise RuntimeError(f"native kernel {target} is unavailable: {why}")
+  return ok
+
+
+def _kernel_shape_ok(values: jax.Array) -> bool:
+  n = values.shape[-1] if values.ndim == 2 else values.shape[0] * values.shape[2]
+  return values.ndim in (2, 3) and n % 16 == 0 and values.shape[-1] % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_kernel(target: str, n_rows: int, block: int):
+  """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, scale)``.
+
+  Batching rows (the usual ``vmap`` over examples) folds the batch into the
+  kernel's M dimension; batched weights fall back to a loop over the batch.
+  """
+
+  def call(*args):
+    values = args[n_rows]
+    n = values.shape[1] if values.ndim == 2 else values.shape[0] * values.shape[2]
+    out = jax.ShapeDtypeStruct((args[0].shape[0], n), jnp.float32)
+    attrs = {"block": np.int64(block)} if target == _WO_TARGET else {}
+    return jax.ffi.ffi_call(target, out)(*args, **attrs)
+
+  kernel = jax.custom_batching.custom_vmap(call)
+
+  @kernel.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    if not any(in_batched[n_rows:]):
+      rows = []
+      for a, batched in zip(args[:n_rows], in_batched[:n_rows], strict=True):
+        a = a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        rows.append(a.reshape(-1, *a.shape[2:]))
+      y = kernel(*rows, *args[n_rows:])
+      return y.reshape(axis_size, -1, y.shape[-1]), True
+    full = [
+      a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+      for a, b in zip(args, in_batched, strict=True)
+    ]
+    return lax.map(lambda xs: kernel(*xs), tuple(full)), True
+
+  return kernel
+
+
+def _native_op(target: str, n_rows: int, block: int, reference):
+  """The kernel, differentiable through ``reference`` (the XLA formula it computes)."""
+  kernel = _ffi_kernel(target, n_rows, block)
+
+  @jax.custom_vjp
+  def op(*args):
+    return kernel(*args)
+
+  def fwd(*args):
+    return kernel(*args), args
+
+  def bwd(args, g):
+    return jax.vjp(reference, *args)[1](g)
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+# ---------------------------------------------------------------------------
 # Matmuls.
 # ---------------------------------------------------------------------------
 
@@ -172,9 +258,33 @@ def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
   return None
 
 
-def _weight_only(x2: jax.Array, m: _Matrix, tile: int | None) -> jax.Array:
+def _weight_only(x2: jax.Array, m: _Matrix, tile: int | None, impl: str = "auto") -> jax.Array:
   cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
   x2 = x2.astype(cdt)
+  if _kernel_shape_ok(m.values) and _native_available(_WO_TARGET, impl):
+    return _native_weight_only(x2, m).astype(cdt)
+  if impl == "native":
+    raise RuntimeError(f"native kernel: unsupported kernel layout {m.values.shape}")
+  return _xla_weight_only(x2, m, tile)
+
+
+def _native_weight_only(x2: jax.Array, m: _Matrix) -> jax.Array:
+  """Weight-only on the native kernel: float32 activations and accumulation."""
+  block = m.block or 0
+  xf = x2.astype(jnp.float32)
+  scale = m.scale.astype(jnp.float32)
+
+  def reference(x, values, scale):
+    return _xla_weight_only(x, dataclasses.replace(m, values=values, scale=scale, zero_point=None), None)
+
+  y = _native_op(_WO_TARGET, 1, block, reference)(xf, m.values, scale)
+  if m.zero_point is not None:  # x @ ((q - z) * s) = x @ (q * s) - rowsum(x) * (z * s)
+    y = y - jnp.sum(xf, axis=-1, keepdims=True) * (m.zero_point.astype(jnp.float32) * scale)
+  return y
+
+
+def _xla_weight_only(x2: jax.Array, m: _Matrix, tile: int | None) -> jax.Array:
+  cdt = x2.dtype
   if not m.tiled:
     tile = _pick_tile(tile, *m.values.shape, x2.shape[0])
   if m.block is not None:
@@ -226,8 +336,36 @@ def quantize_activations(
   return q.astype(jnp.int8), s
 
 
-def _w8a8(x2: jax.Array, m: _Matrix, act_scale) -> jax.Array:
+def _w8a8(x2: jax.Array, m: _Matrix, act_scale, impl: str = "auto") -> jax.Array:
   xq, xs = quantize_activations(x2, act_scale)
+  k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
+  if (
+    m.block is None
+    and k <= _W8_MAX_K
+    and _kernel_shape_ok(m.values)
+    and _native_available(_W8_TARGET, impl)
+  ):
+    return _native_w8a8(xq, xs, m)
+  if impl == "native":
+    raise RuntimeError(f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}")
+  return _xla_w8a8(xq, xs, m)
+
+
+def _native_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
+  """Int8 x int8 -> int32 on the native (AVX-512 VNNI) kernel, rescaled to float32."""
+  scale = m.scale.astype(jnp.float32)
+
+  def reference(xq, xs, values, scale):
+    return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=None))
+
+  y = _native_op(_W8_TARGET, 2, 0, reference)(xq, xs, m.values, scale)
+  if m.zero_point is not None:
+    rows = jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.float32) * xs
+    y = y - rows * (m.zero_point.astype(jnp.float32) * scale)
+  return y
+
+
+def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
   values = m.values
   if m.tiled:
     nt, k, t = values.shape
@@ -259,6 +397,7 @@ def dense_general(
   act_scale: jax.Array | float | None = None,
   tile: int | str | None = "auto",
   dtype: Any = None,
+  impl: str = "auto",
 ) -> jax.Array:
   """``x`` contracted with a quantized kernel over its first ``n_in`` axes.
 
@@ -274,9 +413,11 @@ def dense_general(
       accumulation) or ``"w8a8"`` (int8 activations with per-token dynamic
       scales, or ``act_scale`` when given; int32 accumulation).
     act_scale: static activation scale for ``w8a8`` (from calibration).
-    tile: columns converted per step by the weight-only op; ``"auto"``: 512
-      on CPU, one fused dot elsewhere; ``None``: one dot.
+    tile: columns converted per step by the XLA weight-only path; ``"auto"``:
+      512 on CPU, one fused dot elsewhere; ``None``: one dot.
     dtype: output dtype (default: ``x``'s floating dtype).
+    impl: ``"auto"`` (the native CPU kernels when they are built and the
+      backend is CPU, else XLA), ``"native"`` (raise if unavailable) or ``"xla"``.
 
   Returns:
     The layer output, close to ``x @ dequantize(kernel) + bias``.
@@ -298,9 +439,9 @@ def dense_general(
     w = kernel.dequantize(jnp.float32).reshape(x2.shape[1], -1)
     y = jnp.dot(x2.astype(jnp.float32), w)
   elif mode == "weight_only":
-    y = _weight_only(x2, m, tile)
+    y = _weight_only(x2, m, tile, impl)
   else:
-    y = _w8a8(x2, m, act_scale)
+    y = _w8a8(x2, m, act_scale, impl)
   y = y.reshape(batch + out_shape)
   if bias is not None:
     y = y + jnp.asarray(bias).astype(y.dtype)
@@ -316,30 +457,52 @@ def dense(
   act_scale: jax.Array | float | None = None,
   tile: int | str | None = "auto",
   dtype: Any = None,
+  impl: str = "auto",
 ) -> jax.Array:
   """``x @ kernel + bias`` for a quantized Dense kernel ``[in, out]``.
 
-  Weight-only on CPU reads the int8 kernel in column tiles (``tile`` columns
-  at a time; pass a :func:`pack`-ed kernel to skip the per-call retiling), so
-  no float copy of the whole weight is ever built. See :func:`dense_general`.
+  On CPU the native kernels (``csrc/dense.cc``) convert int8 weights in
+  registers or L2-sized blocks, so no float copy of the weight is ever built;
+  a :func:`pack`-ed kernel streams fastest. Without them (or with
+  ``impl="xla"``) the XLA path converts ``tile`` columns at a time. See
+  :func:`dense_general`.
 
   Example:
     >>> qk = sq.quantize_array(kernel, "symmetric_per_channel_int8")
     >>> y = jax.jit(sq.dense)(x, qk, bias)
   """
   return dense_general(
-    x, qkernel, bias, n_in=1, mode=mode, act_scale=act_scale, tile=tile, dtype=dtype
+    x, qkernel, bias, n_in=1, mode=mode, act_scale=act_scale, tile=tile, dtype=dtype, impl=impl
   )
 
 
-def pack(qparams: Any, tile: int = DEFAULT_TILE) -> Any:
+NATIVE_TILE = 64
+"""Tile width :func:`pack` picks for the native kernels: each 64-column tile is
+one contiguous stream of whole cache lines (measured: benchmarks/bench_dense.py)."""
+
+
+def default_pack_tile() -> int:
+  """:data:`NATIVE_TILE` where the native CPU kernel runs, else :data:`DEFAULT_TILE`."""
+  if jax.default_backend() == "cpu" and _WO_TARGET in _native.ffi_targets():
+    return NATIVE_TILE
+  return DEFAULT_TILE
+
+
+def pack(qparams: Any, tile: int | None = None) -> Any:
   """Converts 2-D per-tensor/per-channel QArray kernels to :class:`PackedQArray`.
 
   Other leaves (and kernels the tiled op cannot use: other ranks, block or
   row-wise scales, ``N`` not a multiple of ``tile``) are returned unchanged.
   Cheap (one int8 transpose per kernel) and explicit; every op and
   :func:`sensorquant_jax.apply` accept packed and unpacked trees alike.
+
+  Args:
+    qparams: a tree with QArray leaves.
+    tile: columns per tile; default :func:`default_pack_tile` (64 for the
+      native CPU kernels, 512 for the XLA path).
   """
+  if tile is None:
+    tile = default_pack_tile()
 
   def one(x):
     if not is_qarray(x) or x.ndim != 2 or x.block_size is not None:

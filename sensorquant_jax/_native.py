@@ -1,0 +1,141 @@
+"""Native CPU kernels: built from ``csrc/`` on first use, cached, loaded with ctypes.
+
+XLA:CPU cannot fuse an int8 -> float convert into its dot, so the fast CPU
+paths (int8 dense layers, manifest formatting) are small C++ files compiled
+with the machine's C++ compiler against the XLA FFI headers that ship with
+jaxlib. The shared library is cached under ``$SENSORQUANT_CACHE`` (default
+``~/.cache/sensorquant_jax``), keyed by the sources, compiler, flags, jaxlib
+version and CPU, so it builds once per machine (a few seconds).
+
+Without a compiler (or with ``SENSORQUANT_NATIVE=0``) everything still works on
+the pure XLA / numpy paths, only slower; :func:`library` then returns ``None``
+and a :class:`NativeBuildWarning` says why, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jaxlib
+
+_SOURCES = ("dense.cc", "jsonfmt.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+class NativeBuildWarning(UserWarning):
+  """The native kernels could not be built; the slower portable paths are used."""
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the CPU model and feature flags."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return platform.machine() + platform.processor()
+  keep = [
+    line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))
+  ]
+  return "\n".join(sorted(set(keep)))
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get("SENSORQUANT_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sensorquant_jax"
+  )
+  return Path(root)
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build() -> ctypes.CDLL:
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set CXX)")
+  src_dir = Path(__file__).parent / "csrc"
+  sources = [src_dir / name for name in _SOURCES]
+  include = jax.ffi.include_dir()
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+  key = hashlib.sha256()
+  for part in (version, " ".join(_FLAGS), jaxlib.__version__, _cpu_signature(), sys.platform):
+    key.update(part.encode() + b"\0")
+  for src in sources:
+    key.update(src.read_bytes())
+  out_dir = _cache_dir()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  target = out_dir / f"libsensorquant-{key.hexdigest()[:16]}.so"
+  # One build per machine even with several processes starting at once.
+  with open(out_dir / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not target.exists():
+      fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+      os.close(fd)
+      try:
+        cmd = [cxx, *_FLAGS, "-I", include, *map(str, sources), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+          raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+  return ctypes.CDLL(str(target))
+
+
+def library() -> ctypes.CDLL | None:
+  """The native library, building it on first call; ``None`` if unavailable."""
+  with _LOCK:
+    if "lib" in _STATE:
+      return _STATE["lib"]  # type: ignore[return-value]
+    lib = None
+    if os.environ.get("SENSORQUANT_NATIVE", "1") != "0":
+      try:
+        lib = _build()
+      except Exception as e:  # noqa: BLE001 - any failure means: use the portable path
+        _STATE["error"] = str(e)
+        warnings.warn(
+          f"sensorquant_jax native kernels unavailable, using slower portable paths: {e}",
+          NativeBuildWarning,
+          stacklevel=2,
+        )
+    _STATE["lib"] = lib
+    return lib
+
+
+def ffi_targets() -> frozenset[str]:
+  """Registers the XLA:CPU FFI targets (once) and returns their names."""
+  with _LOCK:
+    if "targets" in _STATE:
+      return _STATE["targets"]  # type: ignore[return-value]
+  lib = library()
+  names = set()
+  if lib is not None:
+    for name, symbol in (("sq_weight_only_dense", "SqWeightOnlyDense"), ("sq_w8a8_dense", "SqW8A8Dense")):
+      fn = getattr(lib, symbol, None)  # W8A8 needs AVX-512 VNNI at build time
+      if fn is not None:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+        names.add(name)
+  with _LOCK:
+    _STATE["targets"] = frozenset(names)
+  return frozenset(names)
+
+
+def build_error() -> str | None:
+  """Why the native library is unavailable (``None`` if it loaded or was not tried)."""
+  return _STATE.get("error")  # type: ignore[return-value]
