@@ -424,6 +424,8 @@ def dense_general(
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
   shape = kernel.shape
   in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
   if tuple(x.shape[x.ndim - n_in :]) != in_shape:

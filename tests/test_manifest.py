@@ -15,9 +15,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sensorquant_jax as sq
-from sensorquant_jax import _intparse
+from sensorquant_jax import _intparse, _native
 from sensorquant_jax import manifest as m
 from sensorquant_jax._jsonfmt import format_f32, int8_lines
+
+
+
+@pytest.fixture(scope="module", params=["native", "portable"], autouse=True)
+def text_codec(request):
+  """Every test here runs with the native int8 formatter/parser and the numpy one."""
+  had, saved = "lib" in _native._STATE, _native._STATE.get("lib")
+  if request.param == "native":
+    if _native._compiler() is None:
+      pytest.skip("no C++ compiler")
+    assert _native.library() is not None, _native.build_error()
+  else:
+    _native._STATE["lib"] = None
+  yield request.param
+  if had:
+    _native._STATE["lib"] = saved
+  else:
+    _native._STATE.pop("lib", None)
+
 
 HERE = os.path.dirname(__file__)
 GOLDEN = os.path.join(HERE, "fixtures", "golden")
@@ -472,3 +491,12 @@ def test_large_file_goes_through_mmap(tmp_path):
   path.write_bytes(bytes(raw))
   with pytest.raises(m.ManifestError, match="weights_i8"):
     m.QuantizedModel.load(path)
+
+
+@pytest.mark.parametrize("n", [1, 2, 1 << 20, (1 << 20) + 1])
+def test_int8_lines_and_parser_across_chunks(n):
+  q = np.random.default_rng(n).integers(-127, 128, n).astype(np.int8)
+  text = (",\n".join(" " * 8 + str(int(v)) for v in q) + "\n").encode()
+  assert b"".join(int8_lines(q, 8)) == text
+  doc = b"[\n" + text + b"      ]"
+  np.testing.assert_array_equal(_intparse.parse_int8_list(doc, 1, len(doc) - 1), q)

@@ -37,8 +37,10 @@ def test_dense_matches_float_on_dequantized(scheme, mode, rows, k, n, packed):
   wd = np.asarray(qa.dequantize(), np.float64)
   xin = _fake_quant_acts(x) if mode == "w8a8" else x
   ref = np.asarray(xin, np.float64) @ wd + b
-  for tile in ("auto", None, 64):
-    y = jax.jit(lambda x, q, b, t=tile: sq.dense(x, q, b, mode=mode, tile=t))(x, kernel, b)
+  for impl, tile in (("auto", "auto"), ("xla", "auto"), ("xla", None), ("xla", 64)):
+    y = jax.jit(lambda x, q, b, t=tile, i=impl: sq.dense(x, q, b, mode=mode, tile=t, impl=i))(
+      x, kernel, b
+    )
     np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-4 * np.abs(ref).max())
 
 
