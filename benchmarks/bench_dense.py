@@ -7,9 +7,12 @@ ratio is float32 time / variant time (higher is faster), medians of
 
 Variants: ``f32`` (x @ W), ``bf16`` (bf16 weights and activations), ``naive``
 (x @ (q.astype(f32) * s), what a literal port does), ``w-only`` (our
-weight-only op on a :func:`sensorquant_jax.pack`-ed kernel), ``w-only/unpacked``
-(the same op on the canonical QArray), ``w8a8`` (int8 x int8 -> int32 with
-per-token dynamic activation scales).
+weight-only op, native kernel, on a :func:`sensorquant_jax.pack`-ed kernel),
+``w-only/unpacked`` (the same on the canonical QArray), ``w-only/xla`` (our
+XLA-only path, 512-column tiles: what runs without a C++ compiler), ``w8a8``
+(int8 x int8 -> int32 with per-token dynamic activation scales, native VNNI
+kernel, packed) and ``w8a8/xla`` (XLA's int8 dot). Variants are timed
+round-robin (each round runs every variant once), medians over rounds.
 
 Targets on a 2-core CPU: weight-only >= 3x float32 at batch 1 and 4, >= 1.5x
 at 16-64; W8A8 >= 1.5x at 64-256.
@@ -22,7 +25,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_time
+from _timing import median_times
 
 import sensorquant_jax as sq
 
@@ -42,6 +45,7 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--scheme", default="symmetric_per_channel_int8")
+  ap.add_argument("--impl", default="auto", choices=sq.ops.IMPLS)
   args = ap.parse_args()
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, {args.layers} layers per stack, "
@@ -52,9 +56,11 @@ def main():
     "f32": _stack(lambda x, w: x @ w),
     "bf16": _stack(lambda x, w: (x.astype(jnp.bfloat16) @ w).astype(jnp.float32)),
     "naive": _stack(lambda x, w: x @ (w.values.astype(jnp.float32) * w.scale)),
-    "w-only": _stack(lambda x, w: sq.dense(x, w)),
-    "w-only/unpacked": _stack(lambda x, w: sq.dense(x, w)),
-    "w8a8": _stack(lambda x, w: sq.dense(x, w, mode="w8a8")),
+    "w-only": _stack(lambda x, w: sq.dense(x, w, impl=args.impl)),
+    "w-only/unpacked": _stack(lambda x, w: sq.dense(x, w, impl=args.impl)),
+    "w-only/xla": _stack(lambda x, w: sq.dense(x, w, impl="xla")),
+    "w8a8": _stack(lambda x, w: sq.dense(x, w, mode="w8a8", impl=args.impl)),
+    "w8a8/xla": _stack(lambda x, w: sq.dense(x, w, mode="w8a8", impl="xla")),
   }
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))
@@ -68,20 +74,20 @@ def main():
       "naive": q,
       "w-only": [sq.pack(w) for w in q],
       "w-only/unpacked": q,
-      "w8a8": q,
+      "w-only/xla": [sq.pack(w, tile=sq.ops.DEFAULT_TILE) for w in q],
+      "w8a8": [sq.pack(w) for w in q],
+      "w8a8/xla": q,
     }
     mb = {name: sum(sq.nbytes(w) for w in ws) / 2**20 for name, ws in weights.items()}
     print(
       f"\n{size}: weights per stack "
       + ", ".join(f"{k} {v:.0f} MiB" for k, v in mb.items() if k in ("f32", "bf16", "w-only"))
     )
-    print(f"{'batch':>5s} {'f32 ms':>8s} " + " ".join(f"{name:>16s}" for name in variants))
+    print(f"{'batch':>5s} {'f32 ms':>8s} " + " ".join(f"{name:>15s}" for name in variants))
     for b in (int(v) for v in args.batches.split(",")):
       x = jnp.asarray(rng.standard_normal((b, k), np.float32))
       reps = args.repeats if b <= 64 else max(3, args.repeats // 2)
-      times = {
-        name: median_time(fn, x, weights[name], repeats=reps) for name, fn in variants.items()
-      }
+      times = median_times({name: (fn, (x, weights[name])) for name, fn in variants.items()}, reps)
       base = times["f32"]
       print(
         f"{b:5d} {base * 1e3:8.1f} " + " ".join(f"{base / t:15.2f}x" for t in times.values()),

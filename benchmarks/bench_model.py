@@ -1,8 +1,8 @@
 """A >= 25M-parameter Linen encoder: float vs ours (weight-only, W8A8) vs Qwix PTQ.
 
-Latency (median of ``--repeats`` jitted calls) at batch 1 and 64 and params
-memory, all on the same model, machine and process. Ratios are float32 time /
-variant time (higher is faster). Qwix runs its PTQ path
+Latency (median of ``--repeats`` jitted calls, variants timed round-robin) at
+batch 1 and 64 and params memory, all on the same model, machine and process.
+Ratios are float32 time / variant time (higher is faster). Qwix runs its PTQ path
 (``qwix.quantize_model`` + ``qwix.quantize_params``) with int8 weights
 (weight-only) and int8 weights and activations (W8A8).
 """
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_time
+from _timing import median_times
 
 import sensorquant_jax as sq
 
@@ -62,7 +62,7 @@ def main():
   variants = {
     "float32": (jax.jit(model.apply), params),
     "ours weight-only": (jax.jit(lambda p, x: sq.apply(model, p, x)), packed),
-    "ours W8A8": (jax.jit(lambda p, x: sq.apply(model, p, x, mode="w8a8")), qparams),
+    "ours W8A8": (jax.jit(lambda p, x: sq.apply(model, p, x, mode="w8a8")), packed),
   }
   if not args.no_qwix:
     import qwix  # noqa: PLC0415
@@ -90,16 +90,18 @@ def main():
     + f" {'max|err|':>9s}"
   )
   print(header)
-  base = {}
-  for name, (fn, p) in variants.items():
+  times, errs = {}, dict.fromkeys(variants, 0.0)
+  for b, x in xs.items():
+    reps = args.repeats if b <= 8 else max(3, args.repeats // 2)
+    times[b] = median_times({name: (fn, (p, x)) for name, (fn, p) in variants.items()}, reps)
+    for name, (fn, p) in variants.items():
+      errs[name] = max(errs[name], float(jnp.max(jnp.abs(fn(p, x) - ref[b]))))
+  for name, (_, p) in variants.items():
     row = f"{name:18s} {_tree_bytes(p) / 1e6:9.1f}"
-    err = 0.0
-    for b, x in xs.items():
-      t = median_time(fn, p, x, repeats=args.repeats if b <= 8 else max(3, args.repeats // 2))
-      base.setdefault(b, t)
-      row += f" {t * 1e3:10.2f} {base[b] / t:6.2f}"
-      err = max(err, float(jnp.max(jnp.abs(fn(p, x) - ref[b]))))
-    print(row + f" {err:9.2e}", flush=True)
+    for b in xs:
+      t = times[b][name]
+      row += f" {t * 1e3:10.2f} {times[b]['float32'] / t:6.2f}"
+    print(row + f" {errs[name]:9.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  return (
+    os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  )
 
 
 def _build() -> ctypes.CDLL:
@@ -126,7 +128,10 @@ def ffi_targets() -> frozenset[str]:
   lib = library()
   names = set()
   if lib is not None:
-    for name, symbol in (("sq_weight_only_dense", "SqWeightOnlyDense"), ("sq_w8a8_dense", "SqW8A8Dense")):
+    for name, symbol in (
+      ("sq_weight_only_dense", "SqWeightOnlyDense"),
+      ("sq_w8a8_dense", "SqW8A8Dense"),
+    ):
       fn = getattr(lib, symbol, None)  # W8A8 needs AVX-512 VNNI at build time
       if fn is not None:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")

@@ -154,7 +154,7 @@ def _kernel_shape_ok(values: jax.Array) -> bool:
   return values.ndim in (2, 3) and n % 16 == 0 and values.shape[-1] % 16 == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ffi_kernel(target: str, n_rows: int, block: int):
   """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, scale)``.
 
@@ -275,7 +275,9 @@ def _native_weight_only(x2: jax.Array, m: _Matrix) -> jax.Array:
   scale = m.scale.astype(jnp.float32)
 
   def reference(x, values, scale):
-    return _xla_weight_only(x, dataclasses.replace(m, values=values, scale=scale, zero_point=None), None)
+    return _xla_weight_only(
+      x, dataclasses.replace(m, values=values, scale=scale, zero_point=None), None
+    )
 
   y = _native_op(_WO_TARGET, 1, block, reference)(xf, m.values, scale)
   if m.zero_point is not None:  # x @ ((q - z) * s) = x @ (q * s) - rowsum(x) * (z * s)

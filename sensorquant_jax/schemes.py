@@ -16,10 +16,11 @@ Exactness notes. The Rust ``sensorlm`` module computes, in float32,
 A third holds on GPU: XLA:GPU's float32 division is not correctly rounded
 (on an H100, 12 of 76 oracle cases differed). On backends other than CPU the
 scale and the rounding decision are therefore corrected with error-free
-residuals (:func:`_scale_fix`, :func:`_quotient_round_fix`), which makes the
-result exact for any division that is within 2 ulps. All three are covered by
-tests against fixtures made by the Rust module; the correction also by a test
-that perturbs every quotient by up to 2 ulps.
+residuals (:func:`_scale_fix`, :func:`_quotient_round_fix`, and for the
+asymmetric scheme's zero point :func:`_div_fix`), which makes the result exact
+for any division that is within 2 ulps. All three are covered by tests against
+fixtures made by the Rust module (the asymmetric scheme against numpy); the
+correction also by tests that perturb every quotient by up to 2 ulps.
 """
 
 from __future__ import annotations
@@ -149,6 +150,49 @@ def _scale_fix(m: jax.Array, c0: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m) & jnp.isfinite(c0), best, c0)
 
 
+def _exact_residual(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+  """``a - b c`` without rounding error when ``c`` is within an ulp of ``a / b``.
+
+  Dekker's product with 12-bit halves gives ``b c = p + e`` exactly (every
+  partial product is exact, so fused multiply-adds change nothing); ``a - p``
+  is exact by Sterbenz's lemma, and the remainder is representable
+  (Boldo-Daumas), so the last subtraction is exact too.
+  """
+  p = b * c
+  bh, bl = _split12(b)
+  ch, cl = _split12(c)
+  e = ((bh * ch - p) + bh * cl + bl * ch) + bl * cl
+  return (a - p) - e
+
+
+def _div_fix(a: jax.Array, b: jax.Array, c0: jax.Array) -> jax.Array:
+  """The correctly rounded ``a / b`` from an approximation ``c0`` (within 2 ulps).
+
+  Picks the neighbour of ``c0`` with the smallest exact residual; the true
+  quotient is never a midpoint of two floats unless it is itself a float (a
+  24-bit ``a`` cannot equal ``b`` times a 25-bit midpoint), so there are no ties.
+  Exact while the partial products stay normal (``|a| >= 2^-100``, no
+  overflow); the asymmetric scheme only needs it where that holds (a smaller
+  zero-point quotient cannot move the rounded zero point).
+  """
+  down = jnp.nextafter(c0, jnp.float32(-jnp.inf))
+  up = jnp.nextafter(c0, jnp.float32(jnp.inf))
+  cands = jnp.stack(
+    [
+      jnp.nextafter(down, jnp.float32(-jnp.inf)),
+      down,
+      c0,
+      up,
+      jnp.nextafter(up, jnp.float32(jnp.inf)),
+    ]
+  )
+  r = jnp.abs(jnp.stack([_exact_residual(a, b, cands[i]) for i in range(5)]))
+  r = jnp.where(jnp.isnan(r), jnp.float32(jnp.inf), r)
+  best = jnp.take_along_axis(cands, jnp.argmin(r, axis=0)[None], axis=0)[0]
+  ok = jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(c0) & (b != 0)
+  return jnp.where(ok, best, c0)
+
+
 def _quotient_round_fix(w: jax.Array, s: jax.Array, y0: jax.Array) -> jax.Array:
   """``round_half_away(fl(w / s))`` from an approximate quotient ``y0`` (within 2 ulps).
 
@@ -250,9 +294,19 @@ def quantize_array_impl(w: jax.Array, spec: Spec) -> QArray:
     finite = jnp.where(jnp.isnan(wf), jnp.float32(0), wf)
     lo = jnp.minimum(jnp.min(finite, axis=reduce_axes, keepdims=True), 0)
     hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
-    scale = jnp.maximum(_exact_div(hi - lo, jnp.float32(255)), _MIN_SCALE)
-    zp = _round_clip(jnp.float32(-128) - _exact_div(lo, scale), -128, 127)
-    q = _round_clip(_round_clip(_exact_div(wf, scale), -255, 255) + zp, -128, 127)
+    span = hi - lo
+    s0 = _exact_div(span, jnp.float32(255))
+    if _needs_fix():
+      s0 = _div_fix(span, jnp.float32(255), s0)
+    scale = jnp.maximum(s0, _MIN_SCALE)
+    z0 = _exact_div(lo, scale)
+    if _needs_fix():
+      z0 = _div_fix(lo, scale, z0)
+    zp = _round_clip(jnp.float32(-128) - z0, -128, 127)
+    y = _exact_div(wf, scale)
+    if _needs_fix():
+      y = _quotient_round_fix(wf, scale, y)
+    q = _round_clip(_round_clip(y, -255, 255) + zp, -128, 127)
     return QArray(
       q.astype(jnp.int8),
       scale,

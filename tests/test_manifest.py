@@ -20,7 +20,6 @@ from sensorquant_jax import manifest as m
 from sensorquant_jax._jsonfmt import format_f32, int8_lines
 
 
-
 @pytest.fixture(scope="module", params=["native", "portable"], autouse=True)
 def text_codec(request):
   """Every test here runs with the native int8 formatter/parser and the numpy one."""

@@ -29,7 +29,10 @@ def _cpu_flags() -> set[str]:
 
 HAVE_COMPILER = _native._compiler() is not None
 HAVE_VNNI = {"avx512_vnni", "avx512bw"} <= _cpu_flags()
-pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler: portable paths only")
+pytestmark = [
+  pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler: portable paths only"),
+  pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels; GPUs fuse in XLA"),
+]
 
 
 def test_library_builds_and_registers_targets():
@@ -110,13 +113,17 @@ def test_native_vmap_folds_rows_and_loops_over_batched_weights():
     ys = jax.jit(jax.vmap(lambda x, m=mode: sq.dense(x, qa, mode=m, impl="native")))(xs)
     ref = jax.vmap(lambda x, m=mode: sq.dense(x, qa, mode=m, impl="xla"))(xs)
     np.testing.assert_allclose(ys, ref, rtol=1e-5, atol=1e-5)
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), qa, sq.quantize_array(-2 * qa.dequantize()))
+  stacked = jax.tree.map(
+    lambda *leaves: jnp.stack(leaves), qa, sq.quantize_array(-2 * qa.dequantize())
+  )
   yw = jax.vmap(lambda q: sq.dense(xs[0], q, impl="native"))(stacked)
   np.testing.assert_allclose(yw[1], -2 * yw[0], rtol=1e-5, atol=1e-5)
 
 
 def test_native_gradients_match_xla_path():
-  qa = sq.quantize_array(rng.standard_normal((64, 128)).astype(np.float32), "asymmetric_per_channel_int8")
+  qa = sq.quantize_array(
+    rng.standard_normal((64, 128)).astype(np.float32), "asymmetric_per_channel_int8"
+  )
   x = rng.standard_normal((5, 64)).astype(np.float32)
 
   def loss(x, impl):
@@ -161,7 +168,9 @@ def test_disabled_or_unbuildable_native_falls_back(tmp_path):
   env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), SENSORQUANT_CACHE=str(tmp_path))
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.startswith("True 128.0 ['sensorquant_jax native kernels unavailable"), out.stdout
+  assert out.stdout.startswith("True 128.0 ['sensorquant_jax native kernels unavailable"), (
+    out.stdout
+  )
 
 
 def test_build_cache_is_reused(tmp_path):

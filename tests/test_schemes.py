@@ -148,3 +148,62 @@ def test_division_fix_repairs_an_inexact_division(ulps, force_fix, monkeypatch):
   jax.clear_caches()
   wrong = sum(int(np.sum(np.asarray(sq.quantize_array(w).values) != q)) for _, w, q, _ in CASES)
   assert wrong > 0
+
+
+def _asymmetric_cases():
+  """Columns whose quotients and zero points sit exactly on rounding ties."""
+  s = 2.0**-4  # scale = (hi - lo) / 255 exactly, every w / s a float
+  cols = []
+  for lo in (-8.0, -100.5 * s, -3.5 * s):
+    hi = lo + 255 * s
+    j = np.arange(np.ceil(lo / s - 0.5), np.floor(hi / s - 0.5) + 1)
+    ties = (j + 0.5) * s
+    cols.append(np.concatenate([[lo, hi], ties[(ties > lo) & (ties < hi)]])[:200])
+  width = max(len(c) for c in cols)
+  w = np.stack([np.resize(c, width) for c in cols], axis=1)  # repeats keep min/max
+  rng = np.random.default_rng(7)
+  rand = (rng.standard_normal((width, 5)) * rng.uniform(1e-3, 1e3, (1, 5))).astype(np.float32)
+  return np.concatenate([w.astype(np.float32), rand], axis=1)
+
+
+@pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
+def test_asymmetric_division_fix_repairs_an_inexact_division(ulps, monkeypatch):
+  """The asymmetric scheme (scale, zero point, quotient) under a sloppy division."""
+  w = _asymmetric_cases()
+  monkeypatch.setattr(schemes, "DIVISION_FIX", False)
+  jax.clear_caches()
+  exact = sq.quantize_array(w, "asymmetric_per_channel_int8")
+  exact_div = schemes._exact_div
+
+  def sloppy(a, b):
+    y = exact_div(a, b)
+    for _ in range(abs(ulps)):
+      y = jnp.nextafter(y, jnp.float32(np.inf if ulps > 0 else -np.inf))
+    return y
+
+  monkeypatch.setattr(schemes, "_exact_div", sloppy)
+  jax.clear_caches()
+  wrong = sq.quantize_array(w, "asymmetric_per_channel_int8")
+  # Without the fix the ties break: values, and for some columns zero points.
+  assert np.sum(np.asarray(wrong.values) != np.asarray(exact.values)) > 0
+  monkeypatch.setattr(schemes, "DIVISION_FIX", True)
+  jax.clear_caches()
+  fixed = sq.quantize_array(w, "asymmetric_per_channel_int8")
+  jax.clear_caches()
+  np.testing.assert_array_equal(np.asarray(fixed.values), np.asarray(exact.values))
+  np.testing.assert_array_equal(np.asarray(fixed.zero_point), np.asarray(exact.zero_point))
+  assert _bits(np.asarray(fixed.scale)).tolist() == _bits(np.asarray(exact.scale)).tolist()
+
+
+def test_div_fix_recovers_correct_rounding_from_neighbours():
+  # Magnitudes where the residual is exact (see _div_fix): quotients 1e-30..1e30.
+  rng = np.random.default_rng(11)
+  a = (rng.standard_normal(20000) * 10.0 ** rng.uniform(-15, 15, 20000)).astype(np.float32)
+  b = (rng.standard_normal(20000) * 10.0 ** rng.uniform(-15, 15, 20000)).astype(np.float32)
+  exact = (a.astype(np.float64) / b.astype(np.float64)).astype(np.float32)
+  for ulps in (-2, -1, 0, 1, 2):
+    c0 = exact.copy()
+    for _ in range(abs(ulps)):
+      c0 = np.nextafter(c0, np.float32(np.inf if ulps > 0 else -np.inf))
+    got = np.asarray(jax.jit(schemes._div_fix)(a, b, c0))
+    np.testing.assert_array_equal(got, exact)
