@@ -1,4 +1,5 @@
-"""Test configuration: 8 virtual CPU devices (for sharding tests), hypothesis profile."""
+"""Test configuration: 8 virtual CPU devices (for sharding tests), full-precision
+float32 matmuls on accelerators, hypothesis profile."""
 
 import os
 
@@ -7,7 +8,13 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+# GPUs default to TF32 for float32 matmuls (10-bit mantissas); the tests compare
+# int8 ops with float references, so they ask for true float32 there.
+if jax.default_backend() != "cpu":
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 settings.register_profile(
   "default",
