@@ -367,6 +367,11 @@ def _native_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
   return y
 
 
+# Integer dots are exact at any precision; pinning DEFAULT keeps a global
+# jax_default_matmul_precision="highest" (meant for float matmuls) off them.
+_INT_PRECISION = lax.Precision.DEFAULT
+
+
 def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
   values = m.values
   if m.tiled:
@@ -378,10 +383,18 @@ def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
     pad = nb * m.block - k
     xb = jnp.pad(xq, ((0, 0), (0, pad))).reshape(xq.shape[0], nb, m.block)
     qb = jnp.pad(values, ((0, pad), (0, 0))).reshape(nb, m.block, n)
-    acc = jnp.einsum("bnk,nko->bno", xb, qb, preferred_element_type=jnp.int32)
+    acc = jnp.einsum(
+      "bnk,nko->bno", xb, qb, preferred_element_type=jnp.int32, precision=_INT_PRECISION
+    )
     y = jnp.sum(acc.astype(jnp.float32) * m.scale[None], axis=1)
     return y * xs
-  acc = lax.dot_general(xq, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = lax.dot_general(
+    xq,
+    values,
+    (((1,), (0,)), ((), ())),
+    preferred_element_type=jnp.int32,
+    precision=_INT_PRECISION,
+  )
   if m.zero_point is not None:
     acc = acc - jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True) * m.zero_point.astype(
       jnp.int32
