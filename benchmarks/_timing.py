@@ -17,18 +17,22 @@ def median_time(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def median_times(calls: dict, repeats: int) -> dict:
-  """Median wall time of each ``name: (fn, args)``, measured round-robin.
+def median_times(calls: dict, repeats: int, rounds: int = 2) -> dict:
+  """Median wall time of each ``name: (fn, args)`` in steady state.
 
-  One warm-up call each, then ``repeats`` rounds that time every variant once,
-  so slow drifts of a shared machine hit all variants alike.
+  Each of ``rounds`` rounds times every variant in turn: one warm-up call, then
+  ``ceil(repeats / rounds)`` consecutive timed calls. Alternating rounds spread
+  a shared machine's slow drifts over all variants; consecutive calls keep a
+  variant from being timed right after another (one that allocates and frees
+  hundreds of MB slows whatever runs next for a while).
   """
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
+  per = -(-repeats // rounds)
   times = {name: [] for name in calls}
-  for _ in range(repeats):
+  for _ in range(rounds):
     for name, (fn, args) in calls.items():
-      t = time.perf_counter()
       jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t)
+      for _ in range(per):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - t)
   return {name: statistics.median(ts) for name, ts in times.items()}

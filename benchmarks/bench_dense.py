@@ -11,8 +11,9 @@ weight-only op, native kernel, on a :func:`sensorquant_jax.pack`-ed kernel),
 ``w-only/unpacked`` (the same on the canonical QArray), ``w-only/xla`` (our
 XLA-only path, 512-column tiles: what runs without a C++ compiler), ``w8a8``
 (int8 x int8 -> int32 with per-token dynamic activation scales, native VNNI
-kernel, packed) and ``w8a8/xla`` (XLA's int8 dot). Variants are timed
-round-robin (each round runs every variant once), medians over rounds.
+kernel, packed) and ``w8a8/xla`` (XLA's int8 dot). Timing: two alternating
+rounds over all variants, each a warm-up and consecutive timed calls
+(``_timing.median_times``); medians.
 
 Targets on a 2-core CPU: weight-only >= 3x float32 at batch 1 and 4, >= 1.5x
 at 16-64; W8A8 >= 1.5x at 64-256.

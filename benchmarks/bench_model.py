@@ -1,6 +1,6 @@
 """A >= 25M-parameter Linen encoder: float vs ours (weight-only, W8A8) vs Qwix PTQ.
 
-Latency (median of ``--repeats`` jitted calls, variants timed round-robin) at
+Latency (median of ``--repeats`` jitted calls, in alternating rounds) at
 batch 1 and 64 and params memory, all on the same model, machine and process.
 Ratios are float32 time / variant time (higher is faster). Qwix runs its PTQ path
 (``qwix.quantize_model`` + ``qwix.quantize_params``) with int8 weights

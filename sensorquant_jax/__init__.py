@@ -1,6 +1,7 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
 from sensorquant_jax import manifest, nnx
+from sensorquant_jax._native import NativeBuildWarning
 from sensorquant_jax.calibrate import (
   ObserverConfig,
   act_scales,
@@ -48,6 +49,7 @@ __all__ = [
   "load_float",
   "restore",
   "save",
+  "NativeBuildWarning",
   "PackedQArray",
   "QuantizedDense",
   "QuantizedDenseGeneral",
