@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sensorquant_jax import _native, schemes
 from sensorquant_jax.qarray import QArray, is_qarray
@@ -154,8 +157,56 @@ def _kernel_shape_ok(values: jax.Array) -> bool:
   return values.ndim in (2, 3) and n % 16 == 0 and values.shape[-1] % 16 == 0
 
 
+def _spec_axis(sharding, dim: int):
+  spec = getattr(sharding, "spec", ())
+  return spec[dim] if dim < len(spec) else None
+
+
+def _mesh_size(mesh, axis) -> int:
+  names = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def _sharded(call, n_rows: int, tiled: bool):
+  """``call`` partitioned like a matmul under ``jit`` with sharded operands.
+
+  Rows (activations) and output columns (weights, scales) keep their
+  shardings and each device runs the kernel on its own block; the contraction
+  axis is gathered. Without this, XLA would gather every operand to run the
+  opaque custom call whole.
+  """
+  op = custom_partitioning(call)
+
+  def shardings(mesh, arg_shapes):
+    x, values = arg_shapes[0], arg_shapes[n_rows]
+    row = _spec_axis(x.sharding, 0)
+    if row is not None and x.shape[0] % _mesh_size(mesh, row):
+      row = None
+    col = _spec_axis(values.sharding, 0 if tiled else 1)
+    size = _mesh_size(mesh, col)
+    n = values.shape[0] * values.shape[2] if tiled else values.shape[1]
+    if col is not None and ((values.shape[0] if tiled else n) % size or (n // size) % 16):
+      col = None  # the kernel needs whole tiles and multiples of 16 columns per device
+    rows = [NamedSharding(mesh, P(row, None)) for _ in range(n_rows)]
+    vspec = P(col, None, None) if tiled else P(None, col)
+    args = (*rows, NamedSharding(mesh, vspec), NamedSharding(mesh, P(None, col)))
+    return args, NamedSharding(mesh, P(row, col))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes)[1]
+
+  def partition(mesh, arg_shapes, result_shape):
+    args, out = shardings(mesh, arg_shapes)
+    return mesh, call, out, args
+
+  rows = ", ".join(["m k", "m o"][:n_rows])
+  rule = f"{rows}, t k u, b (t u) -> m (t u)" if tiled else f"{rows}, k n, b n -> m n"
+  op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
+  return op
+
+
 @functools.cache
-def _ffi_kernel(target: str, n_rows: int, block: int):
+def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool):
   """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, scale)``.
 
   Batching rows (the usual ``vmap`` over examples) folds the batch into the
@@ -169,7 +220,7 @@ def _ffi_kernel(target: str, n_rows: int, block: int):
     attrs = {"block": np.int64(block)} if target == _WO_TARGET else {}
     return jax.ffi.ffi_call(target, out)(*args, **attrs)
 
-  kernel = jax.custom_batching.custom_vmap(call)
+  kernel = jax.custom_batching.custom_vmap(_sharded(call, n_rows, tiled))
 
   @kernel.def_vmap
   def _rule(axis_size, in_batched, *args):
@@ -189,9 +240,9 @@ def _ffi_kernel(target: str, n_rows: int, block: int):
   return kernel
 
 
-def _native_op(target: str, n_rows: int, block: int, reference):
+def _native_op(target: str, n_rows: int, block: int, tiled: bool, reference):
   """The kernel, differentiable through ``reference`` (the XLA formula it computes)."""
-  kernel = _ffi_kernel(target, n_rows, block)
+  kernel = _ffi_kernel(target, n_rows, block, tiled)
 
   @jax.custom_vjp
   def op(*args):
@@ -279,7 +330,7 @@ def _native_weight_only(x2: jax.Array, m: _Matrix) -> jax.Array:
       x, dataclasses.replace(m, values=values, scale=scale, zero_point=None), None
     )
 
-  y = _native_op(_WO_TARGET, 1, block, reference)(xf, m.values, scale)
+  y = _native_op(_WO_TARGET, 1, block, m.tiled, reference)(xf, m.values, scale)
   if m.zero_point is not None:  # x @ ((q - z) * s) = x @ (q * s) - rowsum(x) * (z * s)
     y = y - jnp.sum(xf, axis=-1, keepdims=True) * (m.zero_point.astype(jnp.float32) * scale)
   return y
@@ -360,7 +411,7 @@ def _native_w8a8(xq: jax.Array, xs: jax.Array, m: _Matrix) -> jax.Array:
   def reference(xq, xs, values, scale):
     return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=None))
 
-  y = _native_op(_W8_TARGET, 2, 0, reference)(xq, xs, m.values, scale)
+  y = _native_op(_W8_TARGET, 2, 0, m.tiled, reference)(xq, xs, m.values, scale)
   if m.zero_point is not None:
     rows = jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.float32) * xs
     y = y - rows * (m.zero_point.astype(jnp.float32) * scale)

@@ -183,3 +183,33 @@ def test_build_cache_is_reused(tmp_path):
   assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
   assert first.stdout == second.stdout
   assert [p.name for p in tmp_path.glob("*.so")] == [os.path.basename(first.stdout.strip())]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
+def test_native_kernels_keep_shardings(packed, mode):
+  if mode == "w8a8" and not HAVE_VNNI:
+    pytest.skip("W8A8 kernel needs AVX-512 VNNI")
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("data", "model"))
+  w = rng.standard_normal((256, 1024)).astype(np.float32)
+  ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+  q = sq.quantize({"k": ws}, "symmetric_per_channel_int8")["k"]
+  if packed:
+    q = jax.jit(sq.pack)(q)
+  x = rng.standard_normal((8, 256)).astype(np.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  f = jax.jit(lambda x, q: sq.dense(x, q, mode=mode, impl="native"))
+  y = f(xs, q)
+  # Rows stay on their devices, columns on theirs; nothing is gathered.
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model")), 2)
+  assert "all-gather" not in f.lower(xs, q).compile().as_text()
+  ref = sq.dense(x, jax.device_get(q), mode=mode, impl="xla")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-4)
+  # A sharded contraction axis is gathered, still correctly.
+  q2 = sq.quantize({"k": jax.device_put(w, NamedSharding(mesh, P("model", None)))})["k"]
+  y2 = f(xs, q2)
+  ref2 = sq.dense(x, jax.device_get(q2), mode=mode, impl="xla")
+  np.testing.assert_allclose(np.asarray(y2), np.asarray(ref2), rtol=1e-5, atol=1e-4)
