@@ -213,3 +213,18 @@ def test_native_kernels_keep_shardings(packed, mode):
   y2 = f(xs, q2)
   ref2 = sq.dense(x, jax.device_get(q2), mode=mode, impl="xla")
   np.testing.assert_allclose(np.asarray(y2), np.asarray(ref2), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_rejects_inconsistent_operands():
+  _native.ffi_targets()
+  x = jnp.ones((2, 64), jnp.float32)
+  w = jnp.ones((64, 32), jnp.int8)
+  call = jax.ffi.ffi_call(ops._WO_TARGET, jax.ShapeDtypeStruct((2, 32), jnp.float32))
+  with pytest.raises(Exception, match="scale must be"):
+    jax.block_until_ready(call(x, w, jnp.ones((1, 16), jnp.float32), block=np.int64(0)))
+  with pytest.raises(Exception, match="disagree on K"):
+    jax.block_until_ready(call(x[:, :32], w, jnp.ones((1, 32), jnp.float32), block=np.int64(0)))
+  with pytest.raises(Exception, match="multiples of 16"):
+    w2 = jnp.ones((64, 24), jnp.int8)
+    c2 = jax.ffi.ffi_call(ops._WO_TARGET, jax.ShapeDtypeStruct((2, 24), jnp.float32))
+    jax.block_until_ready(c2(x, w2, jnp.ones((1, 24), jnp.float32), block=np.int64(0)))

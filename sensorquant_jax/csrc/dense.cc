@@ -353,6 +353,10 @@ ffi::Error WeightOnlyDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
   wt.scale = scale.typed_data();
   wt.block = block;
+  if (block < 0) return ffi::Error::InvalidArgument("block must be >= 0");
+  const int64_t scale_rows = block ? (wt.k + block - 1) / block : 1;
+  if (scale.element_count() != size_t(std::max<int64_t>(scale_rows, 1) * wt.n))
+    return ffi::Error::InvalidArgument("scale must be [1, N] or [ceil(K / block), N]");
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
@@ -512,6 +516,8 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   }
   wt.scale = scale.typed_data();
   wt.block = 0;
+  if (scale.element_count() != size_t(wt.n)) return ffi::Error::InvalidArgument("scale must be [1, N]");
+  if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
   const int64_t m_rows = xd[0];
   if (xd[1] != wt.k) return ffi::Error::InvalidArgument("xq and w disagree on K");
   if (wt.n % kLanes || wt.tile % kLanes)
