@@ -78,6 +78,7 @@ constexpr int kLanes = 16;
 constexpr int kPanel = 64;     // columns per register panel: one int8 cache line per row
 constexpr int kRows = 6;       // rows per register block when many rows share a panel
 constexpr int kSmallRows = 4;  // up to this many rows, weights convert in registers
+constexpr int kDirectRows = 5;
 constexpr int64_t kChunkCols = 256;  // columns per work item (read as whole row segments)
 constexpr int64_t kSmallK = 32;      // K rows per staged int8 block (128 KB)
 constexpr int64_t kLargeK = 256;     // K rows per converted float block (256 KB)
@@ -208,15 +209,17 @@ void few_rows_direct(const float* x, int64_t m_rows, const Weights& wt, int64_t 
   const int64_t ldx = wt.k, ldy = wt.n;
   for (int64_t c = c0; c < c1; c += kPanel) {
     const int nv = std::min<int64_t>(kPanel, c1 - c) / kLanes;
-    for (int64_t m = 0; m < m_rows; m += kSmallRows) {
+    const int8_t* w = wt.at(0, c);
+    for (int64_t m = 0; m < m_rows; m += kDirectRows) {
       const float* xr = x + m * ldx;
       float* yr = y + m * ldy + c;
-      const int8_t* w = wt.at(0, c);
-      switch (std::min<int64_t>(kSmallRows, m_rows - m)) {
+      switch (std::min<int64_t>(kDirectRows, m_rows - m)) {
         case 1: int8_panel_n<1>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 2: int8_panel_n<2>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 3: int8_panel_n<3>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 4: int8_panel_n<4>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+        case 5: int8_panel_n<5>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
+        case 6: int8_panel_n<6>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
       }
     }
   }
@@ -394,7 +397,7 @@ ffi::Error WeightOnlyDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const int64_t t = i / chunks_per_tile, j = i % chunks_per_tile;
     const int64_t c0 = t * wt.tile + j * kChunkCols;
     const int64_t c1 = std::min(c0 + kChunkCols, (t + 1) * wt.tile);
-    if (m_rows <= kSmallRows) {
+    if (m_rows <= kSmallRows || (m_rows <= 64 && wt.tile <= kPanel)) {
       few_rows_direct(xp, m_rows, wt, c0, c1, yp);
     } else {
       many_rows(xp, m_rows, wt, c0, c1, yp);
