@@ -153,8 +153,10 @@ def _native_available(target: str, impl: str) -> bool:
 
 
 def _kernel_shape_ok(values: jax.Array) -> bool:
+  if values.ndim not in (2, 3):
+    return False
   n = values.shape[-1] if values.ndim == 2 else values.shape[0] * values.shape[2]
-  return values.ndim in (2, 3) and n % 16 == 0 and values.shape[-1] % 16 == 0
+  return n % 16 == 0 and values.shape[-1] % 16 == 0
 
 
 def _spec_axis(sharding, dim: int):
@@ -162,9 +164,12 @@ def _spec_axis(sharding, dim: int):
   return spec[dim] if dim < len(spec) else None
 
 
+def _names(axis) -> tuple:
+  return () if axis is None else axis if isinstance(axis, tuple) else (axis,)
+
+
 def _mesh_size(mesh, axis) -> int:
-  names = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
-  return math.prod(mesh.shape[a] for a in names)
+  return math.prod(mesh.shape[a] for a in _names(axis))
 
 
 def _sharded(call, n_rows: int, tiled: bool):
@@ -187,6 +192,8 @@ def _sharded(call, n_rows: int, tiled: bool):
     n = values.shape[0] * values.shape[2] if tiled else values.shape[1]
     if col is not None and ((values.shape[0] if tiled else n) % size or (n // size) % 16):
       col = None  # the kernel needs whole tiles and multiples of 16 columns per device
+    if col is not None and row is not None and set(_names(row)) & set(_names(col)):
+      col = None  # one mesh axis cannot shard both output dimensions
     rows = [NamedSharding(mesh, P(row, None)) for _ in range(n_rows)]
     vspec = P(col, None, None) if tiled else P(None, col)
     args = (*rows, NamedSharding(mesh, vspec), NamedSharding(mesh, P(None, col)))

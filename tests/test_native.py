@@ -213,6 +213,11 @@ def test_native_kernels_keep_shardings(packed, mode):
   y2 = f(xs, q2)
   ref2 = sq.dense(x, jax.device_get(q2), mode=mode, impl="xla")
   np.testing.assert_allclose(np.asarray(y2), np.asarray(ref2), rtol=1e-5, atol=1e-4)
+  # Rows and columns sharded over the same mesh axis: one of them is gathered.
+  x8 = rng.standard_normal((16, 256)).astype(np.float32)
+  y3 = f(jax.device_put(x8, NamedSharding(mesh, P("model", None))), q)
+  ref3 = sq.dense(x8, jax.device_get(q), mode=mode, impl="xla")
+  np.testing.assert_allclose(np.asarray(y3), np.asarray(ref3), rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_rejects_inconsistent_operands():
