@@ -32,7 +32,7 @@ import jaxlib
 
 _SOURCES = ("dense.cc", "jsonfmt.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # library() is called with it held by ffi_targets()
 _STATE: dict[str, object] = {}
 
 
@@ -123,22 +123,20 @@ def library() -> ctypes.CDLL | None:
 def ffi_targets() -> frozenset[str]:
   """Registers the XLA:CPU FFI targets (once) and returns their names."""
   with _LOCK:
-    if "targets" in _STATE:
-      return _STATE["targets"]  # type: ignore[return-value]
-  lib = library()
-  names = set()
-  if lib is not None:
-    for name, symbol in (
-      ("sq_weight_only_dense", "SqWeightOnlyDense"),
-      ("sq_w8a8_dense", "SqW8A8Dense"),
-    ):
-      fn = getattr(lib, symbol, None)  # W8A8 needs AVX-512 VNNI at build time
-      if fn is not None:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
-        names.add(name)
-  with _LOCK:
-    _STATE["targets"] = frozenset(names)
-  return frozenset(names)
+    if "targets" not in _STATE:
+      lib = library()
+      names = set()
+      if lib is not None:
+        for name, symbol in (
+          ("sq_weight_only_dense", "SqWeightOnlyDense"),
+          ("sq_w8a8_dense", "SqW8A8Dense"),
+        ):
+          fn = getattr(lib, symbol, None)  # W8A8 needs AVX-512 VNNI at build time
+          if fn is not None:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+            names.add(name)
+      _STATE["targets"] = frozenset(names)
+    return _STATE["targets"]  # type: ignore[return-value]
 
 
 def build_error() -> str | None:
