@@ -1,9 +1,11 @@
-// Weight-only int8 dense layers for XLA:CPU, called through the XLA FFI.
+// Int8 dense layers for XLA:CPU, called through the XLA FFI.
 //
-// y[m, n] = sum_k x[m, k] * dequant(w)[k, n]: the int8 weight is converted to
-// float32 in registers (few rows) or one L2-sized panel at a time (many rows),
-// so no float copy of the weight ever reaches memory. XLA:CPU cannot fuse the
-// int8 convert into its dot, which is why this file exists.
+// Weight-only: y[m, n] = sum_k x[m, k] * dequant(w)[k, n], float32
+// accumulation; the int8 weight is converted to float32 in registers (up to 64
+// rows of packed tiles, up to 4 otherwise) or one L2-sized block at a time
+// (more rows), so no float copy of the weight ever reaches memory. XLA:CPU
+// cannot fuse the int8 convert into its dot, which is why this file exists.
+// W8A8 (further down): int8 x int8 -> int32 with AVX-512 VNNI.
 //
 // Weight layout: column tiles [N / T, K, T] (T = N for the canonical [K, N]).
 // Scales: per column [1, N] (applied to the accumulator), or per K-block
@@ -78,7 +80,7 @@ constexpr int kLanes = 16;
 constexpr int kPanel = 64;     // columns per register panel: one int8 cache line per row
 constexpr int kRows = 6;       // rows per register block when many rows share a panel
 constexpr int kSmallRows = 4;  // up to this many rows, weights convert in registers
-constexpr int kDirectRows = 5;
+constexpr int kDirectRows = 5;  // rows per register block on packed tiles (measured 4-6)
 constexpr int64_t kChunkCols = 256;  // columns per work item (read as whole row segments)
 constexpr int64_t kSmallK = 32;      // K rows per staged int8 block (128 KB)
 constexpr int64_t kLargeK = 256;     // K rows per converted float block (256 KB)
