@@ -16,8 +16,8 @@ Exactness notes. The Rust ``sensorlm`` module computes, in float32,
 A third holds on GPU: XLA:GPU's float32 division is not correctly rounded
 (on an H100, 12 of 76 oracle cases differed). On backends other than CPU the
 scale and the rounding decision are therefore corrected with error-free
-residuals (:func:`_scale_fix`, :func:`_quotient_round_fix`, and for the
-asymmetric scheme's zero point :func:`_div_fix`), which makes the result exact
+residuals (:func:`_scale_fix` for scales, :func:`_quotient_round_fix` for
+rounding decisions, :func:`_div_fix` for the asymmetric zero point), which makes the result exact
 for any division that is within 2 ulps. All three are covered by tests against
 fixtures made by the Rust module (the asymmetric scheme against numpy); the
 correction also by tests that perturb every quotient by up to 2 ulps.
@@ -119,14 +119,16 @@ def _split12(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi, x - hi
 
 
-def _scale_fix(m: jax.Array, c0: jax.Array) -> jax.Array:
-  """The correctly rounded ``m / 127`` from an approximation ``c0`` (within 2 ulps).
+def _scale_fix(m: jax.Array, c0: jax.Array, d: int = 127) -> jax.Array:
+  """The correctly rounded ``m / d`` from an approximation ``c0`` (within 2 ulps).
 
-  For each neighbour ``c`` of ``c0`` the residual ``m - 127 c`` is computed
-  exactly (``c`` split into 12-bit halves: every product is exact, and each
-  difference is representable, so IEEE subtraction returns it exactly); the
-  correctly rounded quotient is the neighbour with the smallest residual
-  (ties cannot occur: 127 is odd).
+  For an odd divisor ``d`` of at most 12 bits (127, 255). For each neighbour
+  ``c`` of ``c0`` the residual ``m - d c`` is computed exactly (``c`` split
+  into 12-bit halves: every product is exact, and each difference is
+  representable, so IEEE subtraction returns it exactly); the correctly
+  rounded quotient is the neighbour with the smallest residual (ties cannot
+  occur: ``d`` is odd). Unlike :func:`_div_fix` it never forms ``d c`` whole,
+  which would overflow for weights near float32 max.
   """
   down = jnp.nextafter(c0, jnp.float32(-jnp.inf))
   up = jnp.nextafter(c0, jnp.float32(jnp.inf))
@@ -142,7 +144,7 @@ def _scale_fix(m: jax.Array, c0: jax.Array) -> jax.Array:
 
   def resid(c):
     hi, lo = _split12(c)
-    return jnp.abs((m - hi * jnp.float32(127)) - lo * jnp.float32(127))
+    return jnp.abs((m - hi * jnp.float32(d)) - lo * jnp.float32(d))
 
   r = jnp.stack([resid(cands[i]) for i in range(5)])
   r = jnp.where(jnp.isnan(r), jnp.float32(jnp.inf), r)
@@ -297,7 +299,7 @@ def quantize_array_impl(w: jax.Array, spec: Spec) -> QArray:
     span = hi - lo
     s0 = _exact_div(span, jnp.float32(255))
     if _needs_fix():
-      s0 = _div_fix(span, jnp.float32(255), s0)
+      s0 = _scale_fix(span, s0, 255)
     scale = jnp.maximum(s0, _MIN_SCALE)
     z0 = _exact_div(lo, scale)
     if _needs_fix():

@@ -130,6 +130,18 @@ def test_division_fix_is_exact_with_exact_division(force_fix):
   _check_all_cases()
 
 
+def _sloppy(exact_div, ulps):
+  """A division whose every quotient is ``ulps`` ulps off, like XLA:GPU's at worst."""
+
+  def div(a, b):
+    y = exact_div(a, b)
+    for _ in range(abs(ulps)):
+      y = jnp.nextafter(y, jnp.float32(np.inf if ulps > 0 else -np.inf))
+    return y
+
+  return div
+
+
 CPU_ONLY = pytest.mark.skipif(
   jax.default_backend() != "cpu",
   reason="simulates an inexact division on top of an exact one (XLA:CPU's)",
@@ -140,15 +152,7 @@ CPU_ONLY = pytest.mark.skipif(
 @pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
 def test_division_fix_repairs_an_inexact_division(ulps, force_fix, monkeypatch):
   """Simulates XLA:GPU's approximate f32 division: every quotient off by `ulps`."""
-  exact = schemes._exact_div
-
-  def sloppy(a, b):
-    y = exact(a, b)
-    for _ in range(abs(ulps)):
-      y = jnp.nextafter(y, jnp.float32(np.inf if ulps > 0 else -np.inf))
-    return y
-
-  monkeypatch.setattr(schemes, "_exact_div", sloppy)
+  monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
   _check_all_cases()
   # Without the fix the same division gets values wrong.
   monkeypatch.setattr(schemes, "DIVISION_FIX", False)
@@ -181,15 +185,7 @@ def test_asymmetric_division_fix_repairs_an_inexact_division(ulps, monkeypatch):
   monkeypatch.setattr(schemes, "DIVISION_FIX", False)
   jax.clear_caches()
   exact = sq.quantize_array(w, "asymmetric_per_channel_int8")
-  exact_div = schemes._exact_div
-
-  def sloppy(a, b):
-    y = exact_div(a, b)
-    for _ in range(abs(ulps)):
-      y = jnp.nextafter(y, jnp.float32(np.inf if ulps > 0 else -np.inf))
-    return y
-
-  monkeypatch.setattr(schemes, "_exact_div", sloppy)
+  monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
   jax.clear_caches()
   wrong = sq.quantize_array(w, "asymmetric_per_channel_int8")
   # Without the fix the ties break: values, and for some columns zero points.

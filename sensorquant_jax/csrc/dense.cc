@@ -336,32 +336,40 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// Decodes the weight operand and checks it against the activations' [M, K]:
+// shared by both handlers.
+ffi::Error decode_weights(ffi::AnyBuffer w, const ffi::Buffer<ffi::F32>& scale, int64_t k,
+                          int64_t block, Weights* wt) {
+  auto wd = w.dimensions();
+  if (w.element_type() != ffi::S8) return ffi::Error::InvalidArgument("w must be int8");
+  wt->data = reinterpret_cast<const int8_t*>(w.untyped_data());
+  if (wd.size() == 2) {
+    wt->k = wd[0], wt->n = wd[1], wt->tile = wd[1];
+  } else if (wd.size() == 3) {
+    wt->k = wd[1], wt->tile = wd[2], wt->n = wd[0] * wd[2];
+  } else {
+    return ffi::Error::InvalidArgument("w must be [K, N] or [N/T, K, T]");
+  }
+  if (k != wt->k) return ffi::Error::InvalidArgument("x and w disagree on K");
+  if (wt->n % kLanes || wt->tile % kLanes)
+    return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
+  if (block < 0) return ffi::Error::InvalidArgument("block must be >= 0");
+  const int64_t scale_rows = block ? std::max<int64_t>((wt->k + block - 1) / block, 1) : 1;
+  if (scale.element_count() != size_t(scale_rows * wt->n))
+    return ffi::Error::InvalidArgument("scale must be [1, N] or [ceil(K / block), N]");
+  wt->scale = scale.typed_data();
+  wt->block = block;
+  return ffi::Error::Success();
+}
+
 ffi::Error WeightOnlyDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                            ffi::ResultBuffer<ffi::F32> y, int64_t block) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
-  if (w.element_type() != ffi::S8) return ffi::Error::InvalidArgument("w must be int8");
   Weights wt;
-  wt.data = reinterpret_cast<const int8_t*>(w.untyped_data());
-  if (wd.size() == 2) {
-    wt.k = wd[0], wt.n = wd[1], wt.tile = wd[1];
-  } else if (wd.size() == 3) {
-    wt.k = wd[1], wt.tile = wd[2], wt.n = wd[0] * wd[2];
-  } else {
-    return ffi::Error::InvalidArgument("w must be [K, N] or [N/T, K, T]");
-  }
+  if (ffi::Error err = decode_weights(w, scale, xd[1], block, &wt); err.failure()) return err;
   const int64_t m_rows = xd[0];
-  if (xd[1] != wt.k) return ffi::Error::InvalidArgument("x and w disagree on K");
-  if (wt.n % kLanes || wt.tile % kLanes)
-    return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
-  wt.scale = scale.typed_data();
-  wt.block = block;
-  if (block < 0) return ffi::Error::InvalidArgument("block must be >= 0");
-  const int64_t scale_rows = block ? (wt.k + block - 1) / block : 1;
-  if (scale.element_count() != size_t(std::max<int64_t>(scale_rows, 1) * wt.n))
-    return ffi::Error::InvalidArgument("scale must be [1, N] or [ceil(K / block), N]");
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
@@ -506,27 +514,12 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
                      ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> y) {
   auto xd = xq.dimensions();
-  auto wd = w.dimensions();
   if (xd.size() != 2 || xq.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
-  if (w.element_type() != ffi::S8) return ffi::Error::InvalidArgument("w must be int8");
   Weights wt;
-  wt.data = reinterpret_cast<const int8_t*>(w.untyped_data());
-  if (wd.size() == 2) {
-    wt.k = wd[0], wt.n = wd[1], wt.tile = wd[1];
-  } else if (wd.size() == 3) {
-    wt.k = wd[1], wt.tile = wd[2], wt.n = wd[0] * wd[2];
-  } else {
-    return ffi::Error::InvalidArgument("w must be [K, N] or [N/T, K, T]");
-  }
-  wt.scale = scale.typed_data();
-  wt.block = 0;
-  if (scale.element_count() != size_t(wt.n)) return ffi::Error::InvalidArgument("scale must be [1, N]");
+  if (ffi::Error err = decode_weights(w, scale, xd[1], 0, &wt); err.failure()) return err;
   if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
   const int64_t m_rows = xd[0];
-  if (xd[1] != wt.k) return ffi::Error::InvalidArgument("xq and w disagree on K");
-  if (wt.n % kLanes || wt.tile % kLanes)
-    return ffi::Error::InvalidArgument("N and the tile must be multiples of 16");
   if (wt.k > 65536) return ffi::Error::InvalidArgument("K > 65536 could overflow int32");
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
