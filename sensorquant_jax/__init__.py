@@ -1,6 +1,7 @@
 """sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
 
 from sensorquant_jax import manifest, nnx
+from sensorquant_jax._fileio import DestinationError
 from sensorquant_jax._native import NativeBuildWarning
 from sensorquant_jax.calibrate import (
   ObserverConfig,
@@ -26,12 +27,12 @@ from sensorquant_jax.quantize import (
   Rule,
   dequantize,
   nbytes,
-  path_str,
   quantize,
   quantize_array,
 )
 from sensorquant_jax.report import Budget, Policy, auto_policy, report
 from sensorquant_jax.schemes import SCHEMES
+from sensorquant_jax.tree_paths import path_str
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
   "report",
   "save_calibration",
   "CheckpointError",
+  "DestinationError",
   "load_float",
   "restore",
   "save",

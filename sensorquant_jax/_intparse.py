@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -164,6 +164,16 @@ def _pool() -> ThreadPoolExecutor:
   return _POOL
 
 
+def _map_all(fn, items: list) -> list:
+  """``[fn(x) for x in items]`` on the pool; every task has finished before this
+  returns or raises (no worker may still read ``buf`` after an error)."""
+  if len(items) == 1:
+    return [fn(items[0])]
+  futures = [_pool().submit(fn, x) for x in items]
+  wait(futures)
+  return [f.result() for f in futures]
+
+
 def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent: int):
   """Whole-list fast path; ``None`` when any part is not in the canonical layout."""
   close = b"\n" + b" " * (indent - 2)
@@ -190,7 +200,7 @@ def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent
     def work(c):
       return _parse_canonical_chunk(view[c[0] : c[1]], indent, c[2])
 
-  parts = list(_pool().map(work, chunks)) if len(chunks) > 1 else [work(chunks[0])]
+  parts = _map_all(work, chunks)
   if any(p is None for p in parts):
     return None
   return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -200,7 +210,7 @@ def parse_int8_list(buf: bytes, start: int, stop: int, indent: int = 8) -> np.nd
   """Parses the text between ``[`` and ``]`` (exclusive) as int8 values.
 
   Args:
-    buf: the whole document (``bytes`` or a read-only ``mmap``).
+    buf: the whole document (``bytes``).
     start: index just after ``[``.
     stop: index of the matching ``]``.
     indent: element indentation of the canonical layout (fast path).
@@ -228,5 +238,5 @@ def parse_int8_list(buf: bytes, start: int, stop: int, indent: int = 8) -> np.nd
   if len(chunks) == 1:
     a, b, final = chunks[0]
     return _parse_chunk(view[a:b], final, a)
-  parts = list(_pool().map(lambda c: _parse_chunk(view[c[0] : c[1]], c[2], c[0]), chunks))
+  parts = _map_all(lambda c: _parse_chunk(view[c[0] : c[1]], c[2], c[0]), chunks)
   return np.concatenate(parts)

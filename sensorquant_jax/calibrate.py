@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sensorquant_jax import _fileio
 from sensorquant_jax.convert import default_layer_name
 from sensorquant_jax.linen import _handled
 from sensorquant_jax.manifest import LayerCalibration
@@ -229,13 +230,42 @@ def act_scales(calibration: Mapping[str, LayerCalibration]) -> dict[str, float]:
   return {k: max(abs(c.act_min), abs(c.act_max), 1e-12) / 127.0 for k, c in calibration.items()}
 
 
-def save_calibration(path: str | os.PathLike, calibration: Mapping[str, LayerCalibration]) -> None:
-  """Writes calibration records as JSON (atomically)."""
+def save_calibration(
+  path: str | os.PathLike,
+  calibration: Mapping[str, LayerCalibration],
+  *,
+  overwrite: bool = False,
+) -> None:
+  """Writes calibration records as JSON, atomically (unique temporary, fsync, rename).
+
+  Args:
+    path: the JSON file.
+    calibration: records from :func:`calibrate`.
+    overwrite: allow replacing an existing calibration file (never another
+      kind of file).
+
+  Raises:
+    DestinationError: ``path`` is a folder, another kind of file, or a
+      calibration file while ``overwrite`` is False.
+  """
   doc = [{"path": k, **c.to_dict()} for k, c in calibration.items()]
-  tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=1)
-  os.replace(tmp, path)
+  text = json.dumps(doc, indent=1, allow_nan=False).encode()
+  target = _fileio.check_file_destination(
+    os.fspath(path), overwrite=overwrite, is_ours=is_calibration_file, kind="calibration file"
+  )
+  _fileio.write_file_atomic(target, lambda f: f.write(text))
+
+
+def is_calibration_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` looks like what :func:`save_calibration` writes."""
+  path = os.fspath(path)
+  if _fileio.file_starts_with(path, b"[", (b'"act_max"',)):
+    return True
+  try:
+    with open(path, "rb") as f:
+      return f.read(64).strip() == b"[]"
+  except OSError:
+    return False
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, LayerCalibration]:
@@ -244,11 +274,24 @@ def load_calibration(path: str | os.PathLike) -> dict[str, LayerCalibration]:
   Raises:
     ValueError: the file is not a list of calibration records.
   """
-  with open(path, encoding="utf-8") as f:
-    doc = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+  except RecursionError:
+    raise ValueError(f"{path}: JSON nested too deeply") from None
+  except OSError as e:
+    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from None
   if not isinstance(doc, list):
     raise ValueError(f"{path}: expected a list of calibration records")
-  try:
-    return {d["path"]: LayerCalibration.from_dict(d) for d in doc}
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{path}: bad calibration record: {e}") from None
+  out: dict[str, LayerCalibration] = {}
+  for i, d in enumerate(doc):
+    try:
+      key = d["path"]
+      if not isinstance(key, str) or key in out:
+        raise ValueError(f"missing, non-string or repeated path {key!r}")
+      out[key] = LayerCalibration.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: bad calibration record {i}: {e}") from None
+  return out

@@ -14,7 +14,7 @@ import numpy as np
 from sensorquant_jax import schemes
 from sensorquant_jax.manifest import SCHEME, ManifestError, QuantizedModel, QuantizedWeights
 from sensorquant_jax.qarray import QArray, is_qarray
-from sensorquant_jax.quantize import path_str
+from sensorquant_jax.tree_paths import path_str
 
 NameFn = Callable[[str], str]
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sensorquant_jax import ops
 from sensorquant_jax.qarray import QArray
-from sensorquant_jax.quantize import path_str
+from sensorquant_jax.tree_paths import path_str
 
 _HANDLED = (nn.Dense, nn.DenseGeneral, nn.Embed)
 

@@ -22,28 +22,31 @@ import collections
 import dataclasses
 import json
 import math
-import mmap
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from sensorquant_jax import _intparse
+from sensorquant_jax import _fileio, _intparse
 from sensorquant_jax._jsonfmt import format_f32, format_str, int8_lines
 
 SCHEME = "symmetric_per_tensor_int8"
 _MIN_SCALE = np.float32(1e-8)
 _MAX_DEPTH = 128  # serde_json's recursion limit
 _U64_MAX = 2**64 - 1
-_MMAP_MIN = 1 << 24
+_MAX_RANK = 64  # shape entries per layer (Rust has no limit; real layers use <= 8)
 
 
 class ManifestError(ValueError):
   """A manifest is malformed, inconsistent, or cannot be written exactly."""
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:200] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -215,34 +218,42 @@ class QuantizedModel:
       if not isinstance(got, (int, np.integer)) or got != want:
         raise ManifestError(f"{field} is {got}, but the layers hold {want}")
 
-  def save(self, path: str | os.PathLike, *, check_bias: bool = True, fsync: bool = True) -> None:
+  def save(
+    self,
+    path: str | os.PathLike,
+    *,
+    check_bias: bool = True,
+    fsync: bool = True,
+    overwrite: bool = False,
+  ) -> None:
     """Writes the manifest exactly as ``QuantizedModel::save`` does, atomically.
 
-    The bytes go to a temporary file in the same folder, which is flushed,
-    fsynced (unless ``fsync=False``) and renamed over ``path``: a crash leaves
-    the old file intact.
+    The bytes go to a unique temporary file in the same folder, which is
+    flushed, fsynced (unless ``fsync=False``) and renamed over ``path``: a
+    crash leaves the old file intact, and concurrent savers never tear it.
+
+    Args:
+      path: the JSON file to write.
+      check_bias: require ``len(bias) == shape[0]`` for 2-D layers.
+      fsync: make the write durable before returning.
+      overwrite: allow replacing an existing manifest (Rust's ``save``
+        always overwrites; we refuse unless asked, and never replace a file
+        that is not a manifest).
 
     Raises:
       ManifestError: the model is invalid or holds values Rust writes as ``null``.
+      DestinationError: ``path`` is a folder, another kind of file, or a
+        manifest while ``overwrite`` is False.
     """
     self.validate(check_bias=check_bias)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    user_path = os.fspath(path)
+    target = _fileio.check_file_destination(
+      user_path, overwrite=overwrite, is_ours=is_manifest_file, kind="manifest"
+    )
     try:
-      os.fchmod(fd, _file_mode(path))
-      with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-        _write_pipelined(f, self._pieces())
-        f.flush()
-        if fsync:
-          os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
-    if fsync:
-      _fsync_dir(folder)
+      _fileio.write_file_atomic(target, lambda f: _write_pipelined(f, self._pieces()), fsync=fsync)
+    except OSError as e:
+      raise ManifestError(f"cannot write {user_path}: {e.strerror or e}") from None
 
   def dumps(self, *, check_bias: bool = True) -> bytes:
     """The manifest's bytes (what :meth:`save` writes)."""
@@ -295,31 +306,25 @@ class QuantizedModel:
     Raises:
       ManifestError: for any problem, naming the layer and field.
     """
+    # The file is read into memory rather than mapped: another process may
+    # rewrite it while we parse, and a mapping of a truncated file faults.
     try:
       with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
           raise ManifestError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
-        if size < _MMAP_MIN:
-          return cls.loads(f.read(), check_bias=check_bias)
-        # Large files are mapped, not copied: the parser reads them in place.
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        data = f.read()
+    except IsADirectoryError:
+      raise ManifestError(f"cannot read {path}: it is a folder") from None
     except OSError as e:
       raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
-    message = None
     try:
       return cls.loads(data, check_bias=check_bias)
     except ManifestError as e:
-      message = str(e)  # re-raised below, once no frame holds a view of the map
-    finally:
-      try:
-        data.close()
-      except BufferError:
-        pass  # a view is still alive somewhere; the map closes when it dies
-    raise ManifestError(message)
+      raise ManifestError(f"{path}: {e}") from None
 
   @classmethod
-  def loads(cls, data: bytes | str | mmap.mmap, *, check_bias: bool = True) -> QuantizedModel:
+  def loads(cls, data: bytes | str, *, check_bias: bool = True) -> QuantizedModel:
     """Parses manifest text (see :meth:`load`)."""
     if isinstance(data, str):
       try:
@@ -352,27 +357,12 @@ def _write_pipelined(f, pieces: Iterable[bytes], depth: int = 3) -> None:
       pending.popleft().result()
 
 
-def _file_mode(path: str) -> int:
-  """The mode a plain ``open(path, "w")`` would give (or the existing file's)."""
-  try:
-    return os.stat(path).st_mode & 0o777
-  except OSError:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: str) -> None:
-  try:
-    fd = os.open(folder, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+def is_manifest_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` looks like a manifest (a JSON object with manifest keys
+  near its start): what ``save(..., overwrite=True)`` may replace."""
+  return _fileio.file_starts_with(
+    os.fspath(path), b"{", (b'"config_json"', b'"layers"', b'"total_quantized_bytes"')
+  )
 
 
 def _str(s: str) -> str:
@@ -409,6 +399,8 @@ def _check_layer(i: int, layer: QuantizedWeights, check_bias: bool) -> None:
     raise ManifestError(f"{where}: weights_i8 must be integers, got {w.dtype}")
   if w.size and (int(w.min()) < -127 or int(w.max()) > 127):
     raise ManifestError(f"{where}: weights_i8 holds values outside [-127, 127]")
+  if len(layer.shape) > _MAX_RANK:
+    raise ManifestError(f"{where}: shape has {len(layer.shape)} entries (at most {_MAX_RANK})")
   if any(d < 0 for d in layer.shape):
     raise ManifestError(f"{where}: shape {list(layer.shape)} has a negative entry")
   if any(d > _U64_MAX for d in layer.shape):
@@ -435,7 +427,7 @@ def _check_layer(i: int, layer: QuantizedWeights, check_bias: bool) -> None:
 # ---------------------------------------------------------------------------
 
 _WS_RE = re.compile(rb"[ \t\n\r]*")
-_STR_RE = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"')
+_CTRL_RE = re.compile(rb"[\x00-\x1f]")
 _NUM_RE = re.compile(rb"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
@@ -466,15 +458,29 @@ class _Parser:
   def string(self) -> str:
     if self.peek() != 0x22:
       raise self.fail("expected a string")
-    m = _STR_RE.match(self.b, self.i)
-    if m is None:
-      raise self.fail("invalid string (unterminated, control character or bad escape)")
-    self.i = m.end()
+    # Find the closing quote: the first '"' preceded by an even run of
+    # backslashes. Linear in the string and allocation-free until decoding.
+    b, start = self.b, self.i
+    j = start + 1
+    while True:
+      j = b.find(b'"', j)
+      if j < 0:
+        raise self.fail("unterminated string")
+      k = j
+      while b[k - 1] == 0x5C:
+        k -= 1
+      if (j - k) % 2 == 0:
+        break
+      j += 1
+    raw = b[start : j + 1]
+    if _CTRL_RE.search(raw):
+      raise self.fail("invalid string (control character)")
     try:
-      s = json.loads(bytes(m.group(0)))
+      s = json.loads(raw)
       s.encode("utf-8")  # lone surrogates from \ud800-style escapes
     except (UnicodeError, ValueError) as e:
-      raise self.fail(f"invalid string: {e}") from None
+      raise self.fail(f"invalid string: {_first_line(e)}") from None
+    self.i = j + 1
     return s
 
   def number_text(self) -> bytes:
@@ -634,7 +640,7 @@ class _Parser:
       {
         "name": setter("name", self._named_string),
         "weights_i8": setter("weights_i8", self.int8_list),
-        "shape": setter("shape", lambda: self.array(lambda k: self.uint(f"shape[{k}]"))),
+        "shape": setter("shape", lambda: self.array(self._shape_entry)),
         "scale": setter("scale", lambda: self.f32("scale")),
         "bias": setter("bias", bias),
       }
@@ -645,6 +651,11 @@ class _Parser:
     return QuantizedWeights(
       got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias")
     )
+
+  def _shape_entry(self, k: int) -> int:
+    if k >= _MAX_RANK:
+      raise self.fail(f"shape has more than {_MAX_RANK} entries")
+    return self.uint(f"shape[{k}]")
 
   def _named_string(self) -> str:
     s = self.string()

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sensorquant_jax import ops, schemes
-from sensorquant_jax.checkpoint import _nest
 from sensorquant_jax.linen import _take_rows, transpose_2d
 from sensorquant_jax.qarray import QArray
 from sensorquant_jax.quantize import MIN_SIZE, RulesLike
 from sensorquant_jax.quantize import quantize as _quantize_tree
+from sensorquant_jax.tree_paths import nest as _nest
 
 
 class QuantizedLinear(nnx.Module):

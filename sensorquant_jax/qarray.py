@@ -82,19 +82,45 @@ class QArray:
       out = v * self.scale
     else:
       out = _apply_blocks(v, self.scale, self.axes[0], self.block_size)
-    return out.astype(self.dtype if dtype is None else dtype)
+    dtype = self.dtype if dtype is None else dtype
+    # Weights within an ulp of the dtype's max can land a rounding step past
+    # it (127 * fl(max / 127) > max); clamp so dequantize is finite for every
+    # finite input (NaN stays NaN). Elsewhere this changes nothing.
+    top = _finite_max(dtype)
+    if top is not None:
+      out = jnp.clip(out, -top, top)
+    return out.astype(dtype)
 
   def __repr__(self) -> str:
+    # Leaves may be anything after a tree_map (tuples, None, tracers): never fail.
     return (
-      f"QArray(scheme={self.scheme!r}, shape={self.shape}, "
-      f"values={_dtype_name(self.values)}, scale={tuple(np.shape(self.scale))}, "
-      f"dtype={np.dtype(self.dtype).name})"
+      f"QArray(scheme={self.scheme!r}, shape={_shape_text(self.values)}, "
+      f"values={_dtype_name(self.values)}, scale={_shape_text(self.scale)}, "
+      f"dtype={_dtype_name(self.dtype, is_dtype=True)})"
     )
 
 
-def _dtype_name(x: Any) -> str:
-  dtype = getattr(x, "dtype", None)
-  return np.dtype(dtype).name if dtype is not None else type(x).__name__
+def _shape_text(x: Any) -> str:
+  shape = getattr(x, "shape", None)
+  if isinstance(shape, tuple):
+    return str(tuple(shape))
+  return type(x).__name__
+
+
+def _dtype_name(x: Any, is_dtype: bool = False) -> str:
+  try:
+    return np.dtype(x if is_dtype else x.dtype).name
+  except (AttributeError, TypeError):
+    return type(x).__name__
+
+
+def _finite_max(dtype: Any) -> float | None:
+  """The largest finite value of a floating ``dtype`` (at most float32's)."""
+  try:
+    info = jnp.finfo(dtype)
+  except ValueError:
+    return None
+  return float(min(float(info.max), float(np.finfo(np.float32).max)))
 
 
 def _nbytes(x: Any) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from sensorquant_jax import schemes
 from sensorquant_jax.qarray import QArray, is_qarray
+from sensorquant_jax.tree_paths import path_str
 
 MIN_SIZE = 1024
 """Default: leaves with fewer elements stay in float."""
@@ -45,11 +46,38 @@ class Rule:
   block_size: int = schemes.DEFAULT_BLOCK_SIZE
 
   def __post_init__(self):
-    re.compile(self.pattern)
-    if self.scheme is not None:
-      schemes.Spec(self.scheme, self.axes, self.block_size)  # validates
+    if not isinstance(self.pattern, str):
+      raise ValueError(f"rule pattern must be a string, got {self.pattern!r}")
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(
+        f"rule pattern {self.pattern!r} is not a valid regular expression: {e}"
+      ) from None
+    if self.scheme is not None and not isinstance(self.scheme, str):
+      raise ValueError(
+        f"rule {self.pattern!r}: scheme must be a string or None, got {self.scheme!r}"
+      )
     if self.axes is not None:
-      object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+      if isinstance(self.axes, (str, bytes)) or not all(
+        isinstance(a, int) and not isinstance(a, bool) for a in _iterable(self.axes)
+      ):
+        raise ValueError(f"rule {self.pattern!r}: axes must be integers, got {self.axes!r}")
+      object.__setattr__(self, "axes", tuple(self.axes))
+    if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+      raise ValueError(f"rule {self.pattern!r}: block_size must be an integer")
+    if self.scheme is not None:
+      try:
+        schemes.Spec(self.scheme, self.axes, self.block_size)  # validates
+      except ValueError as e:
+        raise ValueError(f"rule {self.pattern!r}: {e}") from None
+
+
+def _iterable(x: Any) -> tuple:
+  try:
+    return tuple(x)
+  except TypeError:
+    return (x,)
 
 
 RulesLike = Union[Sequence[Union[Rule, tuple]], Mapping[str, Union[str, None]], None]
@@ -61,27 +89,20 @@ def _as_rules(rules: RulesLike) -> tuple[Rule, ...]:
   if isinstance(rules, Mapping):
     return tuple(Rule(p, s) for p, s in rules.items())
   out = []
-  for r in rules:
+  for i, r in enumerate(rules):
     if isinstance(r, Rule):
       out.append(r)
-    elif isinstance(r, Mapping):
-      out.append(Rule(**r))
-    else:
-      out.append(Rule(*r))
+      continue
+    try:
+      if isinstance(r, Mapping):
+        out.append(Rule(**r))
+      elif isinstance(r, (tuple, list)) and 2 <= len(r) <= 4:
+        out.append(Rule(*r))
+      else:
+        raise ValueError(f"expected (pattern, scheme[, axes[, block_size]]), got {r!r}")
+    except TypeError as e:  # unknown or missing keyword in a mapping
+      raise ValueError(f"rule {i}: {e}") from None
   return tuple(out)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """Joins a JAX key path into ``"params/Dense_0/kernel"``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def _is_float_array(x: Any) -> bool:
@@ -90,8 +111,8 @@ def _is_float_array(x: Any) -> bool:
 
 def _select(path: str, x: Any, default: schemes.Spec, rules: tuple[Rule, ...], min_size: int):
   """Returns the resolved Spec for a leaf, or None to leave it as it is."""
-  if not _is_float_array(x):
-    return None
+  if not _is_float_array(x) or int(np.prod(x.shape)) == 0:
+    return None  # nothing to quantize in an empty array: it stays as it is
   leaf = path.rsplit("/", 1)[-1]
   for rule in rules:
     if re.search(rule.pattern, path):
@@ -151,6 +172,10 @@ def quantize_array(
     >>> qa = quantize_array(jnp.ones((4, 4)), "symmetric_per_channel_int8")
   """
   spec = schemes.Spec(scheme, None if axes is None else tuple(axes), block_size)
+  if not _is_float_array(w):
+    raise ValueError(f"quantize_array takes a floating array, got {type(w).__name__}")
+  if int(np.prod(w.shape)) == 0:
+    raise ValueError(f"cannot quantize an empty array (shape {tuple(w.shape)})")
   out = quantize(
     {"w": w},
     rules=[Rule("^w$", spec.scheme, spec.axes, spec.block_size)],

@@ -98,7 +98,7 @@ def _tree_bytes(tree: Any) -> int:
 
 
 def _fidelity(model, params, qparams, batches, labels, mode) -> dict[str, float]:
-  from sensorquant_jax.linen import apply  # noqa: PLC0415
+  from sensorquant_jax.linen import apply
 
   f_fn = jax.jit(lambda *a: model.apply(params, *a))
   q_fn = jax.jit(lambda q, *a: apply(model, q, *a, mode=mode))
@@ -129,8 +129,8 @@ def _fidelity(model, params, qparams, batches, labels, mode) -> dict[str, float]
 
 
 def _print(result) -> None:
-  from rich.console import Console  # noqa: PLC0415
-  from rich.table import Table  # noqa: PLC0415
+  from rich.console import Console
+  from rich.table import Table
 
   table = Table(title="quantization report")
   for col in ("layer", "shape", "scheme", "bytes", "int8 bytes", "SQNR dB", "max |err|", "rel L2"):
@@ -159,10 +159,10 @@ def _print(result) -> None:
 
 def _plot(result, path) -> None:
   try:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
   except ImportError:
     raise ImportError("the PNG plot needs matplotlib (pip install matplotlib)") from None
   rows = result["layers"]
@@ -324,6 +324,6 @@ def _args(batch) -> tuple:
 
 
 def _rules(options, level) -> tuple[Rule, ...]:
-  import re  # noqa: PLC0415
+  import re
 
   return tuple(Rule("^" + re.escape(p) + "$", options[p][level[p]][0]) for p in options)

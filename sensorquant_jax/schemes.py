@@ -300,6 +300,11 @@ def quantize_array_impl(w: jax.Array, spec: Spec) -> QArray:
     s0 = _exact_div(span, jnp.float32(255))
     if _needs_fix():
       s0 = _scale_fix(span, s0, 255)
+    # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
+    # before subtracting there (a finite scale; exactness is moot at that size).
+    s0 = jnp.where(
+      jnp.isinf(span), _exact_div(hi, jnp.float32(255)) - _exact_div(lo, jnp.float32(255)), s0
+    )
     scale = jnp.maximum(s0, _MIN_SCALE)
     z0 = _exact_div(lo, scale)
     if _needs_fix():

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax import checkpoint, schemes
+from sensorquant_jax import checkpoint, schemes, tree_paths
 from sensorquant_jax.qarray import is_qarray
 from sensorquant_jax.quantize import MIN_SIZE, RulesLike, quantize
 
@@ -25,6 +25,7 @@ def quantize_file(
   metadata: dict | None = None,
   progress: Callable[[str, int], None] | None = None,
   part_bytes: int = 256 << 20,
+  overwrite: bool = False,
 ) -> dict[str, Any]:
   """Quantizes a float checkpoint leaf by leaf and saves the result to ``dst``.
 
@@ -43,16 +44,24 @@ def quantize_file(
     metadata: stored with the checkpoint.
     progress: called with ``(leaf path, float bytes)`` after each leaf.
     part_bytes: quantized bytes buffered before a part is written.
+    overwrite: allow replacing an existing sensorquant checkpoint at ``dst``
+      (see :class:`~sensorquant_jax.checkpoint.CheckpointWriter`).
 
   Returns:
     A summary: leaves, quantized leaves, float bytes, stored bytes.
+
+  Raises:
+    DestinationError: ``dst`` is not a place we may write (checked first).
+    CheckpointError: ``src`` is unreadable or corrupt.
   """
   n, nq, float_bytes, stored = 0, 0, 0, 0
-  with checkpoint.CheckpointWriter(dst, metadata, part_bytes=part_bytes) as writer:
+  with checkpoint.CheckpointWriter(
+    dst, metadata, part_bytes=part_bytes, overwrite=overwrite
+  ) as writer:
     for path, x in checkpoint.iter_float_leaves(src):
       floating = np.issubdtype(x.dtype, np.floating)
-      single = _nest_one(path, jnp.asarray(x) if floating else x)
-      leaf = _get(quantize(single, scheme, rules, min_size=min_size), path)
+      single = tree_paths.nest([path], [jnp.asarray(x) if floating else x])
+      leaf = tree_paths.get(quantize(single, scheme, rules, min_size=min_size), path)
       if is_qarray(leaf):
         nq += 1
         leaf = jax.block_until_ready(leaf)
@@ -67,19 +76,3 @@ def quantize_file(
       if progress is not None:
         progress(path, float_bytes)
   return {"leaves": n, "quantized": nq, "float_bytes": float_bytes, "stored_bytes": stored}
-
-
-def _nest_one(path: str, value: Any) -> dict:
-  d: dict = {}
-  cur = d
-  parts = path.split("/")
-  for k in parts[:-1]:
-    cur = cur.setdefault(k, {})
-  cur[parts[-1]] = value
-  return d
-
-
-def _get(tree: dict, path: str) -> Any:
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
