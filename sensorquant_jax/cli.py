@@ -355,7 +355,11 @@ def cmd_convert(args) -> None:
   try:
     tree = sq.from_manifest(man, like)
   except ValueError as e:
-    hint = "" if args.like else " (pass --like with the float checkpoint it came from)"
+    hint = (
+      f" (compared with --like {args.like})"
+      if args.like
+      else " (pass --like with the float checkpoint it came from)"
+    )
     raise UsageError(f"{src}: {str(e).splitlines()[0]}{hint}") from None
   sq.save(
     dst,
@@ -373,10 +377,19 @@ class _ArgumentParser(argparse.ArgumentParser):
     self.exit(EXIT_BAD_INPUT, f"sensorquant: error: {message.splitlines()[0]}\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except the uninformative None and False."""
+
+  def _get_help_string(self, action):
+    if action.default in (None, False) or action.default is argparse.SUPPRESS:
+      return action.help
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   import sensorquant_jax as sq
 
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = _HelpFormatter
   ap = _ArgumentParser(
     prog="sensorquant",
     description="Quantize Flax checkpoints to int8, inspect and evaluate them, and convert "
