@@ -267,7 +267,7 @@ def write_file_atomic(path: str, write: Callable[[BinaryIO], None], *, fsync: bo
   try:
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(name)}{os.getpid()}-", dir=folder)
   except OSError as e:
-    raise OSError(e.errno, e.strerror, path) from None
+    raise OSError(e.errno, e.strerror or str(e), path) from None
   try:
     if hasattr(os, "fchmod"):
       os.fchmod(fd, default_file_mode(path))
@@ -279,7 +279,7 @@ def write_file_atomic(path: str, write: Callable[[BinaryIO], None], *, fsync: bo
     os.replace(tmp, path)
   except OSError as e:
     _remove(tmp)
-    raise OSError(e.errno, e.strerror, path) from None
+    raise OSError(e.errno, e.strerror or str(e), path) from None
   except BaseException:
     _remove(tmp)
     raise

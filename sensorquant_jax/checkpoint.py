@@ -9,6 +9,7 @@ the result has its tree structure and, where given, its shardings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -170,6 +171,7 @@ class CheckpointWriter:
         "metadata": self.metadata,
         "parts": self._parts,
         "leaves": self._spec,
+        "leaves_sha256": _leaves_digest(self._spec),
       }
       try:
         with open(os.path.join(self._tmp, SPEC_FILE), "w", encoding="utf-8") as f:
@@ -314,6 +316,15 @@ def read_spec(path: str | os.PathLike) -> dict:
   leaves = doc.get("leaves")
   if not isinstance(leaves, list):
     raise CheckpointError(f"{spec_path}: malformed leaf list")
+  digest = doc.get("leaves_sha256")
+  try:
+    actual = _leaves_digest(leaves) if digest is not None else None
+  except (ValueError, RecursionError):
+    raise CheckpointError(f"{spec_path}: malformed leaf list") from None
+  if digest != actual:
+    # Checkpoints written since the digest was added carry it; a mismatch
+    # means the leaf records were edited or damaged, and values would be wrong.
+    raise CheckpointError(f"{spec_path}: the leaf records do not match their checksum")
   for i, e in enumerate(leaves):
     _validate_entry(i, e, parts, spec_path)
   try:
@@ -321,6 +332,11 @@ def read_spec(path: str | os.PathLike) -> dict:
   except ValueError as err:
     raise CheckpointError(f"{spec_path}: {err}") from None
   return doc
+
+
+def _leaves_digest(leaves: list) -> str:
+  text = json.dumps(leaves, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _reject_constant(name: str):

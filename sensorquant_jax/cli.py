@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -484,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
 
   previous = warnings.showwarning
   warnings.showwarning = _one_line_warning
+  # Orbax reports a damaged file once through our error and again through
+  # asyncio's "exception was never retrieved" log; the CLI prints only ours.
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     args.fn(args)
   except DestinationError as e:

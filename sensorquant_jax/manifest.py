@@ -472,14 +472,20 @@ class _Parser:
       if (j - k) % 2 == 0:
         break
       j += 1
-    raw = b[start : j + 1]
-    if _CTRL_RE.search(raw):
+    if _CTRL_RE.search(b, start, j):
       raise self.fail("invalid string (control character)")
+    # Decoded from a memoryview: no copy of the (possibly huge) raw bytes.
+    view = memoryview(b)
     try:
-      s = json.loads(raw)
-      s.encode("utf-8")  # lone surrogates from \ud800-style escapes
+      if b.find(b"\\", start, j) < 0:
+        s = str(view[start + 1 : j], "utf-8")
+      else:
+        s = json.loads(str(view[start : j + 1], "utf-8"))
+        s.encode("utf-8")  # lone surrogates from \ud800-style escapes
     except (UnicodeError, ValueError) as e:
       raise self.fail(f"invalid string: {_first_line(e)}") from None
+    finally:
+      view.release()
     self.i = j + 1
     return s
 

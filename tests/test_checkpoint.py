@@ -66,7 +66,9 @@ def test_save_replaces_and_keeps_mixed_leaves(tmp_path):
     "name": "x",
   }
   sq.save(tmp_path / "ck", tree)
-  sq.save(tmp_path / "ck", tree)  # replacing an existing checkpoint
+  with pytest.raises(sq.DestinationError, match="overwrite=True"):
+    sq.save(tmp_path / "ck", tree)
+  sq.save(tmp_path / "ck", tree, overwrite=True)  # replacing an existing checkpoint
   back = sq.restore(tmp_path / "ck")
   assert back["step"] == 7 and back["name"] == "x"
   np.testing.assert_array_equal(back["b"], np.arange(3))

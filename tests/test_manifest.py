@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import tracemalloc
 
 import chex
@@ -42,6 +43,11 @@ GOLDEN = os.path.join(HERE, "fixtures", "golden")
 ORACLE = os.path.join(HERE, "fixtures", "oracle")
 
 
+def _load_json(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _read(path):
   with open(path, "rb") as f:
     return f.read()
@@ -76,7 +82,7 @@ GOOD = [
 def test_golden_loads_and_resaves_byte_for_byte(case, tmp_path):
   path = os.path.join(GOLDEN, case, "OUT.json")
   model = m.QuantizedModel.load(path, check_bias=False)
-  expect = json.loads(json.load(open(os.path.join(GOLDEN, case, "load.json")))["stdout"])
+  expect = json.loads(_load_json(os.path.join(GOLDEN, case, "load.json"))["stdout"])
   assert _summary(model) == expect
   model.save(tmp_path / "out.json", check_bias=False)
   assert _read(tmp_path / "out.json") == _read(path)
@@ -91,7 +97,7 @@ def test_golden_bias_mismatch_is_reported_by_default():
 
 @pytest.mark.parametrize("case", ["b_small_model", "c_float_format"])
 def test_quantize_model_weights_reproduces_rust_bytes(case):
-  inp = json.load(open(os.path.join(GOLDEN, case, "IN.json")))
+  inp = _load_json(os.path.join(GOLDEN, case, "IN.json"))
   layers = [(x["name"], x["weights"], x["shape"], x["bias"]) for x in inp["layers"]]
   model = m.quantize_model_weights(inp["config_json"], layers)
   assert model.dumps(check_bias=False) == _read(os.path.join(GOLDEN, case, "OUT.json"))
@@ -129,8 +135,8 @@ def test_seed_manifest_built_by_hand():
 
 
 def test_fp16_matches_rust():
-  inp = json.load(open(os.path.join(GOLDEN, "e_fp16", "IN.json")))
-  out = json.load(open(os.path.join(GOLDEN, "e_fp16", "OUT.json")))
+  inp = _load_json(os.path.join(GOLDEN, "e_fp16", "IN.json"))
+  out = _load_json(os.path.join(GOLDEN, "e_fp16", "OUT.json"))
   assert m.fp32_to_fp16_bits(inp).tolist() == out["bits"]
   back = m.fp16_bits_to_fp32(out["bits"])
   for got, want in zip(back, out["back"], strict=True):
@@ -142,7 +148,7 @@ def test_fp16_matches_rust():
 
 def test_format_probe_matches_rust_bytes():
   """4,200 random float32 biases and escape-heavy names and config, as Rust wrote them."""
-  inp = json.load(open(os.path.join(ORACLE, "format_probe", "IN.json"), encoding="utf-8"))
+  inp = _load_json(os.path.join(ORACLE, "format_probe", "IN.json"))
   layers = [(x["name"], x["weights"], x["shape"], x["bias"]) for x in inp["layers"]]
   model = m.quantize_model_weights(inp["config_json"], layers)
   expect = _read(os.path.join(ORACLE, "format_probe", "OUT.json"))
@@ -180,7 +186,7 @@ def test_manifests_we_write_load_in_the_oracle():
   spec = importlib.util.spec_from_file_location("mk", os.path.join(ORACLE, "make_fixtures.py"))
   mk = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mk)
-  oracle = json.load(open(os.path.join(ORACLE, "oracle_loads.json")))
+  oracle = _load_json(os.path.join(ORACLE, "oracle_loads.json"))
   for name, model in mk.ours_models().items():
     path = os.path.join(ORACLE, name)
     assert model.dumps() == _read(path), name  # we still write the same bytes
@@ -463,32 +469,36 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     raise OSError("disk full")
 
   monkeypatch.setattr(m.QuantizedModel, "_pieces", crash)
-  with pytest.raises(OSError):
-    bigger.save(path)
+  with pytest.raises(m.ManifestError, match="disk full"):
+    bigger.save(path, overwrite=True)
   assert _read(path) == before
   assert sorted(os.listdir(tmp_path)) == ["m.json"]
   monkeypatch.undo()
-  bigger.save(path)
+  with pytest.raises(sq.DestinationError, match="overwrite=True"):
+    bigger.save(path)
+  bigger.save(path, overwrite=True)
   assert m.QuantizedModel.load(path) == bigger
-  assert oct(os.stat(path).st_mode & 0o777) != "0o600" or os.umask(0o22) == 0o177
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would make it
 
 
 def test_golden_folder_is_complete():
   assert len(glob.glob(os.path.join(GOLDEN, "*", "OUT.json"))) == 8
 
 
-def test_large_file_goes_through_mmap(tmp_path):
+def test_large_file_loads_and_names_the_error(tmp_path):
   rng = np.random.default_rng(5)
   w = rng.standard_normal(1_600_000).astype(np.float32)
   model = m.quantize_model_weights("{}", [("big", w, [1600, 1000], rng.random(1600))])
   path = tmp_path / "big.json"
   model.save(path, fsync=False)
-  assert os.path.getsize(path) > m._MMAP_MIN
+  assert os.path.getsize(path) > 16 << 20
   assert m.QuantizedModel.load(path) == model
   raw = bytearray(_read(path))
   raw[len(raw) // 2] = ord("x")
   path.write_bytes(bytes(raw))
-  with pytest.raises(m.ManifestError, match="weights_i8"):
+  with pytest.raises(m.ManifestError, match=f"{re.escape(str(path))}.*weights_i8"):
     m.QuantizedModel.load(path)
 
 

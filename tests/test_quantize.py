@@ -1,5 +1,7 @@
 """quantize/dequantize over pytrees: properties, Flax models, rules, errors, sharding."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -237,3 +239,100 @@ def test_sharded_params_stay_sharded(scheme):
   ref = sq.quantize_array(w, scheme)
   np.testing.assert_array_equal(np.asarray(qa.values), np.asarray(ref.values))
   np.testing.assert_array_equal(np.asarray(qa.scale), np.asarray(ref.scale))
+
+
+# ---------------------------------------------------------------------------
+# Extreme and degenerate inputs.
+# ---------------------------------------------------------------------------
+
+
+def _half_ulp(x: np.ndarray, dtype) -> np.ndarray:
+  """Half the spacing of ``dtype`` at ``x`` (the rounding of the final cast)."""
+  x = np.abs(np.asarray(x, np.float32))
+  lo = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  hi = np.asarray(
+    jnp.nextafter(jnp.asarray(lo, dtype), jnp.asarray(np.inf, dtype)).astype(jnp.float32)
+  )
+  return (hi - lo) / 2
+
+
+@pytest.mark.parametrize("scheme", sq.SCHEMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["max", "max_pos", "max_neg", "wide", "wide_neg", "mixed"])
+def test_dequantize_is_finite_and_within_half_a_step_at_extremes(scheme, dtype, case):
+  top = float(jnp.finfo(dtype).max)
+  wide = {jnp.float32: 2e38, jnp.bfloat16: 2e38, jnp.float16: 6e4}[dtype]
+  rows = {
+    "max": [top, -top, 1.0, 0.5],
+    "max_pos": [top, 0.3, 1.0, 2.0],
+    "max_neg": [-top, -1.0, 0.0, 3.0],
+    "wide": [wide, -wide, 1.0, 0.0],
+    "wide_neg": [-wide, -wide / 3, 0.0, 1.0],
+    "mixed": [top / 3, -top / 2, top / 7, -1.0],
+  }[case]
+  w = jnp.asarray(np.tile(np.array(rows, np.float32)[:, None], (1, 64)), dtype)
+  q = sq.quantize_array(w, scheme)
+  d = np.asarray(q.dequantize().astype(jnp.float32))
+  assert np.isfinite(d).all()
+  wf = np.asarray(w.astype(jnp.float32))
+  step = np.asarray(q.scale, np.float32)
+  if q.block_size:
+    step = np.repeat(step, q.block_size, axis=0)[: wf.shape[0]]
+  step = np.broadcast_to(step, wf.shape)
+  bound = step / 2 * (1 + 1e-6) + _half_ulp(wf, dtype)
+  if scheme == "asymmetric_per_channel_int8" and case == "max":
+    # +-max exactly: 256 levels over [-max, max] cannot put a level within
+    # half a step of both ends (the top level would be max + step/2, past
+    # float32): one end is off by up to one step, and stays finite.
+    bound = step * (1 + 1e-6) + _half_ulp(wf, dtype)
+  assert np.all(np.abs(d - wf) <= bound), (np.abs(d - wf) / step).max()
+
+
+def test_per_tensor_scale_still_matches_rust_at_float32_max():
+  # Only dequantize clamps: the stored scale and values are the Rust module's.
+  w = np.array([[3.4028235e38, -3.4028235e38], [1.0, 0.5]], np.float32)
+  q = sq.quantize_array(w)
+  assert np.float32(q.scale.reshape(())) == np.float32(np.float32(3.4028235e38) / np.float32(127))
+  assert np.asarray(q.values).tolist() == [[127, -127], [0, 0]]
+  top = np.finfo(np.float32).max
+  np.testing.assert_array_equal(np.asarray(q.dequantize())[0], np.array([top, -top], np.float32))
+
+
+@pytest.mark.parametrize("scheme", sq.SCHEMES)
+@pytest.mark.parametrize("shape", [(0,), (0, 64), (64, 0), (3, 0, 5)])
+def test_zero_size_leaves_stay_as_they_are(scheme, shape):
+  params = {"empty": jnp.zeros(shape), "w": jnp.ones((64, 64))}
+  q = sq.quantize(params, scheme, rules=[("empty", scheme)])
+  assert not sq.is_qarray(q["empty"]) and q["empty"].shape == shape
+  assert sq.is_qarray(q["w"])
+  with pytest.raises(ValueError, match="empty array"):
+    sq.quantize_array(jnp.zeros(shape), scheme)
+
+
+def test_repr_never_fails_on_non_array_leaves():
+  q = sq.quantize({"w": jnp.ones((64, 64))}, "asymmetric_per_channel_int8")
+  for tree in (
+    jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), q),
+    jax.tree_util.tree_map(lambda a: None, q),
+    jax.tree_util.tree_map(lambda a: "text", q),
+  ):
+    text = repr(tree)
+    assert "QArray(scheme='asymmetric_per_channel_int8'" in text
+
+
+@pytest.mark.parametrize(
+  "rule, needle",
+  [
+    (("(", None), "not a valid regular expression"),
+    ((1, None), "pattern must be a string"),
+    (("w", "int3"), "unknown scheme"),
+    (("w", 7), "scheme must be a string"),
+    (("w", "symmetric_per_channel_int8", "x"), "axes must be integers"),
+    (("w", "symmetric_per_block_int8", None, 0), "block_size must be >= 1"),
+    (("w",), "expected (pattern, scheme"),
+    ({"pattern": "w", "schem": None}, "unexpected keyword"),
+  ],
+)
+def test_rules_are_validated_with_clear_errors(rule, needle):
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    sq.quantize({"w": jnp.ones((64, 64))}, rules=[rule])
