@@ -55,6 +55,7 @@ def files(tmp_path_factory):
     "ck_blocksize": lambda d: [
       e.__setitem__("block_size", 64) for e in d["leaves"] if e["kind"] == "qarray"
     ],
+    "ck_checksum": lambda d: d["leaves"][0].__setitem__("dtype", "float16"),
   }.items():
     dst = t / name
     sq.save(dst, sq.quantize({"w": np.ones((64, 64), np.float32)}))
@@ -65,6 +66,8 @@ def files(tmp_path_factory):
       )
     else:
       doc = json.loads(spec.read_text())
+      if name != "ck_checksum":
+        doc.pop("leaves_sha256")  # a deliberate edit: the field checks must catch it
       mutate(doc)
       spec.write_text(json.dumps(doc))
   return t
@@ -112,12 +115,13 @@ def _cases(t):
     (["inspect", p("nothing")], p("nothing")),
     (["inspect", p("corrupt.npz")], p("corrupt.npz")),
     (["inspect", p("weights.txt")], p("weights.txt")),
-    (["inspect", p("ck_badpart")], "part"),
+    (["inspect", p("ck_badpart")], "'part' must be an integer"),
+    (["inspect", p("ck_checksum")], "checksum"),
     (["inspect", p("ck_deep")], "nested too deeply"),
-    (["inspect", p("ck_blocksize")], "block_size"),
+    (["inspect", p("ck_blocksize")], "'block_size' must be null"),
     (["eval", p("nothing")], p("nothing")),
     (["eval", p("empty_dir")], p("empty_dir")),
-    (["eval", p("ck_badpart")], "part"),
+    (["eval", p("ck_badpart")], "'part' must be an integer"),
     (["eval", p("ck_other")], p("ck_other")),
     (["convert", p("bad.json"), p("x")], p("bad.json")),
     (["convert", p("missing"), p("x")], p("missing")),
