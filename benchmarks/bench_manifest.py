@@ -89,7 +89,7 @@ def main():
 
     save_s = _median_time(lambda: model.save(path), args.repeats, fresh)
     save_nofsync_s = _median_time(lambda: model.save(path, fsync=False), args.repeats, fresh)
-    model.save(path)
+    model.save(path, overwrite=True)
     save_over_s = _median_time(lambda: model.save(path, fsync=False, overwrite=True), args.repeats)
     size = os.path.getsize(path)
     load_s = _median_time(lambda: m.QuantizedModel.load(path), args.repeats)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax import _fileio, checkpoint
+from sensorquant_jax import _fileio, checkpoint, cli
 from sensorquant_jax import manifest as m
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,10 +119,12 @@ def test_cli_overwrite_replaces_only_a_checkpoint(workspace):
   )
   # --overwrite still never replaces user files.
   before = _digest(workspace)
-  for out in ("mine", "train.py", "."):
-    assert (
-      _cli(["quantize", "float.npz", "--out", out, "--overwrite"], cwd=workspace).returncode == 2
-    )
+  os.chdir(workspace)
+  try:
+    for out in ("mine", "train.py", ".", ".."):
+      assert cli.main(["quantize", "float.npz", "--out", out, "--overwrite"]) == 2
+  finally:
+    os.chdir(ROOT)
   assert _digest(workspace) == before
   assert _leftovers(workspace) == []
 

@@ -203,29 +203,29 @@ def test_manifest_loader_memory_and_time_bounded(tmp_path, name):
 
 
 _SIGBUS = r"""
-import sys
+import sys, time
 import sensorquant_jax.manifest as m
 path = sys.argv[1]
-for _ in range(3):
-  try:
-    m.QuantizedModel.load(path)
-  except m.ManifestError:
-    pass
-  with open(path, "r+b") as f:  # rewrite the same inode in place: truncate, then refill
-    data = f.read()
-    f.seek(0)
-    f.truncate()
-    f.write(data)
+try:
+  m.QuantizedModel.load(path)
+except m.ManifestError:
+  pass
+with open(path, "r+b") as f:  # rewrite the same inode, much shorter
+  f.truncate(0)
+  f.write(b"{}")
+time.sleep(1.0)  # a parser thread still reading the old mapping would fault here
 print("survived")
 """
 
 
 def test_failed_large_load_then_rewrite_does_not_crash(tmp_path):
-  n = 20 << 20
+  # The bad value sits in the first chunk, so that the other chunks are still
+  # being parsed when the first one fails (they used to go on reading the map).
+  n = 40 << 20
   body = b",\n".join([b"        1"] * (n // 11))
   bad = (
     b'{\n  "config_json": "{}",\n  "layers": [\n    {\n      "name": "x",\n'
-    b'      "weights_i8": [\n' + body + b",\n        x\n      ],\n"
+    b'      "weights_i8": [\n        x,\n' + body + b"\n      ],\n"
     b'      "shape": [1],\n      "scale": 1.0,\n      "bias": null\n    }\n  ]\n}'
   )
   path = tmp_path / "bad.json"
@@ -399,3 +399,31 @@ def test_restore_damaged_array_files_raise_checkpoint_error(ckpt, tmp_path):
     except Exception as e:  # pragma: no cover
       pytest.fail(f"{victim}: {type(e).__name__}: {str(e)[:300]}")
     shutil.rmtree(work)
+
+
+def test_parser_workers_have_stopped_when_a_chunk_fails(monkeypatch):
+  """Deterministic form of the SIGBUS: when one chunk fails, every chunk already
+  handed to a worker has finished before the error reaches the caller (who may
+  then close the map and rewrite the file)."""
+  from sensorquant_jax import _intparse
+
+  original = _intparse._parse_chunk
+  ended: list[float] = []
+
+  def slow(a, final, base):
+    try:
+      if base > 0:
+        time.sleep(0.3)  # the other chunks are still being read when chunk 0 fails
+      return original(a, final, base)
+    finally:
+      ended.append(time.perf_counter())
+
+  monkeypatch.setattr(_intparse, "_parse_chunk", slow)
+  n = 4 * _intparse._CHUNK
+  body = b"x," + b",".join([b"1"] * (n // 2))
+  doc = b"[" + body + b"]"
+  with pytest.raises(_intparse.IntArrayError):
+    _intparse.parse_int8_list(doc, 1, len(doc) - 1, indent=0)
+  raised = time.perf_counter()
+  time.sleep(0.5)
+  assert len(ended) >= 2 and max(ended) <= raised, "a worker was still reading after the error"
