@@ -326,7 +326,9 @@ def cmd_convert(args) -> None:
     raise UsageError(f"{dst}: the destination is the source")
   if os.path.isdir(src):
     _check_out_manifest(dst, args.overwrite)
-    tree = checkpoint.restore(src)
+    with _progress() as bar:
+      bar.add_task(f"reading {src}", total=None)
+      tree = checkpoint.restore(src)
     config = checkpoint.read_spec(src)["metadata"].get("config", "{}")
     try:
       with warnings.catch_warnings(record=True) as caught:
@@ -348,11 +350,13 @@ def cmd_convert(args) -> None:
   _check_out_dir(dst, args.overwrite)
   if args.like is not None and not os.path.exists(args.like):
     raise UsageError(f"--like {args.like}: no such file or folder")
-  man = sq.manifest.QuantizedModel.load(src)
-  if args.like is not None:
-    like = checkpoint.load_float(args.like)
-  else:
-    _, like, _ = load_example()
+  with _progress() as bar:
+    bar.add_task(f"reading {src}", total=None)
+    man = sq.manifest.QuantizedModel.load(src)
+    if args.like is not None:
+      like = checkpoint.load_float(args.like)
+    else:
+      _, like, _ = load_example()
   try:
     tree = sq.from_manifest(man, like)
   except ValueError as e:
