@@ -1,81 +1,40 @@
-"""sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints."""
+"""sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints.
 
-from sensorquant_jax import manifest, nnx
-from sensorquant_jax._fileio import DestinationError
-from sensorquant_jax._native import NativeBuildWarning
-from sensorquant_jax.calibrate import (
-  ObserverConfig,
-  act_scales,
-  calibrate,
-  load_calibration,
-  save_calibration,
-)
-from sensorquant_jax.checkpoint import CheckpointError, load_float, restore, save
-from sensorquant_jax.convert import (
-  RequantizationWarning,
-  default_layer_name,
-  from_manifest,
-  to_manifest,
-)
-from sensorquant_jax.linen import QuantizedDense, QuantizedDenseGeneral, apply
-from sensorquant_jax.manifest import ManifestError
-from sensorquant_jax.ops import PackedQArray, dense, dense_general, pack, unpack
-from sensorquant_jax.qarray import QArray, is_qarray
-from sensorquant_jax.quantize import (
-  MIN_SIZE,
-  NonFiniteError,
-  Rule,
-  dequantize,
-  nbytes,
-  quantize,
-  quantize_array,
-)
-from sensorquant_jax.report import Budget, Policy, auto_policy, report
-from sensorquant_jax.schemes import SCHEMES
-from sensorquant_jax.tree_paths import path_str
+Everything public is importable from here (``import sensorquant_jax as sq``);
+the submodules ``manifest``, ``nnx``, ``checkpoint``, ``stream`` and
+``example_model`` are public too. Names resolve on first use, so importing the
+package is cheap (no JAX import) and builds nothing."""
 
 __version__ = "0.1.0"
 
-__all__ = [
-  "Budget",
-  "ObserverConfig",
-  "Policy",
-  "act_scales",
-  "auto_policy",
-  "calibrate",
-  "load_calibration",
-  "report",
-  "save_calibration",
-  "CheckpointError",
-  "DestinationError",
-  "load_float",
-  "restore",
-  "save",
-  "NativeBuildWarning",
-  "PackedQArray",
-  "QuantizedDense",
-  "QuantizedDenseGeneral",
-  "apply",
-  "dense",
-  "dense_general",
-  "nnx",
-  "pack",
-  "unpack",
-  "ManifestError",
-  "RequantizationWarning",
-  "default_layer_name",
-  "from_manifest",
-  "manifest",
-  "to_manifest",
-  "MIN_SIZE",
-  "NonFiniteError",
-  "QArray",
-  "Rule",
-  "SCHEMES",
-  "dequantize",
-  "is_qarray",
-  "nbytes",
-  "path_str",
-  "quantize",
-  "quantize_array",
-]
+from sensorquant_jax._src import reexport as _reexport
+
+_HOMES = {
+  "sensorquant_jax._src.calibrate": (
+    "ObserverConfig act_scales calibrate load_calibration save_calibration"
+  ),
+  "sensorquant_jax._src.checkpoint": "CheckpointError load_float restore save",
+  "sensorquant_jax._src.convert": (
+    "RequantizationWarning default_layer_name from_manifest to_manifest"
+  ),
+  "sensorquant_jax._src.fileio": "DestinationError",
+  "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply",
+  "sensorquant_jax._src.manifest": "LayerCalibration ManifestError",
+  "sensorquant_jax._src.native": "NativeBuildWarning",
+  "sensorquant_jax._src.ops": "dense dense_general",
+  "sensorquant_jax._src.options": (
+    "ASYMMETRIC_PER_CHANNEL IMPLS Impl MODES Mode OBSERVERS Observer PER_BLOCK PER_CHANNEL "
+    "PER_TENSOR SCHEMES Scheme"
+  ),
+  "sensorquant_jax._src.packed": "PackedQArray pack unpack",
+  "sensorquant_jax._src.policy": "Budget Policy auto_policy",
+  "sensorquant_jax._src.qarray": "QArray is_qarray",
+  "sensorquant_jax._src.quantize": (
+    "MIN_SIZE NonFiniteError Rule RulesLike dequantize nbytes quantize quantize_array"
+  ),
+  "sensorquant_jax._src.report": "report",
+  "sensorquant_jax._src.tree_paths": "path_str",
+}
+_SUBMODULES = ("checkpoint", "example_model", "manifest", "nnx", "stream")
+__all__ = _reexport.public_names(_HOMES, _SUBMODULES)
+__getattr__, __dir__ = _reexport.lazy(__name__, _HOMES, submodules=_SUBMODULES)

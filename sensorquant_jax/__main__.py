@@ -2,6 +2,6 @@
 
 import sys
 
-from sensorquant_jax.cli import main
+from sensorquant_jax._src.cli import main
 
 sys.exit(main())

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax import _fileio, cli
+from sensorquant_jax import cli
+from sensorquant_jax._src import fileio as _fileio
 from sensorquant_jax.example_model import load_example
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax import _fileio, checkpoint, cli
+from sensorquant_jax import checkpoint, cli
 from sensorquant_jax import manifest as m
+from sensorquant_jax._src import fileio as _fileio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax import _native, checkpoint
+from sensorquant_jax import checkpoint
 from sensorquant_jax import manifest as m
+from sensorquant_jax._src import native as _native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS_PER_CASE = 1.0
@@ -405,7 +406,7 @@ def test_parser_workers_have_stopped_when_a_chunk_fails(monkeypatch):
   """Deterministic form of the SIGBUS: when one chunk fails, every chunk already
   handed to a worker has finished before the error reaches the caller (who may
   then close the map and rewrite the file)."""
-  from sensorquant_jax import _intparse
+  from sensorquant_jax._src import intparse as _intparse
 
   original = _intparse._parse_chunk
   ended: list[float] = []

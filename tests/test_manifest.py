@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sensorquant_jax as sq
-from sensorquant_jax import _intparse, _native
 from sensorquant_jax import manifest as m
-from sensorquant_jax._jsonfmt import format_f32, int8_lines
+from sensorquant_jax._src import intparse as _intparse
+from sensorquant_jax._src import native as _native
+from sensorquant_jax._src.jsonfmt import format_f32, int8_lines
 
 
 @pytest.fixture(scope="module", params=["native", "portable"], autouse=True)

@@ -1,5 +1,6 @@
 """The native XLA:CPU kernels (csrc/dense.cc) against float references, and their build."""
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax import _native, ops
+from sensorquant_jax._src import ffi
+from sensorquant_jax._src import native as _native
 
 rng = np.random.default_rng(0)
 
@@ -40,8 +42,8 @@ def test_library_builds_and_registers_targets():
   # fallback would hide a broken build behind slower but passing tests.
   assert _native.library() is not None, _native.build_error()
   targets = _native.ffi_targets()
-  assert ops._WO_TARGET in targets
-  assert (ops._W8_TARGET in targets) == HAVE_VNNI
+  assert ffi.WO_TARGET in targets
+  assert (ffi.W8_TARGET in targets) == HAVE_VNNI
   assert _native.library() is _native.library()  # built once per process
 
 
@@ -154,7 +156,7 @@ def test_pack_defaults_to_native_tile():
 def test_disabled_or_unbuildable_native_falls_back(tmp_path):
   code = (
     "import numpy as np, warnings, sensorquant_jax as sq\n"
-    "from sensorquant_jax import _native\n"
+    "from sensorquant_jax._src import native as _native\n"
     "qa = sq.quantize_array(np.eye(64, dtype=np.float32))\n"
     "with warnings.catch_warnings(record=True) as w:\n"
     "  warnings.simplefilter('always')\n"
@@ -177,12 +179,13 @@ def test_build_cache_is_reused(tmp_path):
   if shutil.which("g++") is None:
     pytest.skip("needs g++")
   env = dict(os.environ, SENSORQUANT_CACHE=str(tmp_path))
-  code = "from sensorquant_jax import _native; print(_native.library()._name)"
+  code = "from sensorquant_jax._src import native as _native; print(_native.library()._name)"
   first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
   assert first.stdout == second.stdout
   assert [p.name for p in tmp_path.glob("*.so")] == [os.path.basename(first.stdout.strip())]
+  assert "NativeBuildWarning" not in first.stderr  # the build is warning-clean (-Wall -Wextra)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -224,12 +227,47 @@ def test_kernel_rejects_inconsistent_operands():
   _native.ffi_targets()
   x = jnp.ones((2, 64), jnp.float32)
   w = jnp.ones((64, 32), jnp.int8)
-  call = jax.ffi.ffi_call(ops._WO_TARGET, jax.ShapeDtypeStruct((2, 32), jnp.float32))
+  call = jax.ffi.ffi_call(ffi.WO_TARGET, jax.ShapeDtypeStruct((2, 32), jnp.float32))
   with pytest.raises(Exception, match="scale must be"):
     jax.block_until_ready(call(x, w, jnp.ones((1, 16), jnp.float32), block=np.int64(0)))
   with pytest.raises(Exception, match="disagree on K"):
     jax.block_until_ready(call(x[:, :32], w, jnp.ones((1, 32), jnp.float32), block=np.int64(0)))
   with pytest.raises(Exception, match="multiples of 16"):
     w2 = jnp.ones((64, 24), jnp.int8)
-    c2 = jax.ffi.ffi_call(ops._WO_TARGET, jax.ShapeDtypeStruct((2, 24), jnp.float32))
+    c2 = jax.ffi.ffi_call(ffi.WO_TARGET, jax.ShapeDtypeStruct((2, 24), jnp.float32))
     jax.block_until_ready(c2(x, w2, jnp.ones((1, 24), jnp.float32), block=np.int64(0)))
+
+
+def test_constants_shared_with_the_cpp_kernels():
+  """The K limit is defined in csrc/dense.cc and mirrored in Python; they must agree."""
+  lib = _native.library()
+  if lib is None:
+    pytest.skip(f"native library unavailable: {_native.build_error()}")
+  lib.SqW8A8MaxK.restype = ctypes.c_int64
+  assert lib.SqW8A8MaxK() == ffi.W8_MAX_K
+  assert set(_native.ffi_targets()) <= {_native.WO_TARGET, _native.W8_TARGET}
+
+
+def test_failed_build_is_remembered_per_key(tmp_path):
+  """A compiler that fails is run once per build key, not once per process."""
+  log = tmp_path / "calls"
+  fake = tmp_path / "fake-cxx"
+  fake.write_text(
+    "#!/bin/sh\n"
+    'if [ "$1" = "--version" ]; then echo fake 1.0; exit 0; fi\n'
+    f"echo compile >> {log}\n"
+    "echo 'error: nope' >&2; exit 1\n"
+  )
+  fake.chmod(0o755)
+  env = dict(os.environ, CXX=str(fake), SENSORQUANT_CACHE=str(tmp_path / "cache"))
+  code = (
+    "import warnings\n"
+    "from sensorquant_jax._src import native\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "  warnings.simplefilter('always')\n"
+    "  print(native.library() is None, len(w))\n"
+  )
+  for _ in range(2):
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True 1", out.stdout + out.stderr
+  assert log.read_text().count("compile") == 1

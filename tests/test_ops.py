@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import sensorquant_jax as sq
-from sensorquant_jax import ops
+from sensorquant_jax._src import ops, packed
 from tests.models import NNXTransformer, TinyTransformer
 
 SCHEMES = list(sq.SCHEMES)
@@ -92,7 +92,7 @@ def test_weight_only_op_builds_no_float_weight():
   )
   x = jax.ShapeDtypeStruct((1, k), jnp.float32)
   for kernel in (abstract, jax.eval_shape(sq.pack, abstract)):
-    compiled = jax.jit(lambda x, q: sq.dense(x, q, tile=ops.DEFAULT_TILE)).lower(x, kernel)
+    compiled = jax.jit(lambda x, q: sq.dense(x, q, tile=packed.DEFAULT_TILE)).lower(x, kernel)
     temp = compiled.compile().memory_analysis().temp_size_in_bytes
     assert temp < 0.25 * k * n * 4, temp
   naive = jax.jit(lambda x, q: x @ q.dequantize()).lower(x, abstract).compile()

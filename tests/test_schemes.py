@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import sensorquant_jax as sq
-from sensorquant_jax import schemes
+from sensorquant_jax._src import schemes
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "oracle", "per_tensor_cases.npz")
 
@@ -93,7 +93,8 @@ def test_the_two_traps_are_real():
   naive = np.asarray(jax.jit(lambda a, b: a / b)(big, sc))
   exact = np.asarray(jax.jit(schemes._exact_div)(big, sc))
   np.testing.assert_array_equal(exact, big / sc)
-  print("naive division ulp mismatches:", int(np.sum(naive != big / sc)))
+  # The trap itself: XLA:CPU rewrites the naive a / b into a * (1 / b).
+  assert np.sum(naive != big / sc) > 0, "XLA keeps a / b now: _exact_div may be simplified"
 
 
 def test_nan_and_inf_follow_rust_when_not_checked():
@@ -117,23 +118,23 @@ def test_dtypes_compute_in_float32(dtype):
 
 
 @pytest.fixture
-def force_fix(monkeypatch):
-  monkeypatch.setattr(schemes, "DIVISION_FIX", True)
+def fresh_jit_cache():
+  # The tests below monkeypatch schemes._exact_div, which jit caches cannot see.
   jax.clear_caches()
   yield
   jax.clear_caches()
 
 
-def _check_all_cases():
+def _check_all_cases(division_fix=None):
   for name, w, q, s in CASES:
-    qa = sq.quantize_array(w)
+    qa = sq.quantize_array(w, division_fix=division_fix)
     np.testing.assert_array_equal(np.asarray(qa.values), q, err_msg=name)
     assert _bits(np.asarray(qa.scale).reshape(())) == _bits(s), name
 
 
-def test_division_fix_is_exact_with_exact_division(force_fix):
+def test_division_fix_is_exact_with_exact_division():
   """The correction used on backends whose division is inexact (GPU) changes nothing here."""
-  _check_all_cases()
+  _check_all_cases(division_fix=True)
 
 
 def _sloppy(exact_div, ulps):
@@ -156,14 +157,15 @@ CPU_ONLY = pytest.mark.skipif(
 
 @CPU_ONLY
 @pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
-def test_division_fix_repairs_an_inexact_division(ulps, force_fix, monkeypatch):
+def test_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cache, monkeypatch):
   """Simulates XLA:GPU's approximate f32 division: every quotient off by `ulps`."""
   monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
-  _check_all_cases()
+  _check_all_cases(division_fix=True)
   # Without the fix the same division gets values wrong.
-  monkeypatch.setattr(schemes, "DIVISION_FIX", False)
-  jax.clear_caches()
-  wrong = sum(int(np.sum(np.asarray(sq.quantize_array(w).values) != q)) for _, w, q, _ in CASES)
+  wrong = sum(
+    int(np.sum(np.asarray(sq.quantize_array(w, division_fix=False).values) != q))
+    for _, w, q, _ in CASES
+  )
   assert wrong > 0
 
 
@@ -185,21 +187,16 @@ def _asymmetric_cases():
 
 @CPU_ONLY
 @pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
-def test_asymmetric_division_fix_repairs_an_inexact_division(ulps, monkeypatch):
+def test_asymmetric_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cache, monkeypatch):
   """The asymmetric scheme (scale, zero point, quotient) under a sloppy division."""
   w = _asymmetric_cases()
-  monkeypatch.setattr(schemes, "DIVISION_FIX", False)
-  jax.clear_caches()
-  exact = sq.quantize_array(w, "asymmetric_per_channel_int8")
+  exact = sq.quantize_array(w, "asymmetric_per_channel_int8", division_fix=False)
   monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
   jax.clear_caches()
-  wrong = sq.quantize_array(w, "asymmetric_per_channel_int8")
+  wrong = sq.quantize_array(w, "asymmetric_per_channel_int8", division_fix=False)
   # Without the fix the ties break: values, and for some columns zero points.
   assert np.sum(np.asarray(wrong.values) != np.asarray(exact.values)) > 0
-  monkeypatch.setattr(schemes, "DIVISION_FIX", True)
-  jax.clear_caches()
-  fixed = sq.quantize_array(w, "asymmetric_per_channel_int8")
-  jax.clear_caches()
+  fixed = sq.quantize_array(w, "asymmetric_per_channel_int8", division_fix=True)
   np.testing.assert_array_equal(np.asarray(fixed.values), np.asarray(exact.values))
   np.testing.assert_array_equal(np.asarray(fixed.zero_point), np.asarray(exact.zero_point))
   assert _bits(np.asarray(fixed.scale)).tolist() == _bits(np.asarray(exact.scale)).tolist()

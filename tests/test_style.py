@@ -22,3 +22,13 @@ def test_ruff(args):
     pytest.skip("ruff is not installed")
   proc = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_type_check():
+  """mypy (config in pyproject.toml) finds no errors in the package."""
+  proc = subprocess.run(
+    [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  if "No module named mypy" in proc.stderr:
+    pytest.skip("mypy is not installed")
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -80,6 +80,9 @@ constexpr int kLanes = 16;
 constexpr int kPanel = 64;     // columns per register panel: one int8 cache line per row
 constexpr int kRows = 6;       // rows per register block when many rows share a panel
 constexpr int kSmallRows = 4;  // up to this many rows, weights convert in registers
+// The largest K for which int32 accumulation of (x + 128) * w is exact:
+// K * 255 * 127 < 2^31.
+constexpr int64_t kW8A8MaxK = 65536;
 constexpr int kDirectRows = 5;  // rows per register block on packed tiles (measured 4-6)
 constexpr int64_t kChunkCols = 256;  // columns per work item (read as whole row segments)
 constexpr int64_t kSmallK = 32;      // K rows per staged int8 block (128 KB)
@@ -215,13 +218,13 @@ void few_rows_direct(const float* x, int64_t m_rows, const Weights& wt, int64_t 
     for (int64_t m = 0; m < m_rows; m += kDirectRows) {
       const float* xr = x + m * ldx;
       float* yr = y + m * ldy + c;
+      static_assert(kDirectRows == 5, "one case per row count up to kDirectRows");
       switch (std::min<int64_t>(kDirectRows, m_rows - m)) {
         case 1: int8_panel_n<1>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 2: int8_panel_n<2>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 3: int8_panel_n<3>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 4: int8_panel_n<4>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
         case 5: int8_panel_n<5>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
-        case 6: int8_panel_n<6>(nv, xr, ldx, w, wt.tile, 0, wt.k, wt, c, yr, ldy, true, true); break;
       }
     }
   }
@@ -520,7 +523,7 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   if (ffi::Error err = decode_weights(w, scale, xd[1], 0, &wt); err.failure()) return err;
   if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
   const int64_t m_rows = xd[0];
-  if (wt.k > 65536) return ffi::Error::InvalidArgument("K > 65536 could overflow int32");
+  if (wt.k > kW8A8MaxK) return ffi::Error::InvalidArgument("K > 65536 could overflow int32");
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
   const int64_t kp = (wt.k + 3) / 4 * 4;
@@ -558,6 +561,9 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
 #endif  // AVX-512 VNNI
 
 }  // namespace
+
+// Lets Python check its copy of the limit against this one (tests/test_native.py).
+extern "C" int64_t SqW8A8MaxK() { return kW8A8MaxK; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SqWeightOnlyDense, WeightOnlyDense,
                               ffi::Ffi::Bind()

@@ -14,8 +14,8 @@ and a :class:`NativeBuildWarning` says why, once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import fcntl
 import hashlib
 import os
 import platform
@@ -31,13 +31,55 @@ import jax
 import jaxlib
 
 _SOURCES = ("dense.cc", "jsonfmt.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# -Wno-psabi: GCC notes that 64-byte vector returns change the ABI on CPUs
+# without AVX-512; those functions are internal (anonymous namespace).
+_FLAGS = (
+  "-O3",
+  "-march=native",
+  "-std=c++17",
+  "-shared",
+  "-fPIC",
+  "-Wall",
+  "-Wextra",
+  "-Wno-psabi",
+)
 _LOCK = threading.RLock()  # library() is called with it held by ffi_targets()
 _STATE: dict[str, object] = {}
 
 
+WO_TARGET = "sq_weight_only_dense"
+"""XLA FFI target of the weight-only dense kernel (symbol ``SqWeightOnlyDense``)."""
+W8_TARGET = "sq_w8a8_dense"
+"""XLA FFI target of the W8A8 kernel (symbol ``SqW8A8Dense``; AVX-512 VNNI builds only)."""
+_SYMBOLS = {WO_TARGET: "SqWeightOnlyDense", W8_TARGET: "SqW8A8Dense"}
+
+
 class NativeBuildWarning(UserWarning):
-  """The native kernels could not be built; the slower portable paths are used."""
+  """The native kernels could not be built (or built with compiler warnings)."""
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+  """An exclusive lock across processes where the platform has one."""
+  with open(path, "a+b") as f:
+    if sys.platform == "win32":
+      import msvcrt
+
+      f.seek(0)
+      msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+      try:
+        yield
+      finally:
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+      import fcntl
+
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_signature() -> str:
@@ -70,7 +112,7 @@ def _build() -> ctypes.CDLL:
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX)")
-  src_dir = Path(__file__).parent / "csrc"
+  src_dir = Path(__file__).parent.parent / "csrc"
   sources = [src_dir / name for name in _SOURCES]
   include = jax.ffi.include_dir()
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
@@ -81,18 +123,30 @@ def _build() -> ctypes.CDLL:
     key.update(src.read_bytes())
   out_dir = _cache_dir()
   out_dir.mkdir(parents=True, exist_ok=True)
-  target = out_dir / f"libsensorquant-{key.hexdigest()[:16]}.so"
-  # One build per machine even with several processes starting at once.
-  with open(out_dir / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  stem = f"libsensorquant-{key.hexdigest()[:16]}"
+  target = out_dir / f"{stem}.so"
+  failed = out_dir / f"{stem}.failed"
+  # One build per machine even with several processes starting at once; a
+  # failed build is remembered for its key, so later processes do not retry.
+  with _file_lock(out_dir / ".lock"):
+    if failed.exists():
+      raise RuntimeError(f"an earlier build failed ({failed}): {failed.read_text()[:500]}")
     if not target.exists():
       fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
       os.close(fd)
       try:
-        cmd = [cxx, *_FLAGS, "-I", include, *map(str, sources), "-o", tmp]
+        # -isystem: warnings in jaxlib's headers are not ours to fix.
+        cmd = [cxx, *_FLAGS, "-isystem", include, *map(str, sources), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
+          failed.write_text(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
           raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        if proc.stderr.strip():
+          warnings.warn(
+            f"native kernels built with compiler warnings: {proc.stderr.strip()[:500]}",
+            NativeBuildWarning,
+            stacklevel=4,
+          )
         os.replace(tmp, target)
       finally:
         if os.path.exists(tmp):
@@ -127,10 +181,7 @@ def ffi_targets() -> frozenset[str]:
       lib = library()
       names = set()
       if lib is not None:
-        for name, symbol in (
-          ("sq_weight_only_dense", "SqWeightOnlyDense"),
-          ("sq_w8a8_dense", "SqW8A8Dense"),
-        ):
+        for name, symbol in _SYMBOLS.items():
           fn = getattr(lib, symbol, None)  # W8A8 needs AVX-512 VNNI at build time
           if fn is not None:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from sensorquant_jax import _native
+from sensorquant_jax._src import native
 
 
 def format_f32(x) -> str:
@@ -64,7 +64,7 @@ def int8_lines(q: np.ndarray, indent: int):
 
   Every element is ``indent`` spaces, the number and ``,\\n``; the last one has
   no comma. No Python object per element: the native formatter (see
-  :mod:`sensorquant_jax._native`) copies fixed 16-byte records from a table
+  :mod:`sensorquant_jax._src.native`) copies fixed 16-byte records from a table
   with the GIL released; without it, each value indexes a numpy table of
   NUL-padded records and one ``bytes.translate`` drops the padding.
   """
@@ -74,7 +74,7 @@ def int8_lines(q: np.ndarray, indent: int):
   n = q.size
   if n == 0:
     return
-  lib = _native.library()
+  lib = native.library()
   if lib is not None:
     yield from _native_lines(lib, q, indent)
     return
@@ -99,4 +99,4 @@ def _native_lines(lib, q: np.ndarray, indent: int):
     # A fresh buffer per chunk: the previous one may still be queued for writing.
     out = np.empty(chunk.size * (indent + 6) + 16, np.uint8)
     size = fn(chunk.ctypes.data, chunk.size, indent, int(start + _CHUNK >= n), out.ctypes.data)
-    yield memoryview(out)[:size]
+    yield out.data[:size]

@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def join(*parts: Any) -> str:
+  """``"a/b/c"`` from path components (Flax module paths, NNX node paths, leaf names)."""
+  return "/".join(str(p) for p in parts)
+
+
 def path_str(path: Sequence[Any]) -> str:
   """Joins a JAX key path into ``"params/Dense_0/kernel"``."""
   parts = []

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from sensorquant_jax import _native
+from sensorquant_jax._src import native
 
 _CHUNK = 1 << 20  # bytes of text per numpy batch: bounds the temporaries
 _WS = (32, 10, 13, 9)
@@ -140,7 +141,7 @@ def _parse_canonical_chunk(a: np.ndarray, indent: int, final: bool) -> np.ndarra
   return np.where(neg, -v, v).astype(np.int8)
 
 
-def _split(buf: bytes, start: int, stop: int) -> list[tuple[int, int, bool]]:
+def _split(buf: bytes | mmap.mmap, start: int, stop: int) -> list[tuple[int, int, bool]]:
   """Cuts ``buf[start:stop]`` into chunks ending just after a comma."""
   out = []
   pos = start
@@ -174,7 +175,7 @@ def _map_all(fn, items: list) -> list:
   return [f.result() for f in futures]
 
 
-def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent: int):
+def _parse_canonical(buf: bytes | mmap.mmap, view: np.ndarray, start: int, stop: int, indent: int):
   """Whole-list fast path; ``None`` when any part is not in the canonical layout."""
   close = b"\n" + b" " * (indent - 2)
   if indent < 2 or buf[stop - len(close) : stop] != close:
@@ -182,7 +183,7 @@ def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent
   body_end = stop - len(close)
   chunks = _split(buf, start, body_end)
 
-  lib = _native.library()
+  lib = native.library()
   if lib is not None:
     fn = lib.SqParseInt8Canonical
     fn.restype = ctypes.c_int64
@@ -206,7 +207,7 @@ def _parse_canonical(buf: bytes, view: np.ndarray, start: int, stop: int, indent
   return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def parse_int8_list(buf: bytes, start: int, stop: int, indent: int = 8) -> np.ndarray:
+def parse_int8_list(buf: bytes | mmap.mmap, start: int, stop: int, indent: int = 8) -> np.ndarray:
   """Parses the text between ``[`` and ``]`` (exclusive) as int8 values.
 
   Args:

@@ -250,7 +250,9 @@ def default_file_mode(path: str) -> int:
     return 0o666 & ~_umask()
 
 
-def write_file_atomic(path: str, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+def write_file_atomic(
+  path: str, write: Callable[[BinaryIO], object], *, fsync: bool = True
+) -> None:
   """Writes a file through a unique temporary, fsync and rename.
 
   Args:

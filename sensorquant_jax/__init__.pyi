@@ -1,0 +1,62 @@
+"""Types of :mod:`sensorquant_jax` (lazy re-exports)."""
+
+from sensorquant_jax import checkpoint as checkpoint
+from sensorquant_jax import example_model as example_model
+from sensorquant_jax import manifest as manifest
+from sensorquant_jax import nnx as nnx
+from sensorquant_jax import stream as stream
+from sensorquant_jax._src.calibrate import ObserverConfig as ObserverConfig
+from sensorquant_jax._src.calibrate import act_scales as act_scales
+from sensorquant_jax._src.calibrate import calibrate as calibrate
+from sensorquant_jax._src.calibrate import load_calibration as load_calibration
+from sensorquant_jax._src.calibrate import save_calibration as save_calibration
+from sensorquant_jax._src.checkpoint import CheckpointError as CheckpointError
+from sensorquant_jax._src.checkpoint import load_float as load_float
+from sensorquant_jax._src.checkpoint import restore as restore
+from sensorquant_jax._src.checkpoint import save as save
+from sensorquant_jax._src.convert import RequantizationWarning as RequantizationWarning
+from sensorquant_jax._src.convert import default_layer_name as default_layer_name
+from sensorquant_jax._src.convert import from_manifest as from_manifest
+from sensorquant_jax._src.convert import to_manifest as to_manifest
+from sensorquant_jax._src.fileio import DestinationError as DestinationError
+from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense
+from sensorquant_jax._src.linen import QuantizedDenseGeneral as QuantizedDenseGeneral
+from sensorquant_jax._src.linen import apply as apply
+from sensorquant_jax._src.manifest import LayerCalibration as LayerCalibration
+from sensorquant_jax._src.manifest import ManifestError as ManifestError
+from sensorquant_jax._src.native import NativeBuildWarning as NativeBuildWarning
+from sensorquant_jax._src.ops import dense as dense
+from sensorquant_jax._src.ops import dense_general as dense_general
+from sensorquant_jax._src.options import ASYMMETRIC_PER_CHANNEL as ASYMMETRIC_PER_CHANNEL
+from sensorquant_jax._src.options import IMPLS as IMPLS
+from sensorquant_jax._src.options import MODES as MODES
+from sensorquant_jax._src.options import OBSERVERS as OBSERVERS
+from sensorquant_jax._src.options import PER_BLOCK as PER_BLOCK
+from sensorquant_jax._src.options import PER_CHANNEL as PER_CHANNEL
+from sensorquant_jax._src.options import PER_TENSOR as PER_TENSOR
+from sensorquant_jax._src.options import SCHEMES as SCHEMES
+from sensorquant_jax._src.options import Impl as Impl
+from sensorquant_jax._src.options import Mode as Mode
+from sensorquant_jax._src.options import Observer as Observer
+from sensorquant_jax._src.options import Scheme as Scheme
+from sensorquant_jax._src.packed import PackedQArray as PackedQArray
+from sensorquant_jax._src.packed import pack as pack
+from sensorquant_jax._src.packed import unpack as unpack
+from sensorquant_jax._src.policy import Budget as Budget
+from sensorquant_jax._src.policy import Policy as Policy
+from sensorquant_jax._src.policy import auto_policy as auto_policy
+from sensorquant_jax._src.qarray import QArray as QArray
+from sensorquant_jax._src.qarray import is_qarray as is_qarray
+from sensorquant_jax._src.quantize import MIN_SIZE as MIN_SIZE
+from sensorquant_jax._src.quantize import NonFiniteError as NonFiniteError
+from sensorquant_jax._src.quantize import Rule as Rule
+from sensorquant_jax._src.quantize import RulesLike as RulesLike
+from sensorquant_jax._src.quantize import dequantize as dequantize
+from sensorquant_jax._src.quantize import nbytes as nbytes
+from sensorquant_jax._src.quantize import quantize as quantize
+from sensorquant_jax._src.quantize import quantize_array as quantize_array
+from sensorquant_jax._src.report import report as report
+from sensorquant_jax._src.tree_paths import path_str as path_str
+
+__version__: str
+__all__: list[str]

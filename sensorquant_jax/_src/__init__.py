@@ -1,0 +1,1 @@
+"""Private implementation modules: import from ``sensorquant_jax`` instead."""

@@ -1,0 +1,290 @@
+"""Activation calibration: observers over real batches, static W8A8 scales."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sensorquant_jax._src import fileio, options
+from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.convert import default_layer_name
+from sensorquant_jax._src.linen import handled
+from sensorquant_jax._src.manifest import LayerCalibration
+from sensorquant_jax._src.options import OBSERVERS
+from sensorquant_jax._src.tree_paths import join, path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class ObserverConfig:
+  """How activation ranges are estimated.
+
+  Attributes:
+    kind: ``"minmax"`` (exact running min/max), ``"moving_average"`` (EMA of
+      per-batch min/max, order dependent), ``"percentile"`` (exact
+      ``percentile``/``100 - percentile`` of all values, kept in a bounded
+      top-k buffer sized for ``max_samples`` values per layer) or ``"mse"``
+      (the symmetric clip ``c`` in a ``grid`` of ratios of max|x| minimising
+      the int8 quantization error of all values; two passes).
+    momentum: EMA momentum for ``moving_average``.
+    percentile: for ``percentile``, e.g. 99.99.
+    max_samples: bound on values per layer for the exact percentile.
+    grid: number of clip ratios tried by ``mse`` (from 1/grid to 1).
+  """
+
+  kind: str = "minmax"
+  momentum: float = 0.9
+  percentile: float = 99.99
+  max_samples: int = 10_000_000
+  grid: int = 64
+
+  def __post_init__(self):
+    options.check("observer", self.kind, OBSERVERS)
+    if not 50 < self.percentile <= 100:
+      raise ValueError("percentile must be in (50, 100]")
+
+
+def _capture(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> dict[str, jax.Array]:
+  """Inputs of every module whose kernel the int8 ops consume, by module path."""
+  seen: dict[str, jax.Array] = {}
+
+  def record(next_fun, a, k, context):
+    module = context.module
+    if handled(module, context.method_name) and a:
+      key = join("params", *module.path)
+      x = a[0]
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        seen.setdefault(key, x)
+    return next_fun(*a, **k)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, *args, **kwargs)
+  return seen
+
+
+def calibrate(
+  model: nn.Module,
+  params: Any,
+  batches: Iterable[Any] | Callable[[], Iterable[Any]],
+  *,
+  observer: str | ObserverConfig = "minmax",
+  **kwargs,
+) -> dict[str, LayerCalibration]:
+  """Runs the float model over ``batches`` and records real activation ranges.
+
+  Streaming: each batch runs jitted and is reduced to per-layer statistics
+  before the next one; activations are never accumulated.
+
+  Args:
+    model: a Linen module.
+    params: its float variables (``{"params": ...}``).
+    batches: model inputs, one per batch (a tuple for several positional
+      arguments); a sequence or a zero-argument callable returning an iterable
+      (``"mse"`` reads the batches twice).
+    observer: an observer name or :class:`ObserverConfig`.
+    **kwargs: :class:`ObserverConfig` fields (``percentile=99.9``, ...).
+
+  Returns:
+    ``{module param path: LayerCalibration}`` for every Dense, DenseGeneral
+    and Embed-attend layer, with the weight range of its kernel and the
+    measured input activation range. Feed it to :func:`act_scales`.
+  """
+  config = observer if isinstance(observer, ObserverConfig) else ObserverConfig(observer, **kwargs)
+  if config.kind == "mse" and not (callable(batches) or isinstance(batches, Sequence)):
+    raise ValueError("the mse observer reads the batches twice: pass a sequence or a callable")
+
+  def iterate():
+    return batches() if callable(batches) else iter(batches)
+
+  if config.kind == "percentile":
+    stats_fn = jax.jit(
+      lambda v, *a: {k: _extremes(x, config) for k, x in _capture(model, v, a, {}).items()}
+    )
+  else:
+    stats_fn = jax.jit(
+      lambda v, *a: {k: (jnp.min(x), jnp.max(x)) for k, x in _capture(model, v, a, {}).items()}
+    )
+
+  state: dict[str, Any] = {}
+  counts: dict[str, int] = {}
+  for batch in iterate():
+    args = as_args(batch)
+    stats = jax.device_get(stats_fn(params, *args))
+    for key, s in stats.items():
+      if config.kind == "percentile":
+        hi, lo, n = s
+        counts[key] = counts.get(key, 0) + int(n)
+        if counts[key] > config.max_samples:
+          raise ValueError(f"{key}: more than max_samples={config.max_samples} values; raise it")
+        prev = state.get(key)
+        hi = np.sort(np.concatenate([prev[0], hi]) if prev else hi)[::-1][: _topk(config)]
+        lo = np.sort(np.concatenate([prev[1], lo]) if prev else lo)[::-1][: _topk(config)]
+        state[key] = (hi, lo)
+      else:
+        mn, mx = float(s[0]), float(s[1])
+        if key not in state:
+          state[key] = (mn, mx)
+        elif config.kind == "moving_average":
+          m = config.momentum
+          state[key] = (m * state[key][0] + (1 - m) * mn, m * state[key][1] + (1 - m) * mx)
+        else:
+          state[key] = (min(state[key][0], mn), max(state[key][1], mx))
+  if not state:
+    raise ValueError("no batches, or no Dense/DenseGeneral/Embed layers were called")
+
+  ranges: dict[str, tuple[float, float]] = {}
+  for key, s in state.items():
+    if config.kind == "percentile":
+      ranges[key] = (
+        -_percentile_from_top(s[1], counts[key], config.percentile),
+        _percentile_from_top(s[0], counts[key], config.percentile),
+      )
+    else:
+      ranges[key] = s
+  if config.kind == "mse":
+    ranges = _mse_clip(model, params, iterate, ranges, config)
+
+  out = {}
+  flat = dict((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  for key, (lo, hi) in sorted(ranges.items()):
+    kernel = flat.get(key + "/kernel", flat.get(key + "/embedding"))
+    w_min = float(np.min(kernel)) if kernel is not None else float("nan")
+    w_max = float(np.max(kernel)) if kernel is not None else float("nan")
+    name = default_layer_name(key + "/kernel")
+    out[key] = LayerCalibration(name, w_min, w_max, float(lo), float(hi))
+  return out
+
+
+def _topk(config: ObserverConfig) -> int:
+  return int(math.ceil((1 - config.percentile / 100) * config.max_samples)) + 2
+
+
+def _extremes(x: jax.Array, config: ObserverConfig):
+  flat = x.reshape(-1).astype(jnp.float32)
+  k = min(_topk(config), flat.size)
+  return jax.lax.top_k(flat, k)[0], jax.lax.top_k(-flat, k)[0], flat.size
+
+
+def _percentile_from_top(top_desc: np.ndarray, n: int, q: float) -> float:
+  """np.percentile(x, q) (linear) from the largest values of x, sorted descending."""
+  pos = q / 100 * (n - 1)
+  lo_rank, hi_rank = int(math.floor(pos)), int(math.ceil(pos))
+  value = lambda rank: float(top_desc[n - 1 - rank])  # noqa: E731  (rank from the bottom)
+  frac = pos - lo_rank
+  return value(lo_rank) + (value(hi_rank) - value(lo_rank)) * frac
+
+
+def _mse_clip(model, params, iterate, ranges, config):
+  keys = sorted(ranges)
+  amax = np.array([max(abs(ranges[k][0]), abs(ranges[k][1]), 1e-12) for k in keys], np.float32)
+  ratios = np.arange(1, config.grid + 1, dtype=np.float32) / config.grid
+  clips = amax[:, None] * ratios[None, :]  # [layers, grid]
+
+  def errors(v, clips, *a):
+    acts = _capture(model, v, a, {})
+    out = {}
+    for i, k in enumerate(keys):
+      x = acts[k].reshape(-1).astype(jnp.float32)
+
+      def err_for(c, x=x):
+        s = c / 127.0
+        q = jnp.clip(jax.lax.round(x / s, jax.lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127)
+        return jnp.sum((x - q * s) ** 2)
+
+      out[k] = jax.lax.map(err_for, clips[i])
+    return out
+
+  fn = jax.jit(errors)
+  total = {k: np.zeros(config.grid, np.float64) for k in keys}
+  for batch in iterate():
+    for k, e in jax.device_get(fn(params, clips, *as_args(batch))).items():
+      total[k] += np.asarray(e, np.float64)
+  out = {}
+  for i, k in enumerate(keys):
+    c = float(clips[i, int(np.argmin(total[k]))])
+    lo, hi = ranges[k]
+    out[k] = (max(lo, -c), min(hi, c))
+  return out
+
+
+def act_scales(calibration: Mapping[str, LayerCalibration]) -> dict[str, float]:
+  """Static symmetric int8 activation scales ``max(|act_min|, |act_max|) / 127``.
+
+  The result plugs into ``sq.apply(..., mode="w8a8", act_scales=...)``.
+  """
+  return {k: max(abs(c.act_min), abs(c.act_max), 1e-12) / 127.0 for k, c in calibration.items()}
+
+
+def save_calibration(
+  path: str | os.PathLike,
+  calibration: Mapping[str, LayerCalibration],
+  *,
+  overwrite: bool = False,
+) -> None:
+  """Writes calibration records as JSON, atomically (unique temporary, fsync, rename).
+
+  Args:
+    path: the JSON file.
+    calibration: records from :func:`calibrate`.
+    overwrite: allow replacing an existing calibration file (never another
+      kind of file).
+
+  Raises:
+    DestinationError: ``path`` is a folder, another kind of file, or a
+      calibration file while ``overwrite`` is False.
+  """
+  doc = [{"path": k, **c.to_dict()} for k, c in calibration.items()]
+  text = json.dumps(doc, indent=1, allow_nan=False).encode()
+  target = fileio.check_file_destination(
+    os.fspath(path), overwrite=overwrite, is_ours=is_calibration_file, kind="calibration file"
+  )
+  fileio.write_file_atomic(target, lambda f: f.write(text))
+
+
+def is_calibration_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` looks like what :func:`save_calibration` writes."""
+  path = os.fspath(path)
+  if fileio.file_starts_with(path, b"[", (b'"act_max"',)):
+    return True
+  try:
+    with open(path, "rb") as f:
+      return f.read(64).strip() == b"[]"
+  except OSError:
+    return False
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, LayerCalibration]:
+  """Reads what :func:`save_calibration` wrote.
+
+  Raises:
+    ValueError: the file is not a list of calibration records.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+  except RecursionError:
+    raise ValueError(f"{path}: JSON nested too deeply") from None
+  except OSError as e:
+    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(doc, list):
+    raise ValueError(f"{path}: expected a list of calibration records")
+  out: dict[str, LayerCalibration] = {}
+  for i, d in enumerate(doc):
+    try:
+      key = d["path"]
+      if not isinstance(key, str) or key in out:
+        raise ValueError(f"missing, non-string or repeated path {key!r}")
+      out[key] = LayerCalibration.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: bad calibration record {i}: {e}") from None
+  return out

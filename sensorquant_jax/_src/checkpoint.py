@@ -1,0 +1,544 @@
+"""Saving and restoring quantized trees (Orbax), and reading float checkpoints.
+
+A quantized checkpoint is a folder: ``sensorquant.json`` (format version, user
+metadata, and for every leaf its path and kind; QArray leaves also keep their
+scheme, axes, block size and original dtype) and ``arrays/``, an Orbax
+checkpoint holding the arrays. Restoring needs no target; with one (``like``),
+the result has its tree structure and, where given, its shardings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from sensorquant_jax._src import fileio, schemes, tree_paths
+from sensorquant_jax._src.qarray import QArray, is_qarray
+from sensorquant_jax._src.tree_paths import path_str
+
+FORMAT = "sensorquant_jax/1"
+SPEC_FILE = "sensorquant.json"
+_MAX_SPEC_BYTES = 64 << 20
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_LEAF_RE = re.compile(r"leaf_\d{6}")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, corrupt or not of a supported format."""
+
+
+def _leaf_key(i: int) -> str:
+  return f"leaf_{i:06d}"
+
+
+def _part_dir(k: int) -> str:
+  return f"part_{k:04d}"
+
+
+class CheckpointWriter:
+  """Writes a checkpoint leaf by leaf, in Orbax parts of about ``part_bytes``.
+
+  Leaves are held only until their part is written, so a streaming writer's
+  memory is bounded by ``part_bytes`` rather than the whole tree. The folder
+  is built aside and appears at ``path`` only when :meth:`close` succeeds, in
+  one atomic swap where the OS allows it (``path`` is never missing, even if
+  the process is killed); :meth:`abort` (or an exception inside ``with``)
+  removes the partial copy and leaves ``path`` as it was.
+
+  The destination is checked first: it may be missing, an empty folder, or,
+  with ``overwrite=True``, an existing sensorquant checkpoint. Anything else
+  (a file, a folder of other files, the current folder or one of its parents,
+  home, a filesystem root) raises :class:`DestinationError` before anything
+  is written.
+  """
+
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    part_bytes: int = 256 << 20,
+    *,
+    overwrite: bool = False,
+  ):
+    self.user_path = os.fspath(path)
+    self.path = fileio.check_dir_destination(
+      self.user_path, overwrite=overwrite, is_ours=is_checkpoint
+    )
+    self.metadata = metadata or {}
+    if not isinstance(self.metadata, dict):
+      raise CheckpointError(f"{self.user_path}: metadata must be a dict")
+    try:
+      json.dumps(self.metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{self.user_path}: metadata is not JSON-able: {e}") from None
+    self.part_bytes = part_bytes
+    parent = os.path.dirname(self.path)
+    try:
+      os.makedirs(parent, exist_ok=True)
+      fileio.recover_dir(self.path)
+      fileio.remove_leftovers(parent, os.path.basename(self.path))
+      self._tmp = fileio.make_temp_dir(self.path)
+    except OSError as e:
+      raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
+    self._spec: list[dict] = []
+    self._part: dict[str, dict] = {}
+    self._part_size = 0
+    self._parts = 0
+    self._paths: set[str] = set()
+
+  def add(self, name: str, x: Any) -> None:
+    """Adds one leaf (array, QArray or JSON-able value) at '/'-path ``name``."""
+    if name in self._paths:
+      raise CheckpointError(f"{self.user_path}: leaf {name!r} added twice")
+    i = len(self._spec)
+    if is_qarray(x):
+      entry = {
+        "path": name,
+        "kind": "qarray",
+        "scheme": x.scheme,
+        "axes": list(x.axes),
+        "block_size": x.block_size,
+        "dtype": np.dtype(x.dtype).name,
+        "zero_point": x.zero_point is not None,
+      }
+      group = {"values": x.values, "scale": x.scale}
+      if x.zero_point is not None:
+        group["zero_point"] = x.zero_point
+    elif hasattr(x, "shape") and hasattr(x, "dtype"):
+      entry = {"path": name, "kind": "array"}
+      group = {"value": x}
+    else:
+      try:
+        json.dumps(x, allow_nan=False)
+      except (TypeError, ValueError):
+        raise CheckpointError(f"{name}: cannot save a leaf of type {type(x).__name__}") from None
+      self._spec.append({"path": name, "kind": "json", "value": x})
+      self._paths.add(name)
+      return
+    entry["part"] = self._parts
+    self._spec.append(entry)
+    self._paths.add(name)
+    self._part[_leaf_key(i)] = group
+    self._part_size += sum(int(getattr(a, "nbytes", 0)) for a in group.values())
+    if self._part_size >= self.part_bytes:
+      self._flush()
+
+  def _flush(self) -> None:
+    if not self._part:
+      return
+    import orbax.checkpoint as ocp  # heavy import, only when saving
+
+    ckptr = ocp.StandardCheckpointer()
+    try:
+      ckptr.save(os.path.join(self._tmp, "arrays", _part_dir(self._parts)), self._part)
+      ckptr.wait_until_finished()
+    except Exception as e:  # Orbax raises many types (disk full, permissions, ...)
+      raise CheckpointError(f"{self.user_path}: cannot write arrays: {self._clean(e)}") from None
+    self._part, self._part_size = {}, 0
+    self._parts += 1
+
+  def _clean(self, e: BaseException) -> str:
+    """An error's first line, naming the user's path rather than our temporary."""
+    return _first_line(e).replace(self._tmp, self.user_path)
+
+  def close(self) -> None:
+    """Writes the last part and the spec, then swaps the folder into place."""
+    old = None
+    try:
+      self._flush()
+      document = {
+        "format": FORMAT,
+        "metadata": self.metadata,
+        "parts": self._parts,
+        "leaves": self._spec,
+        "leaves_sha256": _leaves_digest(self._spec),
+      }
+      try:
+        with open(os.path.join(self._tmp, SPEC_FILE), "w", encoding="utf-8") as f:
+          json.dump(document, f, indent=1)
+          f.flush()
+          os.fsync(f.fileno())
+        fileio.fsync_dir(self._tmp)
+        old = fileio.swap_dir_into_place(self._tmp, self.path)
+      except OSError as e:
+        raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
+      fileio.fsync_dir(os.path.dirname(self.path))
+    except BaseException:
+      self.abort()
+      raise
+    fileio.remove_tree(old)
+
+  def abort(self) -> None:
+    """Removes the partial copy (``path`` is left as it was, or as swapped in)."""
+    fileio.remove_tree(self._tmp)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, value, tb):
+    if kind is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a folder holding a sensorquant checkpoint spec."""
+  return os.path.isfile(os.path.join(os.fspath(path), SPEC_FILE))
+
+
+def save(
+  path: str | os.PathLike, qparams: Any, metadata: dict | None = None, *, overwrite: bool = False
+) -> None:
+  """Saves a (quantized) pytree to the folder ``path``, atomically.
+
+  Args:
+    path: destination folder: missing or empty, or with ``overwrite=True`` an
+      existing sensorquant checkpoint, which is replaced in one atomic swap.
+    qparams: a tree of arrays, :class:`QArray` leaves and JSON-able scalars.
+    metadata: JSON-able dict stored alongside (e.g. the model config).
+    overwrite: allow replacing an existing checkpoint.
+
+  Raises:
+    DestinationError: ``path`` holds something else, or a checkpoint and
+      ``overwrite`` is False.
+    CheckpointError: a leaf that is neither an array, a QArray nor JSON-able,
+      or the write failed.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
+  writer = CheckpointWriter(path, metadata, part_bytes=1 << 62, overwrite=overwrite)
+  with writer:
+    for p, x in leaves:
+      writer.add(path_str(p), x)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
+  if not isinstance(e, dict):
+    raise CheckpointError(f"{where}: leaf {i} is not an object")
+  name = e.get("path")
+  if not isinstance(name, str):
+    raise CheckpointError(f"{where}: leaf {i} has no string 'path'")
+  at = f"{where}: leaf {name!r}"
+  kind = e.get("kind")
+  if kind not in ("qarray", "array", "json"):
+    raise CheckpointError(f"{at}: unknown kind {kind!r}")
+  if kind == "json":
+    if "value" not in e:
+      raise CheckpointError(f"{at}: missing 'value'")
+    return
+  part = e.get("part")
+  if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < parts:
+    raise CheckpointError(f"{at}: 'part' must be an integer in [0, {parts}), got {part!r}")
+  if kind == "array":
+    return
+  for key in ("scheme", "axes", "block_size", "dtype", "zero_point"):
+    if key not in e:
+      raise CheckpointError(f"{at}: missing {key!r}")
+  scheme = e["scheme"]
+  if scheme not in schemes.SCHEMES:
+    raise CheckpointError(f"{at}: unknown scheme {scheme!r}")
+  axes = e["axes"]
+  if not isinstance(axes, list) or not all(_is_int(a) and a < 0 for a in axes):
+    raise CheckpointError(f"{at}: 'axes' must be a list of negative integers, got {axes!r}")
+  if len(set(axes)) != len(axes):
+    raise CheckpointError(f"{at}: repeated axes {axes!r}")
+  block = e["block_size"]
+  if scheme == schemes.PER_BLOCK:
+    if not _is_int(block) or block < 1:
+      raise CheckpointError(f"{at}: 'block_size' must be a positive integer, got {block!r}")
+    if len(axes) != 1:
+      raise CheckpointError(f"{at}: a per-block leaf has one block axis, got {axes!r}")
+  elif block is not None:
+    raise CheckpointError(f"{at}: 'block_size' must be null for {scheme}, got {block!r}")
+  if e["dtype"] not in _FLOAT_DTYPES:
+    raise CheckpointError(f"{at}: 'dtype' must be one of {', '.join(_FLOAT_DTYPES)}")
+  if e["zero_point"] is not (scheme == schemes.ASYMMETRIC_PER_CHANNEL):
+    raise CheckpointError(f"{at}: 'zero_point' does not match scheme {scheme}")
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+  """The ``sensorquant.json`` of a quantized checkpoint, validated.
+
+  Raises:
+    CheckpointError: missing, not a checkpoint, too large, not JSON, or any
+      field of the wrong type, range or consistency (named with the leaf).
+  """
+  path = os.fspath(path)
+  fileio.recover_dir(os.path.abspath(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file or folder")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path} is not a sensorquant checkpoint (not a folder)")
+  spec_path = os.path.join(path, SPEC_FILE)
+  try:
+    if os.path.getsize(spec_path) > _MAX_SPEC_BYTES:
+      raise CheckpointError(f"{spec_path} is too large")
+    with open(spec_path, "rb") as f:
+      doc = json.loads(f.read(), parse_constant=_reject_constant)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} is not a sensorquant checkpoint (no {SPEC_FILE})") from None
+  except RecursionError:
+    raise CheckpointError(f"{spec_path}: JSON nested too deeply") from None
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{spec_path}: {_first_line(e)}") from None
+  if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    raise CheckpointError(f"{spec_path}: unknown format {str(got)[:80]!r}")
+  if not isinstance(doc.get("metadata", {}), dict):
+    raise CheckpointError(f"{spec_path}: 'metadata' must be an object")
+  parts = doc.get("parts")
+  if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
+    raise CheckpointError(f"{spec_path}: 'parts' must be a non-negative integer")
+  leaves = doc.get("leaves")
+  if not isinstance(leaves, list):
+    raise CheckpointError(f"{spec_path}: malformed leaf list")
+  digest = doc.get("leaves_sha256")
+  try:
+    actual = _leaves_digest(leaves) if digest is not None else None
+  except (ValueError, RecursionError):
+    raise CheckpointError(f"{spec_path}: malformed leaf list") from None
+  if digest != actual:
+    # Checkpoints written since the digest was added carry it; a mismatch
+    # means the leaf records were edited or damaged, and values would be wrong.
+    raise CheckpointError(f"{spec_path}: the leaf records do not match their checksum")
+  for i, entry in enumerate(leaves):
+    _validate_entry(i, entry, parts, spec_path)
+  try:
+    tree_paths.check_paths([entry["path"] for entry in leaves])
+  except ValueError as err:
+    raise CheckpointError(f"{spec_path}: {err}") from None
+  return doc
+
+
+def _leaves_digest(leaves: list) -> str:
+  text = json.dumps(leaves, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _reject_constant(name: str):
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_qarray(e: dict, group: dict, where: str) -> None:
+  """The arrays read for a QArray leaf agree with its record."""
+  values, scale, zp = group.get("values"), group.get("scale"), group.get("zero_point")
+  if values is None or scale is None or (e["zero_point"] and zp is None):
+    raise CheckpointError(f"{where}: arrays are missing")
+  if np.dtype(values.dtype) != np.int8 or np.dtype(scale.dtype) != np.float32:
+    raise CheckpointError(
+      f"{where}: expected int8 values and float32 scales, got {values.dtype} and {scale.dtype}"
+    )
+  n = values.ndim
+  axes = e["axes"]
+  if any(a < -n for a in axes):
+    raise CheckpointError(f"{where}: axes {axes} do not fit values of rank {n}")
+  if e["scheme"] == schemes.PER_TENSOR and sorted(axes) != list(range(-n, 0)):
+    raise CheckpointError(f"{where}: a per-tensor leaf reduces every axis, got {axes}")
+  want = list(values.shape)
+  for a in axes:
+    if e["scheme"] == schemes.PER_BLOCK:
+      want[a] = -(-values.shape[a] // e["block_size"]) if values.shape[a] else 1
+    else:
+      want[a] = 1
+  if list(scale.shape) != want:
+    raise CheckpointError(
+      f"{where}: scale shape {tuple(scale.shape)} does not fit values {tuple(values.shape)} "
+      f"with axes {axes}" + (f" and block size {e['block_size']}" if e["block_size"] else "")
+    )
+  if zp is not None and (list(zp.shape) != want or np.dtype(zp.dtype) != np.int8):
+    raise CheckpointError(f"{where}: zero point shape or dtype does not match the scale")
+
+
+def restore(path: str | os.PathLike, like: Any = None) -> Any:
+  """Restores a tree saved by :func:`save`.
+
+  Everything read is checked against the spec (array dtypes, scale shapes for
+  the recorded scheme, axes and block size), so an edited or damaged
+  checkpoint raises instead of returning wrong values.
+
+  Args:
+    path: the checkpoint folder.
+    like: optional target: a tree with the same structure (arrays, QArrays or
+      ``jax.ShapeDtypeStruct`` with shardings); without it, the tree is
+      rebuilt as nested dicts from the saved paths.
+
+  Returns:
+    The tree, QArrays with their scheme and metadata.
+
+  Raises:
+    CheckpointError: missing or corrupt files, or ``like`` does not match.
+  """
+  import orbax.checkpoint as ocp
+
+  user_path = os.fspath(path)
+  path = os.path.abspath(user_path)
+  doc = read_spec(path)
+  spec = doc["leaves"]
+  names = {_leaf_key(i): e["path"] for i, e in enumerate(spec)}
+  targets: dict[int, dict] | None = None
+  if like is not None:
+    like_leaves, like_def = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_qarray)
+    if [path_str(p) for p, _ in like_leaves] != [e["path"] for e in spec]:
+      raise CheckpointError(f"{user_path}: `like` does not have the saved tree's leaves")
+    targets = {}
+    for i, ((_, x), e) in enumerate(zip(like_leaves, spec, strict=True)):
+      if e["kind"] == "json":
+        continue
+      if e["kind"] == "qarray":
+        if not is_qarray(x):
+          raise CheckpointError(f"{e['path']}: saved as a QArray, `like` has {type(x).__name__}")
+        group = {"values": _abstract(x.values), "scale": _abstract(x.scale)}
+        if x.zero_point is not None:
+          group["zero_point"] = _abstract(x.zero_point)
+      else:
+        group = {"value": _abstract(x)}
+      targets.setdefault(e["part"], {})[_leaf_key(i)] = group
+  arrays: dict[str, Any] = {}
+  for k in sorted({e["part"] for e in spec if e["kind"] != "json"}):
+    try:
+      part = ocp.StandardCheckpointer().restore(
+        os.path.join(path, "arrays", _part_dir(k)), None if targets is None else targets[k]
+      )
+    except Exception as e:  # Orbax raises many types for a damaged folder
+      message = _LEAF_RE.sub(lambda m: repr(names.get(m.group(0), m.group(0))), _first_line(e))
+      raise CheckpointError(f"{user_path}: cannot read arrays: {message}") from None
+    if not isinstance(part, dict):
+      raise CheckpointError(f"{user_path}: part {k} is not a mapping")
+    arrays.update(part)
+  out = []
+  for i, rec in enumerate(spec):
+    if rec["kind"] == "json":
+      out.append(rec["value"])
+      continue
+    where = f"{user_path}: leaf {rec['path']!r}"
+    found = arrays.get(_leaf_key(i))
+    if not isinstance(found, dict):
+      raise CheckpointError(f"{where}: arrays are missing")
+    group = found
+    if rec["kind"] == "array":
+      if "value" not in group:
+        raise CheckpointError(f"{where}: arrays are missing")
+      out.append(group["value"])
+      continue
+    _check_qarray(rec, group, where)
+    out.append(
+      QArray(
+        group["values"],
+        group["scale"],
+        group.get("zero_point"),
+        rec["scheme"],
+        tuple(rec["axes"]),
+        rec["block_size"],
+        np.dtype(rec["dtype"]),
+      )
+    )
+  if like is not None:
+    return jax.tree_util.tree_unflatten(like_def, out)
+  return tree_paths.nest([e["path"] for e in spec], out)
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:200] if lines else type(e).__name__
+
+
+def _abstract(x):
+  sharding = getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+# ---------------------------------------------------------------------------
+# Float checkpoints.
+# ---------------------------------------------------------------------------
+
+
+def iter_float_leaves(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields ``(path, array)`` one leaf at a time from a float checkpoint.
+
+  ``.npz`` and ``.safetensors`` files are read lazily, leaf by leaf (what
+  streaming quantization relies on); Flax msgpack files and Orbax folders
+  are read whole. Keys use '/' (``.`` in safetensors names becomes '/').
+
+  Raises:
+    CheckpointError: unknown format, or a corrupt or unreadable file.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file or folder")
+  try:
+    if os.path.isdir(path):
+      if os.path.exists(os.path.join(path, SPEC_FILE)):
+        raise CheckpointError(f"{path} is already a quantized checkpoint")
+      import orbax.checkpoint as ocp
+
+      tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield path_str(p), np.asarray(x)
+      return
+    lower = path.lower()
+    if lower.endswith(".npz"):
+      with np.load(path, allow_pickle=False) as data:
+        _check_keys(path, data.files)
+        for key in data.files:
+          yield key, _read_member(path, key, lambda k=key: data[k])
+      return
+    if lower.endswith(".safetensors"):
+      try:
+        from safetensors import safe_open
+      except ImportError:
+        raise CheckpointError("reading .safetensors needs the safetensors package") from None
+      with safe_open(path, framework="numpy") as f:
+        keys = list(f.keys())
+        _check_keys(path, [k.replace(".", "/") for k in keys])
+        for key in keys:
+          yield key.replace(".", "/"), _read_member(path, key, lambda k=key: f.get_tensor(k))
+      return
+    if lower.endswith((".msgpack", ".flax")):
+      from flax import serialization
+
+      with open(path, "rb") as f:
+        tree = serialization.msgpack_restore(f.read())
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield path_str(p), np.asarray(x)
+      return
+  except CheckpointError:
+    raise
+  except Exception as e:  # corrupt zip, msgpack, Orbax metadata, ...
+    raise CheckpointError(f"{path}: cannot read checkpoint: {_first_line(e)}") from None
+  raise CheckpointError(
+    f"{path}: unknown checkpoint format (expected an Orbax folder, .msgpack, .npz or .safetensors)"
+  )
+
+
+def _check_keys(path: str, keys: list[str]) -> None:
+  try:
+    tree_paths.check_paths(keys)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_member(path: str, key: str, read) -> np.ndarray:
+  try:
+    return read()
+  except Exception as e:  # zip, format and decompression errors of every kind
+    raise CheckpointError(f"{path}: cannot read {key!r}: {_first_line(e)}") from None
+
+
+def load_float(path: str | os.PathLike) -> dict:
+  """A float checkpoint as a nested dict of numpy arrays (see :func:`iter_float_leaves`)."""
+  items = list(iter_float_leaves(path))
+  try:
+    return tree_paths.nest([k for k, _ in items], [v for _, v in items])
+  except ValueError as e:
+    raise CheckpointError(f"{os.fspath(path)}: {e}") from None

@@ -1,0 +1,794 @@
+"""The Rust ``sensorlm`` INT8 manifest: a numpy port of ``int8.rs``, byte-exact I/O.
+
+Same names and semantics as the Rust module (``LayerCalibration``,
+``QuantizedWeights``, ``QuantizedModel``, ``Calibrator``,
+``quantize_model_weights``, ``fp32_to_fp16_bits``, ``fp16_bits_to_fp32``),
+backed by numpy arrays. ``QuantizedModel.save`` writes exactly the bytes
+``serde_json::to_string_pretty`` writes; ``QuantizedModel.load`` validates
+everything and raises :class:`ManifestError` (never another exception type)
+naming the layer and field.
+
+Differences from the Rust module, all on the side of refusing bad data:
+``weights_i8`` must lie in [-127, 127] (Rust accepts any i32), scales must be
+finite and > 0, ``len(weights_i8)`` must equal the product of ``shape``, totals
+must agree with the layers, a 2-D layer's bias must have ``shape[0]`` entries
+(``check_bias=False`` turns that one off), and ``save`` refuses the NaN/Inf
+values that Rust would write as an unloadable ``null``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import json
+import math
+import mmap
+import os
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from sensorquant_jax._src import fileio, intparse
+from sensorquant_jax._src.jsonfmt import format_f32, format_str, int8_lines
+from sensorquant_jax._src.options import MIN_SCALE, PER_TENSOR
+
+SCHEME = PER_TENSOR
+_MAX_DEPTH = 128  # serde_json's recursion limit
+_U64_MAX = 2**64 - 1
+_MMAP_MIN = 1 << 24
+_MAX_RANK = 64  # shape entries per layer (Rust has no limit; real layers use <= 8)
+
+
+class ManifestError(ValueError):
+  """A manifest is malformed, inconsistent, or cannot be written exactly."""
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:200] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------
+# Arithmetic, as int8.rs does it (numpy: IEEE float32, no reciprocal rewrite).
+# ---------------------------------------------------------------------------
+
+
+def _f32(x) -> np.float32:
+  return np.float32(x)
+
+
+def _round_half_away(y: np.ndarray) -> np.ndarray:
+  """f32::round: half away from zero (``y - trunc(y)`` is exact in float32)."""
+  t = np.trunc(y)
+  frac = y - t
+  return t + np.where(np.abs(frac) >= np.float32(0.5), np.sign(y), np.float32(0))
+
+
+@dataclasses.dataclass
+class LayerCalibration:
+  """Calibration statistics for one Linear layer (``int8.rs`` field order)."""
+
+  name: str
+  w_min: float
+  w_max: float
+  act_min: float
+  act_max: float
+
+  def weight_scale(self) -> np.float32:
+    """``max(|w_min|, |w_max|) / 127`` in float32 (NaN-ignoring like ``f32::max``)."""
+    with np.errstate(invalid="ignore"):
+      m = np.fmax(np.abs(_f32(self.w_min)), np.abs(_f32(self.w_max)))
+    return np.float32(m / np.float32(127))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: (v if k == "name" else float(v)) for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> LayerCalibration:
+    return cls(str(d["name"]), *(float(d[k]) for k in ("w_min", "w_max", "act_min", "act_max")))
+
+
+@dataclasses.dataclass(eq=False)
+class QuantizedWeights:
+  """INT8 weights of one layer: row-major ``[out_features, in_features]``.
+
+  Attributes:
+    name: layer name.
+    weights_i8: int8 values, row-major, ``prod(shape)`` of them.
+    shape: ``[out_features, in_features]`` (any rank is stored as given).
+    scale: per-tensor float32 scale.
+    bias: optional float32 bias.
+  """
+
+  name: str
+  weights_i8: np.ndarray
+  shape: tuple[int, ...]
+  scale: np.float32
+  bias: np.ndarray | None = None
+
+  def __post_init__(self):
+    self.weights_i8 = np.asarray(self.weights_i8)
+    self.shape = tuple(int(d) for d in self.shape)
+    self.scale = np.float32(self.scale)
+    if self.bias is not None:
+      self.bias = np.asarray(self.bias, np.float32).reshape(-1)
+
+  @classmethod
+  def from_f32(
+    cls,
+    name: str,
+    w: Any,
+    shape: Sequence[int],
+    bias: Any = None,
+    scale: float | None = None,
+  ) -> QuantizedWeights:
+    """Quantizes float32 weights exactly as ``QuantizedWeights::from_f32``.
+
+    Rust semantics are kept: NaN weights are ignored by the max and become 0,
+    an Inf weight gives an infinite scale (which :meth:`QuantizedModel.save`
+    then refuses). Use :func:`sensorquant_jax.quantize` for checked input.
+
+    Raises:
+      ManifestError: ``len(w)`` differs from ``prod(shape)``.
+    """
+    w = np.asarray(w, np.float32).reshape(-1)
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape) or math.prod(shape) != w.size:
+      raise ManifestError(f"layer {name!r}: {w.size} weights do not fit shape {list(shape)}")
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+      max_abs = np.fmax.reduce(np.abs(w), initial=np.float32(0)) if w.size else np.float32(0)
+      s = np.float32(max_abs / np.float32(127)) if scale is None else np.float32(scale)
+      s = np.fmax(s, MIN_SCALE)
+      y = w / s
+      q = np.clip(_round_half_away(y), -127, 127)
+      q = np.where(np.isnan(q), 0, q).astype(np.int8)
+    return cls(name, q, shape, np.float32(s), None if bias is None else np.asarray(bias))
+
+  def dequantize(self) -> np.ndarray:
+    """``q as f32 * scale``, float32, row-major (flat, like the Rust Vec)."""
+    with np.errstate(over="ignore"):
+      return self.weights_i8.astype(np.float32) * self.scale
+
+  def size_bytes(self) -> int:
+    return int(self.weights_i8.size)
+
+  def original_size_bytes(self) -> int:
+    return int(self.weights_i8.size) * 4
+
+  def compression_ratio(self) -> np.float32:
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.float32(np.float32(self.original_size_bytes()) / np.float32(self.size_bytes()))
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, QuantizedWeights):
+      return NotImplemented
+    same_bias = (self.bias is None and other.bias is None) or (
+      self.bias is not None
+      and other.bias is not None
+      and np.array_equal(self.bias.view(np.uint32), other.bias.view(np.uint32))
+    )
+    return (
+      self.name == other.name
+      and self.shape == other.shape
+      and np.float32(self.scale).view(np.uint32) == np.float32(other.scale).view(np.uint32)
+      and np.array_equal(self.weights_i8, other.weights_i8)
+      and same_bias
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class QuantizedModel:
+  """All quantized layers of a model: the manifest ``save``/``load`` read and write."""
+
+  config_json: str
+  layers: list[QuantizedWeights]
+  scheme: str = SCHEME
+  total_quantized_bytes: int = 0
+  total_fp32_bytes: int = 0
+
+  def compression_ratio(self) -> np.float32:
+    """``total_fp32_bytes as f32 / max(total_quantized_bytes, 1) as f32``."""
+    return np.float32(
+      np.float32(self.total_fp32_bytes) / np.float32(max(self.total_quantized_bytes, 1))
+    )
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, QuantizedModel):
+      return NotImplemented
+    return (
+      self.config_json == other.config_json
+      and self.scheme == other.scheme
+      and self.total_quantized_bytes == other.total_quantized_bytes
+      and self.total_fp32_bytes == other.total_fp32_bytes
+      and len(self.layers) == len(other.layers)
+      and all(a == b for a, b in zip(self.layers, other.layers, strict=True))
+    )
+
+  def validate(self, *, check_bias: bool = True) -> None:
+    """Raises :class:`ManifestError` for anything ``load`` would refuse."""
+    if not isinstance(self.config_json, str) or not isinstance(self.scheme, str):
+      raise ManifestError("config_json and scheme must be strings")
+    total = 0
+    for i, layer in enumerate(self.layers):
+      _check_layer(i, layer, check_bias)
+      total += layer.size_bytes()
+    for field, want in (("total_quantized_bytes", total), ("total_fp32_bytes", 4 * total)):
+      got = getattr(self, field)
+      if not isinstance(got, (int, np.integer)) or got != want:
+        raise ManifestError(f"{field} is {got}, but the layers hold {want}")
+
+  def save(
+    self,
+    path: str | os.PathLike,
+    *,
+    check_bias: bool = True,
+    fsync: bool = True,
+    overwrite: bool = False,
+  ) -> None:
+    """Writes the manifest exactly as ``QuantizedModel::save`` does, atomically.
+
+    The bytes go to a unique temporary file in the same folder, which is
+    flushed, fsynced (unless ``fsync=False``) and renamed over ``path``: a
+    crash leaves the old file intact, and concurrent savers never tear it.
+
+    Args:
+      path: the JSON file to write.
+      check_bias: require ``len(bias) == shape[0]`` for 2-D layers.
+      fsync: make the write durable before returning.
+      overwrite: allow replacing an existing manifest (Rust's ``save``
+        always overwrites; we refuse unless asked, and never replace a file
+        that is not a manifest).
+
+    Raises:
+      ManifestError: the model is invalid or holds values Rust writes as ``null``.
+      DestinationError: ``path`` is a folder, another kind of file, or a
+        manifest while ``overwrite`` is False.
+    """
+    self.validate(check_bias=check_bias)
+    user_path = os.fspath(path)
+    target = fileio.check_file_destination(
+      user_path, overwrite=overwrite, is_ours=is_manifest_file, kind="manifest"
+    )
+    try:
+      fileio.write_file_atomic(target, lambda f: _write_pipelined(f, self._pieces()), fsync=fsync)
+    except OSError as e:
+      raise ManifestError(f"cannot write {user_path}: {e.strerror or e}") from None
+
+  def dumps(self, *, check_bias: bool = True) -> bytes:
+    """The manifest's bytes (what :meth:`save` writes)."""
+    self.validate(check_bias=check_bias)
+    return b"".join(self._pieces())
+
+  def _pieces(self) -> Iterable[bytes]:
+    yield ('{\n  "config_json": ' + _str(self.config_json) + ',\n  "layers": ').encode()
+    if not self.layers:
+      yield b"[],\n"
+    else:
+      yield b"[\n"
+      for i, layer in enumerate(self.layers):
+        yield ('    {\n      "name": ' + _str(layer.name) + ',\n      "weights_i8": ').encode()
+        yield from _array_pieces(layer.weights_i8, int8=True)
+        yield b',\n      "shape": '
+        yield from _array_pieces(layer.shape)
+        yield (',\n      "scale": ' + format_f32(layer.scale) + ',\n      "bias": ').encode()
+        if layer.bias is None:
+          yield b"null"
+        else:
+          yield from _array_pieces(layer.bias, f32=True)
+        yield b"\n    }" + (b",\n" if i + 1 < len(self.layers) else b"\n")
+      yield b"  ],\n"
+    yield (
+      '  "scheme": '
+      + _str(self.scheme)
+      + ',\n  "total_quantized_bytes": '
+      + str(int(self.total_quantized_bytes))
+      + ',\n  "total_fp32_bytes": '
+      + str(int(self.total_fp32_bytes))
+      + "\n}"
+    ).encode()
+
+  @classmethod
+  def load(
+    cls, path: str | os.PathLike, *, check_bias: bool = True, max_bytes: int | None = None
+  ) -> QuantizedModel:
+    """Reads and validates a manifest written by the Rust module or by :meth:`save`.
+
+    Memory stays bounded by the file: the file is read once, weights are
+    parsed in vectorised batches straight into int8 arrays, and no array is
+    allocated from a size the file merely claims.
+
+    Args:
+      path: the JSON file.
+      check_bias: require ``len(bias) == shape[0]`` for 2-D layers.
+      max_bytes: refuse larger files (default: no limit beyond the file).
+
+    Raises:
+      ManifestError: for any problem, naming the layer and field.
+    """
+    try:
+      with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+          raise ManifestError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
+        if size < _MMAP_MIN:
+          data: bytes | mmap.mmap = f.read()
+        else:
+          # Large files are mapped, not copied (2x faster). Every parser
+          # worker has finished before loads() returns or raises, so nothing
+          # touches the mapping after an error; it is closed before we return.
+          data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except IsADirectoryError:
+      raise ManifestError(f"cannot read {path}: it is a folder") from None
+    except OSError as e:
+      raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
+    message = None
+    try:
+      return cls.loads(data, check_bias=check_bias)
+    except ManifestError as e:
+      message = str(e)  # re-raised below, once no frame holds a view of the map
+    finally:
+      if isinstance(data, mmap.mmap):
+        _close_map(data)
+    raise ManifestError(f"{path}: {message}")
+
+  @classmethod
+  def loads(cls, data: bytes | str | mmap.mmap, *, check_bias: bool = True) -> QuantizedModel:
+    """Parses manifest text (see :meth:`load`)."""
+    if isinstance(data, str):
+      try:
+        data = data.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ManifestError(f"invalid text: {e}") from None
+    try:
+      model = _Parser(data).parse_model()
+    except ManifestError:
+      raise
+    except RecursionError:
+      raise ManifestError("JSON nested too deeply") from None
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError) as e:
+      raise ManifestError(f"invalid manifest: {e}") from None
+    model.validate(check_bias=check_bias)
+    return model
+
+
+def _write_pipelined(f, pieces: Iterable[bytes], depth: int = 3) -> None:
+  """Writes ``pieces`` in order from a helper thread, overlapping the file I/O
+  (which releases the GIL) with formatting the next pieces; at most ``depth``
+  pieces wait, which bounds memory."""
+  with ThreadPoolExecutor(max_workers=1) as pool:
+    pending: collections.deque = collections.deque()
+    for piece in pieces:
+      pending.append(pool.submit(f.write, piece))
+      while len(pending) > depth:
+        pending.popleft().result()
+    while pending:
+      pending.popleft().result()
+
+
+def _close_map(data: mmap.mmap) -> None:
+  """Closes a map; views still held by an exception's frames are collected first."""
+  try:
+    data.close()
+  except BufferError:
+    gc.collect()
+    try:
+      data.close()
+    except BufferError:
+      pass  # unreachable views only; no parser thread reads the map any more
+
+
+def is_manifest_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` looks like a manifest (a JSON object with manifest keys
+  near its start): what ``save(..., overwrite=True)`` may replace."""
+  return fileio.file_starts_with(
+    os.fspath(path), b"{", (b'"config_json"', b'"layers"', b'"total_quantized_bytes"')
+  )
+
+
+def _str(s: str) -> str:
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ManifestError(f"string {s[:40]!r} is not valid UTF-8: {e}") from None
+  return format_str(s)
+
+
+def _array_pieces(values, *, int8: bool = False, f32: bool = False) -> Iterable[bytes]:
+  """serde pretty array nested at layer-field depth (elements indented by 8)."""
+  n = len(values)
+  if n == 0:
+    yield b"[]"
+    return
+  yield b"[\n"
+  if int8:
+    yield from int8_lines(values, 8)
+  else:
+    fmt = format_f32 if f32 else (lambda v: str(int(v)))
+    yield ",\n".join("        " + fmt(v) for v in values).encode() + b"\n"
+  yield b"      ]"
+
+
+def _check_layer(i: int, layer: QuantizedWeights, check_bias: bool) -> None:
+  where = f"layer {i} ({layer.name!r})" if isinstance(layer.name, str) else f"layer {i}"
+  if not isinstance(layer.name, str):
+    raise ManifestError(f"{where}: name must be a string")
+  w = layer.weights_i8
+  if w.ndim != 1 and w.size:
+    w = w.reshape(-1)
+  if not np.issubdtype(w.dtype, np.integer):
+    raise ManifestError(f"{where}: weights_i8 must be integers, got {w.dtype}")
+  if w.size and (int(w.min()) < -127 or int(w.max()) > 127):
+    raise ManifestError(f"{where}: weights_i8 holds values outside [-127, 127]")
+  if len(layer.shape) > _MAX_RANK:
+    raise ManifestError(f"{where}: shape has {len(layer.shape)} entries (at most {_MAX_RANK})")
+  if any(d < 0 for d in layer.shape):
+    raise ManifestError(f"{where}: shape {list(layer.shape)} has a negative entry")
+  if any(d > _U64_MAX for d in layer.shape):
+    raise ManifestError(f"{where}: shape entry exceeds u64")
+  if math.prod(layer.shape) != w.size:
+    raise ManifestError(
+      f"{where}: weights_i8 has {w.size} values but shape {list(layer.shape)} "
+      f"needs {math.prod(layer.shape)}"
+    )
+  s = np.float32(layer.scale)
+  if not np.isfinite(s) or s <= 0:
+    raise ManifestError(f"{where}: scale must be finite and > 0, got {s}")
+  if layer.bias is not None:
+    if not np.all(np.isfinite(layer.bias)):
+      raise ManifestError(f"{where}: bias holds NaN or Inf (Rust would write null)")
+    if check_bias and len(layer.shape) == 2 and layer.bias.size != layer.shape[0]:
+      raise ManifestError(
+        f"{where}: bias has {layer.bias.size} values but out_features is {layer.shape[0]}"
+      )
+
+
+# ---------------------------------------------------------------------------
+# Parser: schema-driven recursive descent over bytes.
+# ---------------------------------------------------------------------------
+
+_WS_RE = re.compile(rb"[ \t\n\r]*")
+_CTRL_RE = re.compile(rb"[\x00-\x1f]")
+_NUM_RE = re.compile(rb"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+class _Parser:
+  def __init__(self, data: bytes | mmap.mmap):
+    self.b = data
+    self.i = 0
+    self.context = "manifest"
+
+  # -- low level -----------------------------------------------------------
+  def fail(self, what: str) -> ManifestError:
+    return ManifestError(f"{self.context}: {what} (at byte {self.i})")
+
+  def ws(self) -> None:
+    m = _WS_RE.match(self.b, self.i)
+    self.i = m.end() if m else self.i
+
+  def peek(self) -> int:
+    self.ws()
+    if self.i >= len(self.b):
+      raise self.fail("unexpected end of file")
+    return self.b[self.i]
+
+  def expect(self, ch: bytes) -> None:
+    if self.peek() != ch[0]:
+      raise self.fail(f"expected {ch.decode()!r}, found {chr(self.b[self.i])!r}")
+    self.i += 1
+
+  def string(self) -> str:
+    if self.peek() != 0x22:
+      raise self.fail("expected a string")
+    # Find the closing quote: the first '"' preceded by an even run of
+    # backslashes. Linear in the string and allocation-free until decoding.
+    b, start = self.b, self.i
+    j = start + 1
+    while True:
+      j = b.find(b'"', j)
+      if j < 0:
+        raise self.fail("unterminated string")
+      k = j
+      while b[k - 1] == 0x5C:
+        k -= 1
+      if (j - k) % 2 == 0:
+        break
+      j += 1
+    if _CTRL_RE.search(b, start, j):
+      raise self.fail("invalid string (control character)")
+    # Decoded from a memoryview: no copy of the (possibly huge) raw bytes.
+    view = memoryview(b)
+    try:
+      if b.find(b"\\", start, j) < 0:
+        s = str(view[start + 1 : j], "utf-8")
+      else:
+        s = json.loads(str(view[start : j + 1], "utf-8"))
+        s.encode("utf-8")  # lone surrogates from \ud800-style escapes
+    except (UnicodeError, ValueError) as e:
+      raise self.fail(f"invalid string: {_first_line(e)}") from None
+    finally:
+      view.release()
+    self.i = j + 1
+    return s
+
+  def number_text(self) -> bytes:
+    self.peek()
+    m = _NUM_RE.match(self.b, self.i)
+    if m is None:
+      raise self.fail("expected a number")
+    self.i = m.end()
+    return m.group(0)
+
+  def uint(self, field: str) -> int:
+    c = self.peek()
+    if c != 0x2D and not 0x30 <= c <= 0x39:
+      raise self.fail(f"{field}: expected an unsigned integer")
+    text = self.number_text()
+    if b"." in text or b"e" in text or b"E" in text:
+      raise self.fail(f"{field}: expected an unsigned integer, got {text.decode()}")
+    if text.startswith(b"-"):
+      raise self.fail(f"{field}: negative value {text.decode()}")
+    if len(text) > 20 or int(text) > _U64_MAX:
+      raise self.fail(f"{field}: {text[:30].decode()} does not fit in u64")
+    return int(text)
+
+  def f32(self, field: str) -> np.float32:
+    c = self.peek()
+    if c == 0x6E and self.at(b"null"):
+      raise self.fail(f"{field}: null is not a number")
+    if c != 0x2D and not 0x30 <= c <= 0x39:
+      raise self.fail(f"{field}: expected a number")
+    text = self.number_text()
+    # serde_json parses f32 via f64 and casts; 1e39 becomes inf (refused later).
+    with np.errstate(over="ignore"):
+      return np.float32(float(text))
+
+  def at(self, word: bytes) -> bool:
+    return self.b[self.i : self.i + len(word)] == word
+
+  def literal(self, word: bytes):
+    if not self.at(word):
+      raise self.fail("invalid literal")
+    self.i += len(word)
+    return {b"null": None, b"true": True, b"false": False}[word]
+
+  def value(self, depth: int = 0):
+    """Any JSON value (for keys serde ignores); nesting is bounded."""
+    if depth > _MAX_DEPTH:
+      raise self.fail("JSON nested too deeply")
+    c = self.peek()
+    if c == 0x7B:
+      self.i += 1
+      seen = set()
+      if self.peek() == 0x7D:
+        self.i += 1
+        return {}
+      while True:
+        k = self.string()
+        if k in seen:
+          raise self.fail(f"duplicate key {k!r}")
+        seen.add(k)
+        self.expect(b":")
+        self.value(depth + 1)
+        if self.peek() == 0x2C:
+          self.i += 1
+          continue
+        self.expect(b"}")
+        return None
+    if c == 0x5B:
+      self.i += 1
+      if self.peek() == 0x5D:
+        self.i += 1
+        return []
+      while True:
+        self.value(depth + 1)
+        if self.peek() == 0x2C:
+          self.i += 1
+          continue
+        self.expect(b"]")
+        return None
+    if c == 0x22:
+      return self.string()
+    if c in (0x74, 0x66, 0x6E):
+      for w in (b"true", b"false", b"null"):
+        if self.at(w):
+          return self.literal(w)
+      raise self.fail("invalid literal")
+    if c == 0x2D or 0x30 <= c <= 0x39:
+      return self.number_text()
+    raise self.fail(f"unexpected character {chr(c)!r}")
+
+  def obj(self, handlers: dict[str, Any]) -> set[str]:
+    """Parses an object, dispatching known keys; unknown keys are skipped."""
+    self.expect(b"{")
+    seen: set[str] = set()
+    if self.peek() == 0x7D:
+      self.i += 1
+      return seen
+    while True:
+      key = self.string()
+      if key in seen:
+        raise self.fail(f"duplicate field {key!r}")
+      seen.add(key)
+      self.expect(b":")
+      if key in handlers:
+        handlers[key]()
+      else:
+        self.value(1)
+      if self.peek() == 0x2C:
+        self.i += 1
+        continue
+      self.expect(b"}")
+      return seen
+
+  def array(self, item) -> list:
+    self.expect(b"[")
+    out: list = []
+    if self.peek() == 0x5D:
+      self.i += 1
+      return out
+    while True:
+      out.append(item(len(out)))
+      if self.peek() == 0x2C:
+        self.i += 1
+        continue
+      self.expect(b"]")
+      return out
+
+  # -- schema --------------------------------------------------------------
+  def int8_list(self) -> np.ndarray:
+    self.expect(b"[")
+    stop = self.b.find(b"]", self.i)
+    if stop < 0:
+      raise self.fail("weights_i8: unterminated array")
+    try:
+      values = intparse.parse_int8_list(self.b, self.i, stop)
+    except intparse.IntArrayError as e:
+      raise self.fail(f"weights_i8: {e}") from None
+    self.i = stop + 1
+    return values
+
+  def layer(self, index: int) -> QuantizedWeights:
+    self.context = f"layer {index}"
+    got: dict[str, Any] = {}
+
+    def setter(key, fn):
+      def run():
+        got[key] = fn()
+
+      return run
+
+    def bias():
+      if self.peek() == 0x6E:
+        return self.literal(b"null")
+      vals = self.array(lambda k: self.f32(f"bias[{k}]"))
+      return np.array(vals, np.float32)
+
+    self.obj(
+      {
+        "name": setter("name", self._named_string),
+        "weights_i8": setter("weights_i8", self.int8_list),
+        "shape": setter("shape", lambda: self.array(self._shape_entry)),
+        "scale": setter("scale", lambda: self.f32("scale")),
+        "bias": setter("bias", bias),
+      }
+    )
+    for key in ("name", "weights_i8", "shape", "scale"):
+      if key not in got:
+        raise self.fail(f"missing field {key!r}")
+    return QuantizedWeights(
+      got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias")
+    )
+
+  def _shape_entry(self, k: int) -> int:
+    if k >= _MAX_RANK:
+      raise self.fail(f"shape has more than {_MAX_RANK} entries")
+    return self.uint(f"shape[{k}]")
+
+  def _named_string(self) -> str:
+    s = self.string()
+    self.context = f"{self.context} ({s!r})"
+    return s
+
+  def parse_model(self) -> QuantizedModel:
+    got: dict[str, Any] = {}
+
+    def top(key, fn):
+      def run():
+        self.context = f"field {key!r}"
+        got[key] = fn()
+        self.context = "manifest"
+
+      return run
+
+    if not self.b:
+      raise self.fail("empty file")
+    self.obj(
+      {
+        "config_json": top("config_json", self.string),
+        "layers": top("layers", lambda: self.array(self.layer)),
+        "scheme": top("scheme", self.string),
+        "total_quantized_bytes": top(
+          "total_quantized_bytes", lambda: self.uint("total_quantized_bytes")
+        ),
+        "total_fp32_bytes": top("total_fp32_bytes", lambda: self.uint("total_fp32_bytes")),
+      }
+    )
+    self.ws()
+    if self.i != len(self.b):
+      raise self.fail("trailing characters after the manifest")
+    for key in ("config_json", "layers", "scheme", "total_quantized_bytes", "total_fp32_bytes"):
+      if key not in got:
+        raise self.fail(f"missing field {key!r}")
+    return QuantizedModel(
+      got["config_json"],
+      got["layers"],
+      got["scheme"],
+      got["total_quantized_bytes"],
+      got["total_fp32_bytes"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The rest of int8.rs's public surface.
+# ---------------------------------------------------------------------------
+
+
+class Calibrator:
+  """Records per-layer weight min/max (``int8.rs``'s weight-only calibrator).
+
+  Activation ranges are the Rust module's placeholders (-1, 1); use
+  :func:`sensorquant_jax.calibrate` for measured ones.
+  """
+
+  def __init__(self):
+    self._calibrations: list[LayerCalibration] = []
+
+  def record_layer(self, name: str, weights: Any) -> None:
+    w = np.asarray(weights, np.float32).reshape(-1)
+    with np.errstate(invalid="ignore"):
+      w_min = np.fmin.reduce(w, initial=np.float32(np.inf))
+      w_max = np.fmax.reduce(w, initial=np.float32(-np.inf))
+    self._calibrations.append(LayerCalibration(name, float(w_min), float(w_max), -1.0, 1.0))
+
+  def finish(self) -> list[LayerCalibration]:
+    out, self._calibrations = self._calibrations, []
+    return out
+
+
+def quantize_model_weights(
+  config_json: str, layers: Iterable[tuple[str, Any, Sequence[int], Any]]
+) -> QuantizedModel:
+  """Quantizes ``(name, weights, shape, bias)`` tuples into a :class:`QuantizedModel`."""
+  out, total = [], 0
+  for name, weights, shape, bias in layers:
+    qw = QuantizedWeights.from_f32(name, weights, shape, bias, None)
+    total += qw.size_bytes()
+    out.append(qw)
+  return QuantizedModel(config_json, out, SCHEME, total, 4 * total)
+
+
+def fp32_to_fp16_bits(weights: Any) -> np.ndarray:
+  """float32 -> IEEE half bits (uint16), round to nearest even, as ``half::f16::from_f32``."""
+  w = np.asarray(weights, np.float32).reshape(-1)
+  with np.errstate(over="ignore", invalid="ignore"):
+    bits = w.astype(np.float16).view(np.uint16).copy()
+  nan = np.isnan(w)
+  if np.any(nan):
+    u = w.view(np.uint32)[nan]
+    bits[nan] = ((u >> 16) & 0x8000) | 0x7C00 | 0x0200 | ((u & 0x7FFFFF) >> 13)
+  return bits
+
+
+def fp16_bits_to_fp32(bits: Any) -> np.ndarray:
+  """IEEE half bits -> float32 (exact), as ``half::f16::to_f32``."""
+  b = np.asarray(bits, np.uint16).reshape(-1)
+  out = b.view(np.float16).astype(np.float32)
+  nan = (b & 0x7C00 == 0x7C00) & (b & 0x03FF != 0)
+  if np.any(nan):
+    u = b[nan].astype(np.uint32)
+    out[nan] = (((u & 0x8000) << 16) | 0x7FC00000 | ((u & 0x03FF) << 13)).view(np.float32)
+  return out

@@ -1,0 +1,286 @@
+"""Int8 inference ops: dense layers that read int8 weights without a float copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sensorquant_jax._src import options
+from sensorquant_jax._src.ffi import (
+  W8_MAX_K,
+  kernel_shape_ok,
+  native_available,
+  native_op,
+)
+from sensorquant_jax._src.native import W8_TARGET, WO_TARGET
+from sensorquant_jax._src.options import IMPLS, MODES, Impl, Mode
+from sensorquant_jax._src.packed import Matrix, PackedQArray, as_matrix, auto_tile, untile
+from sensorquant_jax._src.qarray import QArray, split_blocks
+
+
+def _tiled_dot(x2: jax.Array, tiles: jax.Array) -> jax.Array:
+  """``x2 @ W`` for int8 ``W`` given as tiles ``[N/T, K, T]``, one tile at a time."""
+  return untile(
+    lax.map(lambda t: jnp.dot(x2, t.astype(x2.dtype), preferred_element_type=x2.dtype), tiles)
+  )
+
+
+def _sliced_dot(x2: jax.Array, values: jax.Array, tile: int) -> jax.Array:
+  """``x2 @ W`` for int8 ``W [K, N]``, converting ``tile`` columns at a time in place."""
+  k, n = values.shape
+
+  def one(i):
+    cols = lax.dynamic_slice_in_dim(values, i * tile, tile, axis=1)
+    return jnp.dot(x2, cols.astype(x2.dtype), preferred_element_type=x2.dtype)
+
+  return untile(lax.map(one, jnp.arange(n // tile)))
+
+
+TILED_MAX_ROWS = 32
+
+
+TILED_MIN_SIZE = 1 << 22
+
+
+"""Kernels of fewer elements (whose float copy fits in cache) are tiled only up
+to ``TILED_MAX_ROWS`` rows; above that one dot on the converted kernel is
+faster. Larger kernels are always tiled (measured: benchmarks/bench_*.py)."""
+
+
+def _use_tiles(k: int, n: int, rows: int) -> bool:
+  return rows <= TILED_MAX_ROWS or k * n >= TILED_MIN_SIZE
+
+
+def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
+  if not tile or not _use_tiles(k, n, rows):
+    return None
+  for t in (tile, tile // 2, tile // 4):
+    if t >= 64 and n % t == 0 and n > t:
+      return t
+  return None
+
+
+def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto") -> jax.Array:
+  cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
+  x2 = x2.astype(cdt)
+  if kernel_shape_ok(m.values) and native_available(WO_TARGET, impl):
+    return _native_weight_only(x2, m).astype(cdt)
+  if impl == "native":
+    raise RuntimeError(f"native kernel: unsupported kernel layout {m.values.shape}")
+  return _xla_weight_only(x2, m, tile)
+
+
+def _native_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
+  """Weight-only on the native kernel: float32 activations and accumulation."""
+  block = m.block or 0
+  xf = x2.astype(jnp.float32)
+  scale = m.scale.astype(jnp.float32)
+
+  def reference(x, values, scale):
+    return _xla_weight_only(
+      x, dataclasses.replace(m, values=values, scale=scale, zero_point=None), None
+    )
+
+  y = native_op(WO_TARGET, 1, block, m.tiled, reference)(xf, m.values, scale)
+  if m.zero_point is not None:  # x @ ((q - z) * s) = x @ (q * s) - rowsum(x) * (z * s)
+    y = y - jnp.sum(xf, axis=-1, keepdims=True) * (m.zero_point.astype(jnp.float32) * scale)
+  return y
+
+
+def _xla_weight_only(x2: jax.Array, m: Matrix, tile: int | None) -> jax.Array:
+  cdt = x2.dtype
+  if not m.tiled:
+    k, n = m.values.shape
+    tile = _pick_tile(tile, k, n, x2.shape[0])
+  if m.block is not None:
+    xb, qb = split_blocks(x2, 1, m.block), split_blocks(m.values, 0, m.block)
+    part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)
+    return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
+  if m.tiled and (
+    not tile
+    or not _use_tiles(m.values.shape[1], m.values.shape[0] * m.values.shape[2], x2.shape[0])
+  ):
+    acc = jnp.dot(x2, untile(m.values).astype(cdt), preferred_element_type=cdt)
+  elif m.tiled:
+    acc = _tiled_dot(x2, m.values)
+  elif tile:
+    acc = _sliced_dot(x2, m.values, tile)
+  else:
+    acc = jnp.dot(x2, m.values.astype(cdt), preferred_element_type=cdt)
+  if m.zero_point is not None:
+    acc = acc - jnp.sum(x2, axis=-1, keepdims=True) * m.zero_point.astype(cdt)
+  return acc * m.scale.astype(cdt)
+
+
+def quantize_activations(
+  x2: jax.Array, act_scale: jax.Array | float | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 activations: per-token dynamic scales, or a static scale.
+
+  Args:
+    x2: ``[tokens, K]`` floats.
+    act_scale: a calibrated static scale (scalar); ``None`` for per-token
+      ``max|x| / 127``.
+
+  Returns:
+    ``(int8 values, float32 scales [tokens, 1])``.
+  """
+  xf = x2.astype(jnp.float32)
+  if act_scale is None:
+    s = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    s = jnp.maximum(s, 1e-12)
+  else:
+    s = jnp.broadcast_to(jnp.asarray(act_scale, jnp.float32).reshape(1, 1), (xf.shape[0], 1))
+  q = jnp.clip(lax.round(xf / s, lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127)
+  return q.astype(jnp.int8), s
+
+
+def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array:
+  xq, xs = quantize_activations(x2, act_scale)
+  k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
+  if (
+    m.block is None
+    and k <= W8_MAX_K
+    and kernel_shape_ok(m.values)
+    and native_available(W8_TARGET, impl)
+  ):
+    return _native_w8a8(xq, xs, m)
+  if impl == "native":
+    raise RuntimeError(f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}")
+  return _xla_w8a8(xq, xs, m)
+
+
+def _native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
+  """Int8 x int8 -> int32 on the native (AVX-512 VNNI) kernel, rescaled to float32."""
+  scale = m.scale.astype(jnp.float32)
+
+  def reference(xq, xs, values, scale):
+    return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=None))
+
+  y = native_op(W8_TARGET, 2, 0, m.tiled, reference)(xq, xs, m.values, scale)
+  if m.zero_point is not None:
+    rows = jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.float32) * xs
+    y = y - rows * (m.zero_point.astype(jnp.float32) * scale)
+  return y
+
+
+_INT_PRECISION = lax.Precision.DEFAULT
+
+
+def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
+  values = m.values
+  if m.tiled:
+    values = untile(values)
+  if m.block is not None:
+    xb, qb = split_blocks(xq, 1, m.block), split_blocks(values, 0, m.block)
+    acc = jnp.einsum(
+      "bnk,nko->bno", xb, qb, preferred_element_type=jnp.int32, precision=_INT_PRECISION
+    )
+    y = jnp.sum(acc.astype(jnp.float32) * m.scale[None], axis=1)
+    return y * xs
+  acc = lax.dot_general(
+    xq,
+    values,
+    (((1,), (0,)), ((), ())),
+    preferred_element_type=jnp.int32,
+    precision=_INT_PRECISION,
+  )
+  if m.zero_point is not None:
+    acc = acc - jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True) * m.zero_point.astype(
+      jnp.int32
+    )
+  return acc.astype(jnp.float32) * xs * m.scale
+
+
+def dense_general(
+  x: jax.Array,
+  kernel: QArray | PackedQArray,
+  bias: jax.Array | None = None,
+  *,
+  n_in: int = 1,
+  mode: Mode = "weight_only",
+  act_scale: jax.Array | float | None = None,
+  tile: int | str | None = "auto",
+  dtype: Any = None,
+  impl: Impl = "auto",
+) -> jax.Array:
+  """``x`` contracted with a quantized kernel over its first ``n_in`` axes.
+
+  The kernel's first ``n_in`` axes match ``x``'s last ``n_in`` axes (Flax
+  DenseGeneral layout: ``[*in, *out]``); the output is ``[*batch, *out]``.
+
+  Args:
+    x: float activations.
+    kernel: :class:`QArray` (any int8 scheme) or :class:`PackedQArray`.
+    bias: optional float bias of shape ``kernel.shape[n_in:]``.
+    n_in: number of contracted kernel axes.
+    mode: ``"weight_only"`` (int8 weights, float activations and
+      accumulation) or ``"w8a8"`` (int8 activations with per-token dynamic
+      scales, or ``act_scale`` when given; int32 accumulation).
+    act_scale: static activation scale for ``w8a8`` (from calibration).
+    tile: columns converted per step by the XLA weight-only path; ``"auto"``:
+      512 on CPU, one fused dot elsewhere; ``None``: one dot.
+    dtype: output dtype (default: ``x``'s floating dtype).
+    impl: ``"auto"`` (the native CPU kernels when they are built and the
+      backend is CPU, else XLA), ``"native"`` (raise if unavailable) or ``"xla"``.
+
+  Returns:
+    The layer output, close to ``x @ dequantize(kernel) + bias``.
+  """
+  options.check("mode", mode, MODES)
+  options.check("impl", impl, IMPLS)
+  shape = kernel.shape
+  in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
+  if tuple(x.shape[x.ndim - n_in :]) != in_shape:
+    raise ValueError(
+      f"input feature shape {x.shape[x.ndim - n_in :]} does not match kernel {shape}"
+    )
+  out_dtype = dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+  batch = x.shape[: x.ndim - n_in]
+  x2 = x.reshape(math.prod(batch), math.prod(in_shape))
+  tile = auto_tile(tile)
+  m = as_matrix(kernel, n_in)
+  if m is None:  # scales do not factor out: dequantize (correct, not fast)
+    w = kernel.dequantize(jnp.float32).reshape(x2.shape[1], -1)
+    y = jnp.dot(x2.astype(jnp.float32), w)
+  elif mode == "weight_only":
+    y = _weight_only(x2, m, tile, impl)
+  else:
+    y = _w8a8(x2, m, act_scale, impl)
+  y = y.reshape(batch + out_shape)
+  if bias is not None:
+    y = y + jnp.asarray(bias).astype(y.dtype)
+  return y.astype(out_dtype)
+
+
+def dense(
+  x: jax.Array,
+  qkernel: QArray | PackedQArray,
+  bias: jax.Array | None = None,
+  *,
+  mode: Mode = "weight_only",
+  dtype: Any = None,
+  act_scale: jax.Array | float | None = None,
+  impl: Impl = "auto",
+  tile: int | str | None = "auto",
+) -> jax.Array:
+  """``x @ kernel + bias`` for a quantized Dense kernel ``[in, out]``.
+
+  On CPU the native kernels (``csrc/dense.cc``) convert int8 weights in
+  registers or L2-sized blocks, so no float copy of the weight is ever built;
+  a :func:`pack`-ed kernel streams fastest. Without them (or with
+  ``impl="xla"``) the XLA path converts ``tile`` columns at a time. See
+  :func:`dense_general`.
+
+  Example:
+    >>> qk = sq.quantize_array(kernel, "symmetric_per_channel_int8")
+    >>> y = jax.jit(sq.dense)(x, qk, bias)
+  """
+  return dense_general(
+    x, qkernel, bias, n_in=1, mode=mode, act_scale=act_scale, tile=tile, dtype=dtype, impl=impl
+  )

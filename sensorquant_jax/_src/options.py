@@ -1,0 +1,45 @@
+"""Typed string options (schemes, modes, impls, observers) and their validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, Literal, get_args
+
+import numpy as np
+
+Scheme = Literal[
+  "symmetric_per_tensor_int8",
+  "symmetric_per_channel_int8",
+  "symmetric_per_block_int8",
+  "asymmetric_per_channel_int8",
+]
+SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
+"""Scheme names, the Rust module's first."""
+PER_TENSOR: Final = "symmetric_per_tensor_int8"
+PER_CHANNEL: Final = "symmetric_per_channel_int8"
+PER_BLOCK: Final = "symmetric_per_block_int8"
+ASYMMETRIC_PER_CHANNEL: Final = "asymmetric_per_channel_int8"
+
+MIN_SCALE: Final = np.float32(1e-8)
+"""The Rust module's scale floor, as an f32 literal."""
+
+Mode = Literal["weight_only", "w8a8"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+"""``weight_only``: float activations; ``w8a8``: int8 activations, int32 accumulation."""
+
+Impl = Literal["auto", "native", "xla"]
+IMPLS: tuple[Impl, ...] = get_args(Impl)
+"""``auto`` picks the native CPU kernel where it runs, else XLA."""
+
+Observer = Literal["minmax", "moving_average", "percentile", "mse"]
+OBSERVERS: tuple[Observer, ...] = get_args(Observer)
+
+
+def check(kind: str, value: object, allowed: Sequence[str]) -> None:
+  """Raises ValueError unless ``value`` is one of ``allowed``.
+
+  Example:
+    >>> check("mode", "w8a8", MODES)
+  """
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")

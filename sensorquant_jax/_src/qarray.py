@@ -1,0 +1,163 @@
+"""The quantized array pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class QArray:
+  """An int8-quantized array: integer ``values`` plus float32 ``scale``.
+
+  ``values`` has the logical shape of the original array. ``scale`` (and
+  ``zero_point`` when present) has the same rank, with size 1 along every
+  reduced axis, except for block schemes, where the block axis holds one entry
+  per block. This keepdims layout broadcasts against ``values``, keeps working
+  when QArrays are stacked along a new leading axis (``axes`` count from the
+  end), and lets sharding propagate from values to scales.
+
+  Attributes:
+    values: int8 array with the original shape.
+    scale: float32 array, see above.
+    zero_point: optional int8 array shaped like ``scale`` (asymmetric schemes).
+    scheme: scheme name, e.g. ``"symmetric_per_tensor_int8"`` (static).
+    axes: reduced axes as negative indices: all axes for per-tensor, the
+      non-channel axes for per-channel, the block axis for per-block (static).
+    block_size: values per block for block schemes, else ``None`` (static).
+    dtype: the original floating dtype, restored by ``dequantize`` (static).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None = None
+  scheme: str = struct.field(pytree_node=False, default="symmetric_per_tensor_int8")
+  axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+  block_size: int | None = struct.field(pytree_node=False, default=None)
+  dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.values.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by values, scales and zero points together."""
+    total = _nbytes(self.values) + _nbytes(self.scale)
+    if self.zero_point is not None:
+      total += _nbytes(self.zero_point)
+    return total
+
+  @property
+  def original_nbytes(self) -> int:
+    """Bytes the float array this was quantized from occupied."""
+    return self.size * np.dtype(self.dtype).itemsize
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    """Returns the float array ``(values - zero_point) * scale``.
+
+    Args:
+      dtype: output dtype; defaults to the original dtype.
+
+    Returns:
+      An array with the shape of ``values``. For ``symmetric_per_tensor_int8``
+      it equals the Rust module's ``dequantize`` bit for bit.
+    """
+    v = self.values.astype(jnp.float32)
+    if self.zero_point is not None:
+      v = v - self.zero_point.astype(jnp.float32)
+    if self.block_size is None:
+      out = v * self.scale
+    else:
+      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size)
+    dtype = self.dtype if dtype is None else dtype
+    # Weights within an ulp of the dtype's max can land a rounding step past
+    # it (127 * fl(max / 127) > max); clamp so dequantize is finite for every
+    # finite input (NaN stays NaN). Elsewhere this changes nothing.
+    top = _finite_max(dtype)
+    if top is not None:
+      out = jnp.clip(out, -top, top)
+    return out.astype(dtype)
+
+  def __repr__(self) -> str:
+    # Leaves may be anything after a tree_map (tuples, None, tracers): never fail.
+    return (
+      f"QArray(scheme={self.scheme!r}, shape={_shape_text(self.values)}, "
+      f"values={_dtype_name(self.values)}, scale={_shape_text(self.scale)}, "
+      f"dtype={_dtype_name(self.dtype, is_dtype=True)})"
+    )
+
+
+def _shape_text(x: Any) -> str:
+  shape = getattr(x, "shape", None)
+  if isinstance(shape, tuple):
+    return str(tuple(shape))
+  return type(x).__name__
+
+
+def _dtype_name(x: Any, is_dtype: bool = False) -> str:
+  try:
+    return np.dtype(x if is_dtype else x.dtype).name
+  except (AttributeError, TypeError):
+    return type(x).__name__
+
+
+def _finite_max(dtype: Any) -> float | None:
+  """The largest finite value of a floating ``dtype`` (at most float32's)."""
+  try:
+    info = jnp.finfo(dtype)
+  except ValueError:
+    return None
+  return float(min(float(info.max), float(np.finfo(np.float32).max)))
+
+
+def _nbytes(x: Any) -> int:
+  if hasattr(x, "nbytes"):
+    return int(x.nbytes)
+  return int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def split_blocks(x: jax.Array, axis: int, block: int) -> jax.Array:
+  """``x`` with ``axis`` zero-padded to whole blocks and split into ``(n_blocks, block)``.
+
+  The layout of every per-block computation: scales along the new block axis
+  broadcast against ``(n_blocks, 1)``; zeros never raise a block's max.
+  """
+  axis %= x.ndim
+  n = x.shape[axis]
+  nb = max(1, -(-n // block))
+  if nb * block != n:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, nb * block - n)
+    x = jnp.pad(x, widths)
+  return x.reshape(x.shape[:axis] + (nb, block) + x.shape[axis + 1 :])
+
+
+def merge_blocks(x: jax.Array, axis: int, n: int) -> jax.Array:
+  """Inverse of :func:`split_blocks`: ``(n_blocks, block)`` at ``axis`` back to ``n``."""
+  shape = x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :]
+  return jax.lax.slice_in_dim(x.reshape(shape), 0, n, axis=axis)
+
+
+def _apply_blocks(v: jax.Array, scale: jax.Array, axis: int, block: int) -> jax.Array:
+  """Multiplies ``v`` by per-block ``scale`` along ``axis`` (negative)."""
+  axis %= v.ndim
+  blocked = split_blocks(v, axis, block)
+  return merge_blocks(blocked * jnp.expand_dims(scale, axis + 1), axis, v.shape[axis])
+
+
+def is_qarray(x: Any) -> bool:
+  """Returns True for QArray leaves (handy as ``is_leaf`` in tree maps)."""
+  return isinstance(x, QArray)

@@ -1,0 +1,173 @@
+"""What quantization costs: per-layer errors and output fidelity, printed, saved and plotted."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.convert import default_layer_name
+from sensorquant_jax._src.qarray import is_qarray
+from sensorquant_jax._src.quantize import nbytes
+from sensorquant_jax._src.tree_paths import path_str
+
+
+def error_stats(w: np.ndarray, dq: np.ndarray) -> dict[str, float]:
+  w = np.asarray(w, np.float64)
+  err = np.asarray(dq, np.float64) - w
+  signal, noise = float(np.sum(w * w)), float(np.sum(err * err))
+  sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+  return {
+    "sqnr_db": sqnr,
+    "max_abs_error": float(np.max(np.abs(err), initial=0.0)),
+    "rel_l2_error": float(np.sqrt(noise / max(signal, 1e-300))),
+  }
+
+
+def report(
+  params: Any,
+  qparams: Any,
+  *,
+  model: Any = None,
+  batches: Iterable[Any] | None = None,
+  labels: Sequence[Any] | None = None,
+  mode: str = "weight_only",
+  show: bool = True,
+  json_path: str | os.PathLike | None = None,
+  png_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+  """Per-layer quantization error and, given a model and batches, output fidelity.
+
+  Args:
+    params: the float tree.
+    qparams: ``quantize(params, ...)``.
+    model: optional Linen model, run float and via ``sq.apply(..., mode)``.
+    batches: model inputs for the fidelity check.
+    labels: integer labels per batch: adds accuracy (argmax) and its change.
+    mode: inference mode for the quantized model.
+    show: print the table (rich).
+    json_path: also save the report as JSON.
+    png_path: also save a bar plot of per-layer SQNR (needs matplotlib).
+
+  Returns:
+    ``{"layers": [...], "totals": {...}, "output": {...} or None}``.
+  """
+  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  layers = []
+  for p, q in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]:
+    path = path_str(p)
+    if not is_qarray(q) or path not in floats:
+      continue
+    w = np.asarray(floats[path])
+    row = {
+      "name": default_layer_name(path),
+      "path": path,
+      "shape": list(q.shape),
+      "scheme": q.scheme,
+      "bytes_before": int(w.size * w.dtype.itemsize),
+      "bytes_after": int(q.nbytes),
+    }
+    row.update(error_stats(w, np.asarray(q.dequantize(jnp.float32))))
+    layers.append(row)
+  totals = {"bytes_before": nbytes(params), "bytes_after": nbytes(qparams)}
+  output = None
+  if model is not None and batches is not None:
+    output = _fidelity(model, params, qparams, batches, labels, mode)
+  result = {"layers": layers, "totals": totals, "output": output}
+  if show:
+    _print(result)
+  if json_path is not None:
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  if png_path is not None:
+    _plot(result, png_path)
+  return result
+
+
+def _fidelity(model, params, qparams, batches, labels, mode) -> dict[str, float]:
+  from sensorquant_jax._src.linen import apply
+
+  f_fn = jax.jit(lambda *a: model.apply(params, *a))
+  q_fn = jax.jit(lambda q, *a: apply(model, q, *a, mode=mode))
+  dot = nf = nq = 0.0
+  max_err = 0.0
+  correct_f = correct_q = n = 0
+  for i, batch in enumerate(batches):
+    args = as_args(batch)
+    yf = np.asarray(f_fn(*args), np.float64)
+    yq = np.asarray(q_fn(qparams, *args), np.float64)
+    dot += float(np.sum(yf * yq))
+    nf += float(np.sum(yf * yf))
+    nq += float(np.sum(yq * yq))
+    max_err = max(max_err, float(np.max(np.abs(yf - yq))))
+    if labels is not None:
+      lab = np.asarray(labels[i])
+      correct_f += int(np.sum(yf.argmax(-1) == lab))
+      correct_q += int(np.sum(yq.argmax(-1) == lab))
+      n += lab.size
+  out = {"cosine_similarity": dot / max(np.sqrt(nf * nq), 1e-300), "max_abs_error": max_err}
+  if labels is not None and n:
+    out.update(
+      accuracy_float=correct_f / n,
+      accuracy_quantized=correct_q / n,
+      accuracy_delta=(correct_q - correct_f) / n,
+    )
+  return out
+
+
+def _print(result) -> None:
+  from rich.console import Console
+  from rich.table import Table
+
+  table = Table(title="quantization report")
+  for col in ("layer", "shape", "scheme", "bytes", "int8 bytes", "SQNR dB", "max |err|", "rel L2"):
+    table.add_column(col)
+  for r in result["layers"]:
+    table.add_row(
+      r["name"],
+      str(tuple(r["shape"])),
+      r["scheme"],
+      str(r["bytes_before"]),
+      str(r["bytes_after"]),
+      f"{r['sqnr_db']:.1f}",
+      f"{r['max_abs_error']:.2e}",
+      f"{r['rel_l2_error']:.2e}",
+    )
+  console = Console(width=160)
+  console.print(table)
+  t = result["totals"]
+  console.print(
+    f"params: {t['bytes_before']} -> {t['bytes_after']} bytes "
+    f"({t['bytes_before'] / max(t['bytes_after'], 1):.2f}x smaller)"
+  )
+  if result["output"]:
+    console.print("output: " + ", ".join(f"{k} {v:.4g}" for k, v in result["output"].items()))
+
+
+def _plot(result, path) -> None:
+  try:
+    # A Figure with its own Agg canvas: no pyplot, no change to the user's backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError:
+    raise ImportError(
+      "the PNG plot needs matplotlib (pip install 'sensorquant_jax[plot]')"
+    ) from None
+  rows = result["layers"]
+  fig = Figure(figsize=(max(6, 0.45 * len(rows) + 2), 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  names = [r["name"] for r in rows]
+  values = [min(r["sqnr_db"], 120) for r in rows]
+  ax.bar(range(len(rows)), values, color="#3b7dd8")
+  ax.set_xticks(range(len(rows)), names, rotation=70, ha="right", fontsize=8)
+  ax.set_ylabel("SQNR (dB)")
+  ax.set_title("per-layer SQNR: " + ", ".join(sorted({r["scheme"] for r in rows})))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
