@@ -65,7 +65,7 @@ def main():
     "ours W8A8": (jax.jit(lambda p, x: sq.apply(model, p, x, mode="w8a8")), packed),
   }
   if not args.no_qwix:
-    import qwix  # noqa: PLC0415
+    import qwix
 
     for name, act in (("qwix weight-only", None), ("qwix W8A8", jnp.int8)):
       rule = qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=act)

@@ -163,7 +163,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("SENSORQUANT_NATIVE", "1") != "0":
       try:
         lib = _build()
-      except Exception as e:  # noqa: BLE001 - any failure means: use the portable path
+      except Exception as e:  # any failure means: use the portable path
         _STATE["error"] = str(e)
         warnings.warn(
           f"sensorquant_jax native kernels unavailable, using slower portable paths: {e}",
