@@ -1,6 +1,6 @@
 """Quantizes a small Flax transformer with every scheme and prints sizes and errors.
 
-The main job until the ``sensorquant`` CLI and the bundled sensor model land.
+An API tour; the main job is ``sensorquant quantize`` (see the README).
 """
 
 import flax.linen as nn

@@ -1,7 +1,6 @@
 """Orbax save/restore of quantized trees, float checkpoint readers, streaming."""
 
 import os
-import zipfile
 
 import chex
 import jax
@@ -13,34 +12,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sensorquant_jax as sq
-from sensorquant_jax import checkpoint, stream
+from sensorquant_jax import checkpoint
 from sensorquant_jax.example_model import load_example
+from tests.trees import assert_same_qtree, float_tree
 
 
 @pytest.fixture(scope="module")
 def example():
   return load_example()
-
-
-def _assert_same_qtree(a, b):
-  la = jax.tree_util.tree_leaves(a, is_leaf=sq.is_qarray)
-  lb = jax.tree_util.tree_leaves(b, is_leaf=sq.is_qarray)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb, strict=True):
-    assert type(x) is type(y)
-    if sq.is_qarray(x):
-      assert (x.scheme, x.axes, x.block_size, np.dtype(x.dtype)) == (
-        y.scheme,
-        y.axes,
-        y.block_size,
-        np.dtype(y.dtype),
-      )
-      np.testing.assert_array_equal(np.asarray(x.values), np.asarray(y.values))
-      np.testing.assert_array_equal(np.asarray(x.scale), np.asarray(y.scale))
-      if x.zero_point is not None:
-        np.testing.assert_array_equal(np.asarray(x.zero_point), np.asarray(y.zero_point))
-    else:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("scheme", list(sq.SCHEMES))
@@ -50,9 +29,9 @@ def test_round_trip_exact_with_and_without_target(scheme, example, tmp_path):
   sq.save(tmp_path / "ck", q, {"note": "hi"})
   assert checkpoint.read_spec(tmp_path / "ck")["metadata"] == {"note": "hi"}
   without = sq.restore(tmp_path / "ck")
-  _assert_same_qtree(without, q)
+  assert_same_qtree(without, q)
   with_target = sq.restore(tmp_path / "ck", like=jax.eval_shape(lambda: q))
-  _assert_same_qtree(with_target, q)
+  assert_same_qtree(with_target, q)
   x = split["x"][:16]
   run = jax.jit(lambda t: sq.apply(model, t, x))
   chex.assert_trees_all_close(run(without), run(q), atol=0, rtol=0)
@@ -97,7 +76,7 @@ def test_restore_with_sharded_target(tmp_path):
   }
   back = sq.restore(tmp_path / "ck", like=like)
   assert back["kernel"].values.sharding.is_equivalent_to(sharding, 2)
-  _assert_same_qtree(back, q)
+  assert_same_qtree(back, q)
 
 
 def test_corrupt_and_missing_checkpoints(tmp_path):
@@ -124,21 +103,8 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
     sq.restore(tmp_path / "ck3", like={"other": q["w"]})
 
 
-def _float_tree():
-  rng = np.random.default_rng(0)
-  return {
-    "params": {
-      "dense": {
-        "kernel": rng.standard_normal((64, 48)).astype(np.float32),
-        "bias": rng.standard_normal(48).astype(np.float32),
-      },
-      "emb": {"embedding": rng.standard_normal((100, 32)).astype(np.float32)},
-    }
-  }
-
-
 def test_float_readers(tmp_path):
-  tree = _float_tree()
+  tree = float_tree()
   flat = {
     "/".join(k): v
     for k, v in [
@@ -173,35 +139,3 @@ def test_float_readers(tmp_path):
   ):
     with pytest.raises(checkpoint.CheckpointError, match=msg):
       sq.load_float(tmp_path / bad)
-
-
-def test_streaming_matches_in_memory_quantize(tmp_path):
-  tree = _float_tree()
-  path = tmp_path / "big.npz"
-  with zipfile.ZipFile(path, "w") as zf:  # written leaf by leaf, as bench_stream does
-    for key, value in (
-      ("params/dense/kernel", tree["params"]["dense"]["kernel"]),
-      ("params/dense/bias", tree["params"]["dense"]["bias"]),
-      ("params/emb/embedding", tree["params"]["emb"]["embedding"]),
-    ):
-      with zf.open(key + ".npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array(f, value)
-  seen = []
-  summary = stream.quantize_file(
-    path, tmp_path / "out", "symmetric_per_channel_int8", progress=lambda p, n: seen.append(p)
-  )
-  assert summary["leaves"] == 3 and summary["quantized"] == 2 and len(seen) == 3
-  _assert_same_qtree(sq.restore(tmp_path / "out"), sq.quantize(tree, "symmetric_per_channel_int8"))
-
-
-def test_streaming_writes_bounded_parts(tmp_path):
-  rng = np.random.default_rng(2)
-  flat = {f"params/l{i}/kernel": rng.standard_normal((64, 64)).astype(np.float32) for i in range(5)}
-  np.savez(tmp_path / "p.npz", **flat)
-  stream.quantize_file(tmp_path / "p.npz", tmp_path / "out", part_bytes=4000)
-  spec = checkpoint.read_spec(tmp_path / "out")
-  assert spec["parts"] == 5 and len(os.listdir(tmp_path / "out" / "arrays")) == 5
-  tree = {"params": {f"l{i}": {"kernel": flat[f"params/l{i}/kernel"]} for i in range(5)}}
-  _assert_same_qtree(sq.restore(tmp_path / "out"), sq.quantize(tree))
-  like = jax.eval_shape(lambda: sq.quantize(tree))
-  _assert_same_qtree(sq.restore(tmp_path / "out", like=like), sq.quantize(tree))

@@ -146,7 +146,9 @@ def test_manifest_loader_fuzz(codec, tmp_path):
 _MEASURE = r"""
 import json, os, resource, sys, time
 import sensorquant_jax.manifest as m
+from sensorquant_jax._src import native
 path = sys.argv[1]
+native.library()  # imports and the native build happen before measuring
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 try:

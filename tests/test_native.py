@@ -42,8 +42,8 @@ def test_library_builds_and_registers_targets():
   # fallback would hide a broken build behind slower but passing tests.
   assert _native.library() is not None, _native.build_error()
   targets = _native.ffi_targets()
-  assert ffi.WO_TARGET in targets
-  assert (ffi.W8_TARGET in targets) == HAVE_VNNI
+  assert _native.WO_TARGET in targets
+  assert (_native.W8_TARGET in targets) == HAVE_VNNI
   assert _native.library() is _native.library()  # built once per process
 
 
@@ -227,14 +227,14 @@ def test_kernel_rejects_inconsistent_operands():
   _native.ffi_targets()
   x = jnp.ones((2, 64), jnp.float32)
   w = jnp.ones((64, 32), jnp.int8)
-  call = jax.ffi.ffi_call(ffi.WO_TARGET, jax.ShapeDtypeStruct((2, 32), jnp.float32))
+  call = jax.ffi.ffi_call(_native.WO_TARGET, jax.ShapeDtypeStruct((2, 32), jnp.float32))
   with pytest.raises(Exception, match="scale must be"):
     jax.block_until_ready(call(x, w, jnp.ones((1, 16), jnp.float32), block=np.int64(0)))
   with pytest.raises(Exception, match="disagree on K"):
     jax.block_until_ready(call(x[:, :32], w, jnp.ones((1, 32), jnp.float32), block=np.int64(0)))
   with pytest.raises(Exception, match="multiples of 16"):
     w2 = jnp.ones((64, 24), jnp.int8)
-    c2 = jax.ffi.ffi_call(ffi.WO_TARGET, jax.ShapeDtypeStruct((2, 24), jnp.float32))
+    c2 = jax.ffi.ffi_call(_native.WO_TARGET, jax.ShapeDtypeStruct((2, 24), jnp.float32))
     jax.block_until_ready(c2(x, w2, jnp.ones((1, 24), jnp.float32), block=np.int64(0)))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -93,11 +94,22 @@ _OLD_MODULES: dict[str, dict[str, str]] = {
 
 
 def deprecated_module(module_name: str) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-  """``(__getattr__, __dir__)`` for an old public module that is private now."""
+  """``(__getattr__, __dir__)`` for an old public module that is private now.
+
+  ``quantize``, ``calibrate`` and ``report`` are also functions of the package.
+  Importing the old module by its dotted name makes Python set the package
+  attribute of that name to the module, so such a module is made callable,
+  forwarding to the function: ``sq.report(...)`` keeps working either way.
+  """
   short = module_name.rsplit(".", 1)[-1]
   homes = {_PRIVATE + k: v for k, v in _OLD_MODULES[short].items()}
-  return lazy(
-    module_name,
-    homes,
-    deprecated="import it from sensorquant_jax instead (its module is private now)",
-  )
+  if short in _OLD_MODULES[short].get(short, "").split():
+    function_home = _PRIVATE + short
+
+    class _CallableModule(types.ModuleType):
+      def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(function_home), short)(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CallableModule
+  advice = "import it from sensorquant_jax instead (its module is private now)"
+  return lazy(module_name, homes, deprecated=advice)
