@@ -29,6 +29,7 @@ import numpy as np
 from _timing import median_times
 
 import sensorquant_jax as sq
+from sensorquant_jax._src.packed import DEFAULT_TILE  # the XLA path's tile (internal)
 
 
 def _stack(layer_fn):
@@ -46,7 +47,7 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--scheme", default="symmetric_per_channel_int8")
-  ap.add_argument("--impl", default="auto", choices=sq.ops.IMPLS)
+  ap.add_argument("--impl", default="auto", choices=sq.IMPLS)
   args = ap.parse_args()
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, {args.layers} layers per stack, "
@@ -75,7 +76,7 @@ def main():
       "naive": q,
       "w-only": [sq.pack(w) for w in q],
       "w-only/unpacked": q,
-      "w-only/xla": [sq.pack(w, tile=sq.ops.DEFAULT_TILE) for w in q],
+      "w-only/xla": [sq.pack(w, tile=DEFAULT_TILE) for w in q],
       "w8a8": [sq.pack(w) for w in q],
       "w8a8/xla": q,
     }

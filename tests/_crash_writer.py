@@ -20,9 +20,13 @@ import signal
 import sys
 
 import numpy as np
+import orbax.checkpoint  # noqa: F401  (imported before forking, used by every writer)
 
 import sensorquant_jax as sq
 from sensorquant_jax import manifest as m
+
+# The package resolves names lazily: resolve them here, once, before forking.
+_ = (sq.save, sq.save_calibration, sq.restore, m.QuantizedModel, m.QuantizedWeights)
 
 
 def contents(kind: str, which: int):
