@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 from sensorquant_jax._src import reexport as _reexport
 
 _HOMES = {
-  "sensorquant_jax._src.calibrate": (
-    "ObserverConfig act_scales calibrate load_calibration save_calibration"
+  "sensorquant_jax._src.calibrate": "ObserverConfig calibrate",
+  "sensorquant_jax._src.calibration": (
+    "LayerCalibration act_scales load_calibration save_calibration"
   ),
   "sensorquant_jax._src.checkpoint": "CheckpointError load_float restore save",
   "sensorquant_jax._src.convert": (
@@ -19,7 +20,7 @@ _HOMES = {
   ),
   "sensorquant_jax._src.fileio": "DestinationError",
   "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply",
-  "sensorquant_jax._src.manifest": "LayerCalibration ManifestError",
+  "sensorquant_jax._src.manifest": "ManifestError",
   "sensorquant_jax._src.native": "NativeBuildWarning",
   "sensorquant_jax._src.ops": "dense dense_general",
   "sensorquant_jax._src.options": (

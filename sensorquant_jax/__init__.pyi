@@ -6,10 +6,11 @@ from sensorquant_jax import manifest as manifest
 from sensorquant_jax import nnx as nnx
 from sensorquant_jax import stream as stream
 from sensorquant_jax._src.calibrate import ObserverConfig as ObserverConfig
-from sensorquant_jax._src.calibrate import act_scales as act_scales
 from sensorquant_jax._src.calibrate import calibrate as calibrate
-from sensorquant_jax._src.calibrate import load_calibration as load_calibration
-from sensorquant_jax._src.calibrate import save_calibration as save_calibration
+from sensorquant_jax._src.calibration import LayerCalibration as LayerCalibration
+from sensorquant_jax._src.calibration import act_scales as act_scales
+from sensorquant_jax._src.calibration import load_calibration as load_calibration
+from sensorquant_jax._src.calibration import save_calibration as save_calibration
 from sensorquant_jax._src.checkpoint import CheckpointError as CheckpointError
 from sensorquant_jax._src.checkpoint import load_float as load_float
 from sensorquant_jax._src.checkpoint import restore as restore
@@ -22,7 +23,6 @@ from sensorquant_jax._src.fileio import DestinationError as DestinationError
 from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense
 from sensorquant_jax._src.linen import QuantizedDenseGeneral as QuantizedDenseGeneral
 from sensorquant_jax._src.linen import apply as apply
-from sensorquant_jax._src.manifest import LayerCalibration as LayerCalibration
 from sensorquant_jax._src.manifest import ManifestError as ManifestError
 from sensorquant_jax._src.native import NativeBuildWarning as NativeBuildWarning
 from sensorquant_jax._src.ops import dense as dense

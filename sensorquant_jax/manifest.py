@@ -3,9 +3,10 @@
 from sensorquant_jax._src import reexport as _reexport
 
 _HOMES = {
+  "sensorquant_jax._src.calibration": "LayerCalibration",
   "sensorquant_jax._src.manifest": (
-    "Calibrator LayerCalibration ManifestError QuantizedModel QuantizedWeights SCHEME "
-    "fp16_bits_to_fp32 fp32_to_fp16_bits is_manifest_file quantize_model_weights"
+    "Calibrator ManifestError QuantizedModel QuantizedWeights SCHEME fp16_bits_to_fp32 "
+    "fp32_to_fp16_bits is_manifest_file quantize_model_weights"
   ),
 }
 __all__ = _reexport.public_names(_HOMES)

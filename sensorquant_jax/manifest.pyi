@@ -1,8 +1,8 @@
 """Types of :mod:`sensorquant_jax.manifest` (lazy re-exports)."""
 
+from sensorquant_jax._src.calibration import LayerCalibration as LayerCalibration
 from sensorquant_jax._src.manifest import SCHEME as SCHEME
 from sensorquant_jax._src.manifest import Calibrator as Calibrator
-from sensorquant_jax._src.manifest import LayerCalibration as LayerCalibration
 from sensorquant_jax._src.manifest import ManifestError as ManifestError
 from sensorquant_jax._src.manifest import QuantizedModel as QuantizedModel
 from sensorquant_jax._src.manifest import QuantizedWeights as QuantizedWeights

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -14,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import fileio, options
+from sensorquant_jax._src import options
 from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.convert import default_layer_name
 from sensorquant_jax._src.linen import handled
-from sensorquant_jax._src.manifest import LayerCalibration
 from sensorquant_jax._src.options import OBSERVERS
 from sensorquant_jax._src.tree_paths import join, path_str
 
@@ -212,79 +210,4 @@ def _mse_clip(model, params, iterate, ranges, config):
     c = float(clips[i, int(np.argmin(total[k]))])
     lo, hi = ranges[k]
     out[k] = (max(lo, -c), min(hi, c))
-  return out
-
-
-def act_scales(calibration: Mapping[str, LayerCalibration]) -> dict[str, float]:
-  """Static symmetric int8 activation scales ``max(|act_min|, |act_max|) / 127``.
-
-  The result plugs into ``sq.apply(..., mode="w8a8", act_scales=...)``.
-  """
-  return {k: max(abs(c.act_min), abs(c.act_max), 1e-12) / 127.0 for k, c in calibration.items()}
-
-
-def save_calibration(
-  path: str | os.PathLike,
-  calibration: Mapping[str, LayerCalibration],
-  *,
-  overwrite: bool = False,
-) -> None:
-  """Writes calibration records as JSON, atomically (unique temporary, fsync, rename).
-
-  Args:
-    path: the JSON file.
-    calibration: records from :func:`calibrate`.
-    overwrite: allow replacing an existing calibration file (never another
-      kind of file).
-
-  Raises:
-    DestinationError: ``path`` is a folder, another kind of file, or a
-      calibration file while ``overwrite`` is False.
-  """
-  doc = [{"path": k, **c.to_dict()} for k, c in calibration.items()]
-  text = json.dumps(doc, indent=1, allow_nan=False).encode()
-  target = fileio.check_file_destination(
-    os.fspath(path), overwrite=overwrite, is_ours=is_calibration_file, kind="calibration file"
-  )
-  fileio.write_file_atomic(target, lambda f: f.write(text))
-
-
-def is_calibration_file(path: str | os.PathLike) -> bool:
-  """Whether ``path`` looks like what :func:`save_calibration` writes."""
-  path = os.fspath(path)
-  if fileio.file_starts_with(path, b"[", (b'"act_max"',)):
-    return True
-  try:
-    with open(path, "rb") as f:
-      return f.read(64).strip() == b"[]"
-  except OSError:
-    return False
-
-
-def load_calibration(path: str | os.PathLike) -> dict[str, LayerCalibration]:
-  """Reads what :func:`save_calibration` wrote.
-
-  Raises:
-    ValueError: the file is not a list of calibration records.
-  """
-  try:
-    with open(path, encoding="utf-8") as f:
-      doc = json.load(f)
-  except RecursionError:
-    raise ValueError(f"{path}: JSON nested too deeply") from None
-  except OSError as e:
-    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-  except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON: {e}") from None
-  if not isinstance(doc, list):
-    raise ValueError(f"{path}: expected a list of calibration records")
-  out: dict[str, LayerCalibration] = {}
-  for i, d in enumerate(doc):
-    try:
-      key = d["path"]
-      if not isinstance(key, str) or key in out:
-        raise ValueError(f"missing, non-string or repeated path {key!r}")
-      out[key] = LayerCalibration.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{path}: bad calibration record {i}: {e}") from None
   return out

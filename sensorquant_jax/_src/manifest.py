@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sensorquant_jax._src import fileio
+from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.options import MIN_SCALE, PER_TENSOR
 
 SCHEME = PER_TENSOR
@@ -61,30 +62,6 @@ def _round_half_away(y: np.ndarray) -> np.ndarray:
   t = np.trunc(y)
   frac = y - t
   return t + np.where(np.abs(frac) >= np.float32(0.5), np.sign(y), np.float32(0))
-
-
-@dataclasses.dataclass
-class LayerCalibration:
-  """Calibration statistics for one Linear layer (``int8.rs`` field order)."""
-
-  name: str
-  w_min: float
-  w_max: float
-  act_min: float
-  act_max: float
-
-  def weight_scale(self) -> np.float32:
-    """``max(|w_min|, |w_max|) / 127`` in float32 (NaN-ignoring like ``f32::max``)."""
-    with np.errstate(invalid="ignore"):
-      m = np.fmax(np.abs(_f32(self.w_min)), np.abs(_f32(self.w_max)))
-    return np.float32(m / np.float32(127))
-
-  def to_dict(self) -> dict[str, Any]:
-    return {k: (v if k == "name" else float(v)) for k, v in dataclasses.asdict(self).items()}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> LayerCalibration:
-    return cls(str(d["name"]), *(float(d[k]) for k in ("w_min", "w_max", "act_min", "act_max")))
 
 
 @dataclasses.dataclass(eq=False)

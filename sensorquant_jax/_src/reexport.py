@@ -79,8 +79,8 @@ _OLD_MODULES: dict[str, dict[str, str]] = {
   "linen": {"linen": "apply QuantizedDense QuantizedDenseGeneral", "flax_common": "transpose_2d"},
   "qarray": {"qarray": "QArray is_qarray"},
   "calibrate": {
-    "calibrate": "ObserverConfig calibrate act_scales save_calibration load_calibration "
-    "is_calibration_file",
+    "calibrate": "ObserverConfig calibrate",
+    "calibration": "act_scales save_calibration load_calibration is_calibration_file",
     "options": "OBSERVERS",
   },
   "report": {"report": "report", "policy": "CANDIDATES Budget Policy auto_policy"},
