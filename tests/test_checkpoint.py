@@ -62,7 +62,6 @@ def test_restore_with_sharded_target(tmp_path):
   q = sq.quantize({"kernel": w}, "symmetric_per_channel_int8")
   sq.save(tmp_path / "ck", q)
   sharding = NamedSharding(mesh, P("a", "b"))
-  like = jax.tree_util.tree_map(lambda x: x, q, is_leaf=lambda x: False)
   like = {
     "kernel": sq.QArray(
       jax.ShapeDtypeStruct((64, 128), jnp.int8, sharding=sharding),
