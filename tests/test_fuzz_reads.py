@@ -17,26 +17,29 @@ import pytest
 import sensorquant_jax as sq
 from sensorquant_jax import checkpoint
 from sensorquant_jax import manifest as m
-from sensorquant_jax._src import native as _native
+from tests.codecs import CODECS, use_codec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS_PER_CASE = 1.0
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=CODECS)
 def codec(request):
-  had, saved = "lib" in _native._STATE, _native._STATE.get("lib")
-  if request.param == "native":
-    if _native._compiler() is None:
-      pytest.skip("no C++ compiler")
-    assert _native.library() is not None
-  else:
-    _native._STATE["lib"] = None
-  yield request.param
-  if had:
-    _native._STATE["lib"] = saved
-  else:
-    _native._STATE.pop("lib", None)
+  with use_codec(request.param) as name:
+    yield name
+
+
+def _run_script(code: str, path) -> str:
+  """Runs ``code`` with ``path`` in a fresh interpreter; its stdout (it must exit 0)."""
+  proc = subprocess.run(
+    [sys.executable, "-c", code, str(path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": ROOT},
+  )
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+  return proc.stdout
 
 
 def _base_manifest() -> bytes:
@@ -190,15 +193,7 @@ def test_manifest_loader_memory_and_time_bounded(tmp_path, name):
     )
   path = tmp_path / "big.json"
   path.write_bytes(data)
-  proc = subprocess.run(
-    [sys.executable, "-c", _MEASURE, str(path)],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "PYTHONPATH": ROOT},
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  r = json.loads(_run_script(_MEASURE, path).strip().splitlines()[-1])
   assert r["added"] < 3 * len(data) + (64 << 20), r
   assert r["seconds"] < max(SECONDS_PER_CASE, len(data) / (50 << 20)), r
   if name != "config_20mb" and name != "config_escaped_10mb":
@@ -233,14 +228,7 @@ def test_failed_large_load_then_rewrite_does_not_crash(tmp_path):
   )
   path = tmp_path / "bad.json"
   path.write_bytes(bad)
-  proc = subprocess.run(
-    [sys.executable, "-c", _SIGBUS, str(path)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "PYTHONPATH": ROOT},
-  )
-  assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-500:])
+  assert "survived" in _run_script(_SIGBUS, path)
 
 
 # ---------------------------------------------------------------------------

@@ -14,25 +14,15 @@ from hypothesis import strategies as st
 import sensorquant_jax as sq
 from sensorquant_jax import manifest as m
 from sensorquant_jax._src import intparse as _intparse
-from sensorquant_jax._src import native as _native
 from sensorquant_jax._src.jsonfmt import format_f32, int8_lines
+from tests.codecs import use_codec
 
 
 @pytest.fixture(scope="module", params=["native", "portable"], autouse=True)
 def text_codec(request):
   """Every test here runs with the native int8 formatter/parser and the numpy one."""
-  had, saved = "lib" in _native._STATE, _native._STATE.get("lib")
-  if request.param == "native":
-    if _native._compiler() is None:
-      pytest.skip("no C++ compiler")
-    assert _native.library() is not None, _native.build_error()
-  else:
-    _native._STATE["lib"] = None
-  yield request.param
-  if had:
-    _native._STATE["lib"] = saved
-  else:
-    _native._STATE.pop("lib", None)
+  with use_codec(request.param) as name:
+    yield name
 
 
 HERE = os.path.dirname(__file__)

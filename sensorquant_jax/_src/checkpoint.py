@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import numpy as np
@@ -219,7 +219,7 @@ def save(
       writer.add(path_str(p), x)
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -238,7 +238,7 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
       raise CheckpointError(f"{at}: missing 'value'")
     return
   part = e.get("part")
-  if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < parts:
+  if not _is_int(part) or not 0 <= part < parts:
     raise CheckpointError(f"{at}: 'part' must be an integer in [0, {parts}), got {part!r}")
   if kind == "array":
     return
@@ -298,7 +298,7 @@ def read_spec(path: str | os.PathLike) -> dict:
   if not isinstance(doc.get("metadata", {}), dict):
     raise CheckpointError(f"{spec_path}: 'metadata' must be an object")
   parts = doc.get("parts")
-  if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
+  if not _is_int(parts) or parts < 0:
     raise CheckpointError(f"{spec_path}: 'parts' must be a non-negative integer")
   leaves = doc.get("leaves")
   if not isinstance(leaves, list):

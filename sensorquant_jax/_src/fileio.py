@@ -155,9 +155,11 @@ def _check_writable(path: str, folder: str) -> None:
     raise DestinationError(path, f"{folder} is a file, not a folder")
 
 
-def file_starts_with(path: str, lead: bytes, markers: tuple[bytes, ...], limit: int = 1 << 16):
+def file_starts_with(
+  path: str, lead: bytes, markers: tuple[bytes, ...], limit: int = 1 << 16
+) -> bool:
   """Whether the file's first non-blank byte is ``lead`` and its first ``limit``
-  bytes hold one of ``markers`` (a cheap "is this our kind of JSON" test)."""
+  bytes hold one of ``markers`` (a cheap "is this our kind of file" test)."""
   try:
     with open(path, "rb") as f:
       head = f.read(limit)

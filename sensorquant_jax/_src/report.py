@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sensorquant_jax._src import fileio
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.convert import default_layer_name
+from sensorquant_jax._src.options import Mode
 from sensorquant_jax._src.qarray import is_qarray
 from sensorquant_jax._src.quantize import nbytes
 from sensorquant_jax._src.tree_paths import path_str
@@ -37,10 +39,11 @@ def report(
   model: Any = None,
   batches: Iterable[Any] | None = None,
   labels: Sequence[Any] | None = None,
-  mode: str = "weight_only",
+  mode: Mode = "weight_only",
   show: bool = True,
   json_path: str | os.PathLike | None = None,
   png_path: str | os.PathLike | None = None,
+  overwrite: bool = False,
 ) -> dict[str, Any]:
   """Per-layer quantization error and, given a model and batches, output fidelity.
 
@@ -54,10 +57,25 @@ def report(
     show: print the table (rich).
     json_path: also save the report as JSON.
     png_path: also save a bar plot of per-layer SQNR (needs matplotlib).
+    overwrite: allow replacing an earlier report JSON or PNG at those paths
+      (never another kind of file). Both are checked before any work.
 
   Returns:
     ``{"layers": [...], "totals": {...}, "output": {...} or None}``.
+
+  Raises:
+    DestinationError: a path holds something we must not replace.
   """
+  targets = {
+    kind: fileio.check_file_destination(
+      os.fspath(path), overwrite=overwrite, is_ours=is_ours, kind=kind
+    )
+    for kind, path, is_ours in (
+      ("report JSON", json_path, _is_report_json),
+      ("PNG image", png_path, _is_png),
+    )
+    if path is not None
+  }
   floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   layers = []
   for p, q in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]:
@@ -82,12 +100,21 @@ def report(
   result = {"layers": layers, "totals": totals, "output": output}
   if show:
     _print(result)
-  if json_path is not None:
-    with open(json_path, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-  if png_path is not None:
-    _plot(result, png_path)
+  if "report JSON" in targets:
+    text = json.dumps(result, indent=1).encode()
+    fileio.write_file_atomic(targets["report JSON"], lambda f: f.write(text))
+  if "PNG image" in targets:
+    fig = _plot(result)
+    fileio.write_file_atomic(targets["PNG image"], lambda f: fig.savefig(f, format="png", dpi=110))
   return result
+
+
+def _is_report_json(path: str) -> bool:
+  return fileio.file_starts_with(path, b"{", (b'"layers"',))
+
+
+def _is_png(path: str) -> bool:
+  return fileio.file_starts_with(path, b"\x89", (b"PNG\r\n",), limit=8)
 
 
 def _fidelity(model, params, qparams, batches, labels, mode) -> dict[str, float]:
@@ -150,7 +177,8 @@ def _print(result) -> None:
     console.print("output: " + ", ".join(f"{k} {v:.4g}" for k, v in result["output"].items()))
 
 
-def _plot(result, path) -> None:
+def _plot(result) -> Any:
+  """The per-layer SQNR bar plot as a matplotlib ``Figure``."""
   try:
     # A Figure with its own Agg canvas: no pyplot, no change to the user's backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -170,4 +198,4 @@ def _plot(result, path) -> None:
   ax.set_ylabel("SQNR (dB)")
   ax.set_title("per-layer SQNR: " + ", ".join(sorted({r["scheme"] for r in rows})))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  return fig

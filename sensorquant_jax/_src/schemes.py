@@ -322,7 +322,8 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
 
   # Per-block: pad the block axis with zeros (they never raise a block's max),
   # split it into (n_blocks, block), reduce over the block, then undo the split.
-  (axis,) = spec.axes or (ndim - 1,)
+  assert spec.axes is not None, "resolve() gives per-block specs their axis"
+  (axis,) = spec.axes
   block = int(spec.block_size)
   q, scale = _symmetric(split_blocks(wf, axis, block), (axis + 1,), fix)
   q = merge_blocks(q, axis, wf.shape[axis])
