@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sensorquant_jax as sq
+from tests.references import int4_reference
 from tests.models import TinyTransformer
 
 SCHEMES = list(sq.SCHEMES)
@@ -62,7 +63,7 @@ def test_requantizing_is_idempotent(scheme, w):
 def test_shapes_and_dtypes_round_trip(scheme, dtype, shape):
   w = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), dtype)
   qa = sq.quantize_array(w, scheme)
-  assert qa.shape == w.shape and qa.values.dtype == jnp.int8
+  assert qa.shape == w.shape and qa.values.dtype == (jnp.uint8 if qa.bits == 4 else jnp.int8)
   assert qa.scale.dtype == jnp.float32 and qa.scale.ndim == w.ndim
   out = qa.dequantize()
   assert out.shape == w.shape and out.dtype == dtype
@@ -88,16 +89,20 @@ def test_matches_numpy_reference(scheme):
     blocks = np.pad(f, ((0, 96 - 70), (0, 0))).reshape(3, 32, 24)
     s = (np.max(np.abs(blocks), axis=1) / 127).astype(np.float32)
     q = np.clip(rnd(w / np.repeat(s, 32, axis=0)[:70]), -127, 127)
-  else:
+  elif scheme == "asymmetric_per_channel_int8":
     lo = np.minimum(w.min(0, keepdims=True), 0)
     hi = np.maximum(w.max(0, keepdims=True), 0)
     s = ((hi - lo) / np.float32(255)).astype(np.float32)
     zp = np.clip(rnd(-128 - lo / s), -128, 127)
     q = np.clip(rnd(w / s) + zp, -128, 127)
     np.testing.assert_array_equal(np.asarray(qa.zero_point), zp)
+  else:  # int4, groups of 128 along axis 0: one group of 70
+    q, s, zp = int4_reference(w, 128, asymmetric=scheme.startswith("asym"))
+    if zp is not None:
+      np.testing.assert_array_equal(np.asarray(qa.zero_point), zp)
   np.testing.assert_allclose(np.asarray(qa.scale), s, rtol=1e-7)
-  assert np.mean(np.asarray(qa.values) != q) < 1e-3  # ulp-level ties only
-  assert np.max(np.abs(np.asarray(qa.values, np.int32) - q)) <= 1
+  assert np.mean(np.asarray(qa.codes()) != q) < 1e-3  # ulp-level ties only
+  assert np.max(np.abs(np.asarray(qa.codes(), np.int32) - q)) <= 1
 
 
 def _params():

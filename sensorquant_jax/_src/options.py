@@ -12,6 +12,8 @@ Scheme = Literal[
   "symmetric_per_channel_int8",
   "symmetric_per_block_int8",
   "asymmetric_per_channel_int8",
+  "symmetric_per_group_int4",
+  "asymmetric_per_group_int4",
 ]
 SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
 """Scheme names, the Rust module's first."""
@@ -19,6 +21,19 @@ PER_TENSOR: Final = "symmetric_per_tensor_int8"
 PER_CHANNEL: Final = "symmetric_per_channel_int8"
 PER_BLOCK: Final = "symmetric_per_block_int8"
 ASYMMETRIC_PER_CHANNEL: Final = "asymmetric_per_channel_int8"
+INT4: Final = "symmetric_per_group_int4"
+ASYMMETRIC_INT4: Final = "asymmetric_per_group_int4"
+INT4_SCHEMES: Final = (INT4, ASYMMETRIC_INT4)
+BLOCK_SCHEMES: Final = ("symmetric_per_block_int8", INT4, ASYMMETRIC_INT4)
+"""Schemes with one scale per block (group) of values along one axis."""
+ASYMMETRIC_SCHEMES: Final = (ASYMMETRIC_PER_CHANNEL, ASYMMETRIC_INT4)
+"""Schemes that store a zero point."""
+
+
+def bits_of(scheme: str) -> int:
+  """Bits per stored value of ``scheme`` (4 or 8)."""
+  return 4 if scheme in INT4_SCHEMES else 8
+
 
 MIN_SCALE: Final = np.float32(1e-8)
 """The Rust module's scale floor, as an f32 literal."""

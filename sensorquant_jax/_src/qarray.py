@@ -9,12 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sensorquant_jax._src import nibbles
+from sensorquant_jax._src.options import bits_of
+
+SYMMETRIC_INT4_ZERO = 8
+"""The stored code of 0 in the symmetric int4 scheme (codes ``q + 8``, ``q`` in ``[-7, 7]``)."""
+
 
 @struct.dataclass
 class QArray:
-  """An int8-quantized array: integer ``values`` plus float32 ``scale``.
+  """A quantized array: integer ``values`` plus float32 ``scale``.
 
-  ``values`` has the logical shape of the original array. ``scale`` (and
+  For the int8 schemes ``values`` is int8 with the logical shape of the
+  original array. For the int4 schemes (``bits == 4``) it is uint8 holding
+  two 4-bit codes a byte along the group axis (see
+  :mod:`sensorquant_jax._src.nibbles`: low nibble first), so that axis has
+  ``ceil(n / 2)`` entries and ``pad`` (0 or 1) says whether the last high
+  nibble is padding; :attr:`shape` is always the logical shape. ``scale`` (and
   ``zero_point`` when present) has the same rank, with size 1 along every
   reduced axis, except for block schemes, where the block axis holds one entry
   per block. This keepdims layout broadcasts against ``values``, keeps working
@@ -22,14 +33,17 @@ class QArray:
   end), and lets sharding propagate from values to scales.
 
   Attributes:
-    values: int8 array with the original shape.
+    values: int8 array with the original shape, or packed uint8 nibbles.
     scale: float32 array, see above.
     zero_point: optional int8 array shaped like ``scale`` (asymmetric schemes).
     scheme: scheme name, e.g. ``"symmetric_per_tensor_int8"`` (static).
     axes: reduced axes as negative indices: all axes for per-tensor, the
-      non-channel axes for per-channel, the block axis for per-block (static).
-    block_size: values per block for block schemes, else ``None`` (static).
+      non-channel axes for per-channel, the block (group) axis for per-block
+      and per-group schemes (static).
+    block_size: values per block or group for those schemes, else ``None``
+      (static).
     dtype: the original floating dtype, restored by ``dequantize`` (static).
+    pad: int4 only: padding nibbles at the end of the packed axis (static).
   """
 
   values: jax.Array
@@ -39,10 +53,21 @@ class QArray:
   axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
   block_size: int | None = struct.field(pytree_node=False, default=None)
   dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
+  pad: int = struct.field(pytree_node=False, default=0)
+
+  @property
+  def bits(self) -> int:
+    """Bits per stored value: 8, or 4 for the packed int4 schemes."""
+    return bits_of(self.scheme)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.values.shape)
+    """The logical shape (of the array this was quantized from)."""
+    shape = tuple(self.values.shape)
+    if self.bits == 4 and shape:
+      a = self.axes[0] % len(shape)
+      shape = shape[:a] + (2 * shape[a] - self.pad,) + shape[a + 1 :]
+    return shape
 
   @property
   def ndim(self) -> int:
@@ -50,7 +75,7 @@ class QArray:
 
   @property
   def size(self) -> int:
-    return int(np.prod(self.values.shape, dtype=np.int64))
+    return int(np.prod(self.shape, dtype=np.int64))
 
   @property
   def nbytes(self) -> int:
@@ -75,13 +100,12 @@ class QArray:
       An array with the shape of ``values``. For ``symmetric_per_tensor_int8``
       it equals the Rust module's ``dequantize`` bit for bit.
     """
-    v = self.values.astype(jnp.float32)
-    if self.zero_point is not None:
-      v = v - self.zero_point.astype(jnp.float32)
+    v = self.codes().astype(jnp.float32)
+    zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
     if self.block_size is None:
-      out = v * self.scale
+      out = (v if zp is None else v - zp) * self.scale
     else:
-      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size)
+      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp)
     dtype = self.dtype if dtype is None else dtype
     # Weights within an ulp of the dtype's max can land a rounding step past
     # it (127 * fl(max / 127) > max); clamp so dequantize is finite for every
@@ -91,13 +115,33 @@ class QArray:
       out = jnp.clip(out, -top, top)
     return out.astype(dtype)
 
+  def codes(self) -> jax.Array:
+    """The integer values with the logical shape, centred for symmetric int4.
+
+    int8 schemes: ``values`` itself. int4: the unpacked nibbles as int8,
+    minus 8 for the symmetric scheme (so ``[-7, 7]``), as stored (``[0, 15]``)
+    for the asymmetric one, whose ``zero_point`` is subtracted later.
+    """
+    if self.bits == 8:
+      return self.values
+    a = self.axes[0]
+    n = self.shape[a]
+    q = nibbles.unpack(self.values, a, n).astype(jnp.int8)
+    return q if self.zero_point is not None else q - jnp.int8(SYMMETRIC_INT4_ZERO)
+
   def __repr__(self) -> str:
     # Leaves may be anything after a tree_map (tuples, None, tracers): never fail.
     return (
-      f"QArray(scheme={self.scheme!r}, shape={_shape_text(self.values)}, "
+      f"QArray(scheme={self.scheme!r}, shape={self._shape_text()}, "
       f"values={_dtype_name(self.values)}, scale={_shape_text(self.scale)}, "
       f"dtype={_dtype_name(self.dtype, is_dtype=True)})"
     )
+
+  def _shape_text(self) -> str:
+    try:
+      return str(self.shape)
+    except Exception:  # a leaf replaced by anything: say what it is
+      return _shape_text(self.values)
 
 
 def _shape_text(x: Any) -> str:
@@ -151,10 +195,14 @@ def merge_blocks(x: jax.Array, axis: int, n: int) -> jax.Array:
   return jax.lax.slice_in_dim(x.reshape(shape), 0, n, axis=axis)
 
 
-def _apply_blocks(v: jax.Array, scale: jax.Array, axis: int, block: int) -> jax.Array:
-  """Multiplies ``v`` by per-block ``scale`` along ``axis`` (negative)."""
+def _apply_blocks(
+  v: jax.Array, scale: jax.Array, axis: int, block: int, zp: jax.Array | None = None
+) -> jax.Array:
+  """``(v - zp) * scale`` with per-block ``scale`` and ``zp`` along ``axis`` (negative)."""
   axis %= v.ndim
   blocked = split_blocks(v, axis, block)
+  if zp is not None:
+    blocked = blocked - jnp.expand_dims(zp, axis + 1)
   return merge_blocks(blocked * jnp.expand_dims(scale, axis + 1), axis, v.shape[axis])
 
 

@@ -35,7 +35,8 @@ class Rule:
     scheme: a scheme name, or ``None`` to keep matching leaves in float.
     axes: channel axes (per-channel) or block axis (per-block); ``None`` for
       the default (see :func:`sensorquant_jax.schemes.default_axes`).
-    block_size: values per block for the per-block scheme.
+    block_size: values per block (per-block int8) or group (int4 schemes);
+      ``None``: the scheme's default (32 and 128).
 
   A rule that matches quantizes any floating array leaf, whatever its size or
   rank; unmatched leaves follow the defaults of :func:`quantize`.
@@ -44,7 +45,7 @@ class Rule:
   pattern: str
   scheme: Scheme | None
   axes: tuple[int, ...] | None = None
-  block_size: int = schemes.DEFAULT_BLOCK_SIZE
+  block_size: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.pattern, str):
@@ -65,7 +66,9 @@ class Rule:
       ):
         raise ValueError(f"rule {self.pattern!r}: axes must be integers, got {self.axes!r}")
       object.__setattr__(self, "axes", tuple(self.axes))
-    if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+    if self.block_size is not None and (
+      isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+    ):
       raise ValueError(f"rule {self.pattern!r}: block_size must be an integer")
     if self.scheme is not None:
       try:
@@ -154,7 +157,7 @@ def quantize_array(
   scheme: Scheme = schemes.PER_TENSOR,
   *,
   axes: Sequence[int] | None = None,
-  block_size: int = schemes.DEFAULT_BLOCK_SIZE,
+  block_size: int | None = None,
   check_finite: bool = True,
   division_fix: bool | None = None,
 ) -> QArray:
@@ -164,7 +167,8 @@ def quantize_array(
     w: the array (any floating dtype; arithmetic is float32).
     scheme: one of :data:`sensorquant_jax.SCHEMES`.
     axes: channel axes (per-channel) or the block axis (per-block).
-    block_size: values per block (per-block scheme).
+    block_size: values per block or group (block and int4 schemes);
+      ``None`` for the scheme's default.
     check_finite: raise :class:`NonFiniteError` on NaN/Inf input.
     division_fix: see :func:`quantize`.
 

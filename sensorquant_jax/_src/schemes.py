@@ -33,8 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sensorquant_jax._src import nibbles
 from sensorquant_jax._src.options import (
+  ASYMMETRIC_INT4,
   ASYMMETRIC_PER_CHANNEL,
+  BLOCK_SCHEMES,
+  INT4,
+  INT4_SCHEMES,
   MIN_SCALE,
   PER_BLOCK,
   PER_CHANNEL,
@@ -42,9 +47,17 @@ from sensorquant_jax._src.options import (
   SCHEMES,
   Scheme,
 )
-from sensorquant_jax._src.qarray import QArray, merge_blocks, split_blocks
+from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO, QArray, merge_blocks, split_blocks
 
 DEFAULT_BLOCK_SIZE = 32
+"""Values per block of ``symmetric_per_block_int8`` (as GGUF Q8_0)."""
+DEFAULT_GROUP_SIZE = 128
+"""Values per group of the int4 schemes."""
+
+
+def default_block_size(scheme: str) -> int:
+  """The block (group) size ``scheme`` uses when none is given."""
+  return DEFAULT_GROUP_SIZE if scheme in INT4_SCHEMES else DEFAULT_BLOCK_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +69,9 @@ class Spec:
     axes: per-channel schemes: the channel (kept) axes; per-block: a 1-tuple
       with the block axis; ``None`` picks the documented default for the
       array's rank and leaf name (see :func:`default_axes`).
-    block_size: values per block (per-block scheme only).
+    block_size: values per block (per-block int8) or group (int4 schemes);
+      ``None`` for the scheme's default (32 and 128). Int4 groups are even,
+      so no byte holds codes of two groups.
     division_fix: correct float32 divisions with exact residuals (``True``),
       trust them (``False``), or ``None``: correct on every backend but
       XLA:CPU, whose division is IEEE. Part of the jit cache key, so results
@@ -65,7 +80,7 @@ class Spec:
 
   scheme: Scheme = PER_TENSOR
   axes: tuple[int, ...] | None = None
-  block_size: int = DEFAULT_BLOCK_SIZE
+  block_size: int | None = None
   division_fix: bool | None = None
 
   def __post_init__(self):
@@ -73,8 +88,12 @@ class Spec:
       raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
     if self.axes is not None:
       object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+    if self.block_size is None:
+      object.__setattr__(self, "block_size", default_block_size(self.scheme))
     if int(self.block_size) < 1:
       raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+    if self.scheme in INT4_SCHEMES and int(self.block_size) % 2:
+      raise ValueError(f"int4 group size must be even, got {self.block_size}")
 
 
 def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...] | None:
@@ -86,10 +105,10 @@ def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...]
   channel axis is ``-1``; embedding tables (leaf ``embedding``, ``[vocab,
   features]``) get one scale per row (axis ``0``).
 
-  Per-block splits the contraction axis: axis ``0`` for 2-D and 3-D kernels
-  (Dense input features; DenseGeneral ``in`` or ``heads``), ``-2`` for 4-D and
-  larger (a Conv kernel's input features), and the feature axis ``-1`` for
-  embedding tables. Override with a :class:`~sensorquant_jax.Rule`'s ``axes``.
+  Per-block (and the int4 per-group schemes) split the contraction axis:
+  axis ``0`` for 2-D and 3-D kernels (Dense input features; DenseGeneral
+  ``in`` or ``heads``), ``-2`` for 4-D and larger (a Conv kernel's input
+  features), and the feature axis ``-1`` for embedding tables. Override with a :class:`~sensorquant_jax.Rule`'s ``axes``.
 
   Args:
     scheme: scheme name.
@@ -103,7 +122,7 @@ def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...]
     if ndim == 0:
       return ()
     return (0,) if leaf_name == "embedding" else (ndim - 1,)
-  if scheme == PER_BLOCK:
+  if scheme in BLOCK_SCHEMES:
     if ndim == 0:
       raise ValueError("per-block quantization needs at least one axis")
     if leaf_name == "embedding" or ndim == 1:
@@ -234,18 +253,51 @@ def _abs_max(w: jax.Array, axis: tuple[int, ...]) -> jax.Array:
 
 
 def _symmetric(
-  w: jax.Array, reduce_axes: tuple[int, ...], fix: bool
+  w: jax.Array, reduce_axes: tuple[int, ...], fix: bool, qmax: int = 127
 ) -> tuple[jax.Array, jax.Array]:
+  """``q`` in ``[-qmax, qmax]`` and ``scale = max(max|w| / qmax, 1e-8)``."""
   m = _abs_max(w, reduce_axes)
-  s0 = _exact_div(m, jnp.float32(127))
+  s0 = _exact_div(m, jnp.float32(qmax))
   if fix:
-    s0 = _scale_fix(m, s0)
+    s0 = _scale_fix(m, s0, qmax)
   scale = jnp.maximum(s0, MIN_SCALE)
   y = _exact_div(w, scale)
   if fix:
     y = _quotient_round_fix(w, scale, y)
-  q = _round_clip(y, -127, 127).astype(jnp.int8)
+  q = _round_clip(y, -qmax, qmax).astype(jnp.int8)
   return q, scale
+
+
+def _asymmetric(
+  wf: jax.Array, reduce_axes: tuple[int, ...], fix: bool, qmin: int, qmax: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``q`` in ``[qmin, qmax]``, ``scale = (hi - lo) / (qmax - qmin)`` and the zero point.
+
+  The range ``[lo, hi]`` always includes 0, so 0 is exactly representable.
+  """
+  levels = qmax - qmin
+  finite = jnp.where(jnp.isnan(wf), jnp.float32(0), wf)
+  lo = jnp.minimum(jnp.min(finite, axis=reduce_axes, keepdims=True), 0)
+  hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
+  span = hi - lo
+  s0 = _exact_div(span, jnp.float32(levels))
+  if fix:
+    s0 = _scale_fix(span, s0, levels)
+  # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
+  # before subtracting there (a finite scale; exactness is moot at that size).
+  s0 = jnp.where(
+    jnp.isinf(span), _exact_div(hi, jnp.float32(levels)) - _exact_div(lo, jnp.float32(levels)), s0
+  )
+  scale = jnp.maximum(s0, MIN_SCALE)
+  z0 = _exact_div(lo, scale)
+  if fix:
+    z0 = _div_fix(lo, scale, z0)
+  zp = _round_clip(jnp.float32(qmin) - z0, qmin, qmax)
+  y = _exact_div(wf, scale)
+  if fix:
+    y = _quotient_round_fix(wf, scale, y)
+  q = _round_clip(_round_clip(y, -levels, levels) + zp, qmin, qmax)
+  return q, scale, zp
 
 
 def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -265,8 +317,8 @@ def resolve(spec: Spec, ndim: int, leaf_name: str = "") -> Spec:
   if spec.scheme == PER_TENSOR or axes is None:
     return dataclasses.replace(spec, axes=None)
   axes = _normalize_axes(axes, ndim)
-  if spec.scheme == PER_BLOCK and len(axes) != 1:
-    raise ValueError(f"per-block quantization takes exactly one block axis, got {axes}")
+  if spec.scheme in BLOCK_SCHEMES and len(axes) != 1:
+    raise ValueError(f"{spec.scheme} takes exactly one block axis, got {axes}")
   return dataclasses.replace(spec, axes=axes)
 
 
@@ -289,27 +341,7 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
     if spec.scheme == PER_CHANNEL:
       q, scale = _symmetric(wf, reduce_axes, fix)
       return QArray(q, scale, None, PER_CHANNEL, neg(reduce_axes), None, dtype)
-    finite = jnp.where(jnp.isnan(wf), jnp.float32(0), wf)
-    lo = jnp.minimum(jnp.min(finite, axis=reduce_axes, keepdims=True), 0)
-    hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
-    span = hi - lo
-    s0 = _exact_div(span, jnp.float32(255))
-    if fix:
-      s0 = _scale_fix(span, s0, 255)
-    # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
-    # before subtracting there (a finite scale; exactness is moot at that size).
-    s0 = jnp.where(
-      jnp.isinf(span), _exact_div(hi, jnp.float32(255)) - _exact_div(lo, jnp.float32(255)), s0
-    )
-    scale = jnp.maximum(s0, MIN_SCALE)
-    z0 = _exact_div(lo, scale)
-    if fix:
-      z0 = _div_fix(lo, scale, z0)
-    zp = _round_clip(jnp.float32(-128) - z0, -128, 127)
-    y = _exact_div(wf, scale)
-    if fix:
-      y = _quotient_round_fix(wf, scale, y)
-    q = _round_clip(_round_clip(y, -255, 255) + zp, -128, 127)
+    q, scale, zp = _asymmetric(wf, reduce_axes, fix, -128, 127)
     return QArray(
       q.astype(jnp.int8),
       scale,
@@ -320,12 +352,28 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
       dtype,
     )
 
-  # Per-block: pad the block axis with zeros (they never raise a block's max),
-  # split it into (n_blocks, block), reduce over the block, then undo the split.
+  # Per-block and per-group: pad the block axis with zeros (they never raise a
+  # block's max), split it into (n_blocks, block), reduce over the block, then
+  # undo the split.
   assert spec.axes is not None, "resolve() gives per-block specs their axis"
   (axis,) = spec.axes
-  block = int(spec.block_size)
-  q, scale = _symmetric(split_blocks(wf, axis, block), (axis + 1,), fix)
+  block = int(spec.block_size or default_block_size(spec.scheme))
+  blocks = split_blocks(wf, axis, block)
+  zp = None
+  if spec.scheme == ASYMMETRIC_INT4:
+    q, scale, zp = _asymmetric(blocks, (axis + 1,), fix, 0, 15)
+    zp = jnp.squeeze(zp, axis + 1).astype(jnp.int8)
+  elif spec.scheme == INT4:
+    q, scale = _symmetric(blocks, (axis + 1,), fix, 7)
+    q = q + jnp.int8(SYMMETRIC_INT4_ZERO)
+  else:
+    q, scale = _symmetric(blocks, (axis + 1,), fix)
   q = merge_blocks(q, axis, wf.shape[axis])
   scale = jnp.squeeze(scale, axis + 1)
-  return QArray(q, scale, None, PER_BLOCK, (axis - ndim,), block, dtype)
+  if spec.scheme not in INT4_SCHEMES:
+    return QArray(q, scale, None, PER_BLOCK, (axis - ndim,), block, dtype)
+  n = wf.shape[axis]
+  # An odd axis gets one padding nibble, never shown; symmetric pads with its 0.
+  fill = SYMMETRIC_INT4_ZERO if zp is None else 0
+  packed = nibbles.pack(q.astype(jnp.uint8), axis, fill)
+  return QArray(packed, scale, zp, spec.scheme, (axis - ndim,), block, dtype, n % 2)

@@ -1,0 +1,53 @@
+"""Independent numpy references for the int4 schemes (written from their definitions)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rnd(x):
+  """Round half away from zero."""
+  return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def int4_reference(w: np.ndarray, group: int, asymmetric: bool, axis: int = 0):
+  """Codes, scales and zero points of a per-group int4 quantization along ``axis``.
+
+  Symmetric: ``scale = max|w| / 7`` per group, ``q = clip(round(w / scale), -7, 7)``
+  (codes returned centred, as ``QArray.codes()`` gives them). Asymmetric:
+  ``scale = (max(hi, 0) - min(lo, 0)) / 15``, ``zp = clip(round(-lo / scale), 0, 15)``,
+  ``q = clip(round(w / scale) + zp, 0, 15)``. Scales floored at 1e-8.
+
+  Returns:
+    ``(q, scale, zp)``: ``q`` shaped like ``w``; ``scale`` and ``zp`` with
+    ``ceil(n / group)`` entries along ``axis`` (``zp`` is ``None`` when symmetric).
+  """
+  w = np.moveaxis(np.asarray(w, np.float32), axis, 0)
+  n = w.shape[0]
+  nb = -(-n // group)
+  padded = np.concatenate([w, np.zeros((nb * group - n,) + w.shape[1:], np.float32)])
+  blocks = padded.reshape((nb, group) + w.shape[1:])
+  if asymmetric:
+    lo = np.minimum(blocks.min(1), 0)
+    hi = np.maximum(blocks.max(1), 0)
+    s = np.maximum(((hi - lo) / np.float32(15)).astype(np.float32), np.float32(1e-8))
+    zp = np.clip(rnd(-lo / s), 0, 15)
+    full = np.repeat(s, group, axis=0)[:n]
+    q = np.clip(rnd(w / full) + np.repeat(zp, group, axis=0)[:n], 0, 15)
+  else:
+    s = np.maximum((np.abs(blocks).max(1) / np.float32(7)).astype(np.float32), np.float32(1e-8))
+    zp = None
+    q = np.clip(rnd(w / np.repeat(s, group, axis=0)[:n]), -7, 7)
+  back = lambda a: None if a is None else np.moveaxis(a, 0, axis)  # noqa: E731
+  return back(q), back(s), back(zp)
+
+
+def pack_reference(codes: np.ndarray, axis: int, fill: int) -> np.ndarray:
+  """Two codes a byte along ``axis``, low nibble first, an odd tail padded with ``fill``."""
+  c = np.moveaxis(np.asarray(codes, np.uint8), axis, 0)
+  if c.shape[0] % 2:
+    c = np.concatenate([c, np.full((1,) + c.shape[1:], fill, np.uint8)])
+  out = np.empty((c.shape[0] // 2,) + c.shape[1:], np.uint8)
+  for i in range(out.shape[0]):
+    out[i] = c[2 * i] | (c[2 * i + 1] << 4)
+  return np.moveaxis(out, 0, axis)
