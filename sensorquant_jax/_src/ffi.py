@@ -16,7 +16,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sensorquant_jax._src import native, options
-from sensorquant_jax._src.native import WO_TARGET
+from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, WO_TARGET
+
+_INT4 = (INT4_TARGET, INT4_ZERO_TARGET)
+_BLOCK_ATTR = (WO_TARGET, *_INT4)
 
 W8_MAX_K = 65536
 """Largest K whose int32 accumulation of ``(x + 128) * w`` is exact (``kW8A8MaxK`` in
@@ -59,13 +62,14 @@ def _mesh_size(mesh, axis) -> int:
   return math.prod(mesh.shape[a] for a in _names(axis))
 
 
-def _sharded(call, n_rows: int, tiled: bool):
+def _sharded(call, n_rows: int, tiled: bool, n_cols: int = 1, packed: bool = False):
   """``call`` partitioned like a matmul under ``jit`` with sharded operands.
 
   Rows (activations) and output columns (weights, scales) keep their
   shardings and each device runs the kernel on its own block; the contraction
   axis is gathered. Without this, XLA would gather every operand to run the
-  opaque custom call whole.
+  opaque custom call whole. The operands are ``n_rows`` row arrays, the
+  weights, then ``n_cols`` per-column arrays ``[b, N]`` (scales, zero points).
   """
   op = custom_partitioning(call)
 
@@ -83,7 +87,8 @@ def _sharded(call, n_rows: int, tiled: bool):
       col = None  # one mesh axis cannot shard both output dimensions
     rows = [NamedSharding(mesh, P(row, None)) for _ in range(n_rows)]
     vspec = P(col, None, None) if tiled else P(None, col)
-    args = (*rows, NamedSharding(mesh, vspec), NamedSharding(mesh, P(None, col)))
+    cols = [NamedSharding(mesh, P(None, col)) for _ in range(n_cols)]
+    args = (*rows, NamedSharding(mesh, vspec), *cols)
     return args, NamedSharding(mesh, P(row, col))
 
   def infer(mesh, arg_shapes, result_shape):
@@ -94,14 +99,19 @@ def _sharded(call, n_rows: int, tiled: bool):
     return mesh, call, out, args
 
   rows = ", ".join(["m k", "m o"][:n_rows])
-  rule = f"{rows}, t k u, b (t u) -> m (t u)" if tiled else f"{rows}, k n, b n -> m n"
+  # Factors: k (contraction), h (packed int4 rows: ceil(k / 2)), b (blocks).
+  kw = "h" if packed else "k"
+  weights = f"t {kw} u" if tiled else f"{kw} n"
+  cols = ", ".join(["b (t u)" if tiled else "b n"] * n_cols)
+  out = "m (t u)" if tiled else "m n"
+  rule = f"{rows}, {weights}, {cols} -> {out}"
   op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule)
   return op
 
 
 @functools.cache
-def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool):
-  """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, scale)``.
+def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool, n_cols: int = 1):
+  """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, *col_args)``.
 
   Batching rows (the usual ``vmap`` over examples) folds the batch into the
   kernel's M dimension; batched weights fall back to a loop over the batch.
@@ -111,10 +121,10 @@ def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool):
     values = args[n_rows]
     n = values.shape[1] if values.ndim == 2 else values.shape[0] * values.shape[2]
     out = jax.ShapeDtypeStruct((args[0].shape[0], n), jnp.float32)
-    attrs = {"block": np.int64(block)} if target == WO_TARGET else {}
+    attrs = {"block": np.int64(block)} if target in _BLOCK_ATTR else {}
     return jax.ffi.ffi_call(target, out)(*args, **attrs)
 
-  kernel = jax.custom_batching.custom_vmap(_sharded(call, n_rows, tiled))
+  kernel = jax.custom_batching.custom_vmap(_sharded(call, n_rows, tiled, n_cols, target in _INT4))
 
   @kernel.def_vmap
   def _rule(axis_size, in_batched, *args):
@@ -134,9 +144,9 @@ def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool):
   return kernel
 
 
-def native_op(target: str, n_rows: int, block: int, tiled: bool, reference):
+def native_op(target: str, n_rows: int, block: int, tiled: bool, reference, n_cols: int = 1):
   """The kernel, differentiable through ``reference`` (the XLA formula it computes)."""
-  kernel = _ffi_kernel(target, n_rows, block, tiled)
+  kernel = _ffi_kernel(target, n_rows, block, tiled, n_cols)
 
   @jax.custom_vjp
   def op(*args):

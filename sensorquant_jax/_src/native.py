@@ -51,7 +51,16 @@ WO_TARGET = "sq_weight_only_dense"
 """XLA FFI target of the weight-only dense kernel (symbol ``SqWeightOnlyDense``)."""
 W8_TARGET = "sq_w8a8_dense"
 """XLA FFI target of the W8A8 kernel (symbol ``SqW8A8Dense``; AVX-512 VNNI builds only)."""
-_SYMBOLS = {WO_TARGET: "SqWeightOnlyDense", W8_TARGET: "SqW8A8Dense"}
+INT4_TARGET = "sq_int4_dense"
+"""XLA FFI target of the int4 weight-only kernel, symmetric (symbol ``SqInt4Dense``)."""
+INT4_ZERO_TARGET = "sq_int4_zero_dense"
+"""The same with per-group zero points (symbol ``SqInt4ZeroDense``)."""
+_SYMBOLS = {
+  WO_TARGET: "SqWeightOnlyDense",
+  W8_TARGET: "SqW8A8Dense",
+  INT4_TARGET: "SqInt4Dense",
+  INT4_ZERO_TARGET: "SqInt4ZeroDense",
+}
 
 
 class NativeBuildWarning(UserWarning):

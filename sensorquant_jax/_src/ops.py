@@ -10,17 +10,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import options
+from sensorquant_jax._src import nibbles, options
 from sensorquant_jax._src.ffi import (
   W8_MAX_K,
   kernel_shape_ok,
   native_available,
   native_op,
 )
-from sensorquant_jax._src.native import W8_TARGET, WO_TARGET
+from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, W8_TARGET, WO_TARGET
 from sensorquant_jax._src.options import IMPLS, MODES, Impl, Mode
 from sensorquant_jax._src.packed import Matrix, PackedQArray, as_matrix, auto_tile, untile
-from sensorquant_jax._src.qarray import QArray, split_blocks
+from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO, QArray, split_blocks
 
 
 def _tiled_dot(x2: jax.Array, tiles: jax.Array) -> jax.Array:
@@ -68,6 +68,13 @@ def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
 def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto") -> jax.Array:
   cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
   x2 = x2.astype(cdt)
+  if m.bits == 4:
+    target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
+    if m.values.shape[1] % 16 == 0 and native_available(target, impl):
+      return _native_int4(x2, m, target).astype(cdt)
+    if impl == "native":
+      raise RuntimeError(f"native int4 kernel: N must be a multiple of 16, got {m.values.shape}")
+    return _xla_int4(x2, m)
   if kernel_shape_ok(m.values) and native_available(WO_TARGET, impl):
     return _native_weight_only(x2, m).astype(cdt)
   if impl == "native":
@@ -90,6 +97,42 @@ def _native_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
   if m.zero_point is not None:  # x @ ((q - z) * s) = x @ (q * s) - rowsum(x) * (z * s)
     y = y - jnp.sum(xf, axis=-1, keepdims=True) * (m.zero_point.astype(jnp.float32) * scale)
   return y
+
+
+def int4_centered(m: Matrix, k: int) -> jax.Array:
+  """The int4 kernel's ``code - zero`` as int8 ``[K, N]`` (in ``[-15, 15]``)."""
+  assert m.block is not None
+  q = nibbles.unpack(m.values, 0, k).astype(jnp.int8)
+  if m.zero_point is None:
+    return q - jnp.int8(SYMMETRIC_INT4_ZERO)
+  return q - jnp.repeat(m.zero_point, m.block, axis=0, total_repeat_length=k)
+
+
+def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
+  """Int4 weight-only on the native kernel: nibbles converted in registers."""
+  assert m.block is not None
+  xf = x2.astype(jnp.float32)
+  scale = m.scale.astype(jnp.float32)
+  cols = (scale,) if m.zero_point is None else (scale, m.zero_point)
+
+  def reference(x, values, scale, *zero):
+    return _xla_int4(
+      x, dataclasses.replace(m, values=values, scale=scale, zero_point=zero[0] if zero else None)
+    )
+
+  op = native_op(target, 1, m.block, False, reference, n_cols=len(cols))
+  return op(xf, m.values, *cols)
+
+
+def _xla_int4(x2: jax.Array, m: Matrix) -> jax.Array:
+  """Int4 weight-only in XLA: per-group partial products, scaled and summed."""
+  assert m.block is not None
+  cdt = x2.dtype
+  k = x2.shape[1]
+  xb = split_blocks(x2, 1, m.block)
+  qb = split_blocks(int4_centered(m, k), 0, m.block)
+  part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)
+  return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
 
 
 def _xla_weight_only(x2: jax.Array, m: Matrix, tile: int | None) -> jax.Array:
@@ -144,7 +187,8 @@ def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array
   xq, xs = quantize_activations(x2, act_scale)
   k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
   if (
-    m.block is None
+    m.bits == 8
+    and m.block is None
     and k <= W8_MAX_K
     and kernel_shape_ok(m.values)
     and native_available(W8_TARGET, impl)
@@ -176,6 +220,9 @@ def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
   values = m.values
   if m.tiled:
     values = untile(values)
+  if m.bits == 4:  # int8 x int4 per group: the centred codes, exact in int32
+    values = int4_centered(m, xq.shape[1])
+    m = dataclasses.replace(m, zero_point=None)
   if m.block is not None:
     xb, qb = split_blocks(xq, 1, m.block), split_blocks(values, 0, m.block)
     acc = jnp.einsum(

@@ -85,11 +85,12 @@ def is_quantized(x: Any) -> bool:
 class Matrix:
   """A quantized kernel seen as ``[K, N]`` with scales along N (or per K-block)."""
 
-  values: jax.Array  # [K, N] int8, or tiles [N/T, K, T]
+  values: jax.Array  # [K, N] int8, tiles [N/T, K, T], or int4 nibbles [ceil(K/2), N] uint8
   scale: jax.Array  # [1, N] or [nb, N]
-  zero_point: jax.Array | None  # [1, N]
+  zero_point: jax.Array | None  # [1, N] or [nb, N] (int4)
   block: int | None
   tiled: bool = False
+  bits: int = 8
 
 
 def as_matrix(w: QArray | PackedQArray, n_in: int) -> Matrix | None:
@@ -105,7 +106,6 @@ def as_matrix(w: QArray | PackedQArray, n_in: int) -> Matrix | None:
   shape = w.shape
   k = math.prod(shape[:n_in])
   n = math.prod(shape[n_in:])
-  values = w.values.reshape(k, n)
   ndim = w.ndim
   reduced = {ndim + a for a in w.axes}
   if w.block_size is None:
@@ -115,11 +115,14 @@ def as_matrix(w: QArray | PackedQArray, n_in: int) -> Matrix | None:
     zp = None
     if w.zero_point is not None:
       zp = jnp.broadcast_to(w.zero_point, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
-    return Matrix(values, scale, zp, None)
+    return Matrix(w.values.reshape(k, n), scale, zp, None)
   (axis,) = reduced
   if n_in != 1 or axis != 0:
     return None
-  return Matrix(values, w.scale.reshape(w.scale.shape[0], n), None, w.block_size)
+  values = w.values.reshape(-1, n)  # int4: [ceil(K / 2), N]
+  nb = w.scale.shape[0]
+  zp = None if w.zero_point is None else w.zero_point.reshape(nb, n)
+  return Matrix(values, w.scale.reshape(nb, n), zp, w.block_size, bits=w.bits)
 
 
 def tiles_of(values: jax.Array, tile: int) -> jax.Array | None:

@@ -108,7 +108,8 @@ def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...]
   Per-block (and the int4 per-group schemes) split the contraction axis:
   axis ``0`` for 2-D and 3-D kernels (Dense input features; DenseGeneral
   ``in`` or ``heads``), ``-2`` for 4-D and larger (a Conv kernel's input
-  features), and the feature axis ``-1`` for embedding tables. Override with a :class:`~sensorquant_jax.Rule`'s ``axes``.
+  features), and the feature axis ``-1`` for embedding tables. Override
+  with a :class:`~sensorquant_jax.Rule`'s ``axes``.
 
   Args:
     scheme: scheme name.

@@ -5,6 +5,7 @@
 // rows of packed tiles, up to 4 otherwise) or one L2-sized block at a time
 // (more rows), so no float copy of the weight ever reaches memory. XLA:CPU
 // cannot fuse the int8 convert into its dot, which is why this file exists.
+// Int4 weight-only (further down): packed nibbles, per-group scales.
 // W8A8 (further down): int8 x int8 -> int32 with AVX-512 VNNI.
 //
 // Weight layout: column tiles [N / T, K, T] (T = N for the canonical [K, N]).
@@ -421,6 +422,213 @@ ffi::Error WeightOnlyDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 
 // ---------------------------------------------------------------------------
+// Int4 weight-only: packed nibbles [ceil(K / 2), N] (row r holds k = 2r in the
+// low nibble, 2r + 1 in the high one), per-group scales [ceil(K / B), N] and
+// codes c with w = (c - z) * s (z = 8 for the symmetric scheme, else a
+// per-group int8 zero point). Per group:
+//   y += s * (sum_k x[k] c[k] - z * sum_k x[k]),
+// so the codes convert straight to float and the zero point costs one
+// multiply per group, not per weight.
+// ---------------------------------------------------------------------------
+
+struct Int4Weights {
+  const uint8_t* data;  // [ceil(k / 2), n]
+  int64_t k, n, block;
+  const float* scale;   // [ceil(k / block), n]
+  const int8_t* zero;   // same shape, or nullptr for z = 8
+  int64_t groups() const { return (k + block - 1) / block; }
+};
+
+// 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
+inline void load_nibbles(const uint8_t* p, f32x16* lo, f32x16* hi) {
+#if defined(__AVX512F__)
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *lo = (f32x16)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+  *hi = (f32x16)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+#elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i v0 = _mm256_cvtepu8_epi32(b), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+  __m256 l1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+  __m256 h0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  __m256 h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+  std::memcpy(lo, &l0, 32), std::memcpy(reinterpret_cast<char*>(lo) + 32, &l1, 32);
+  std::memcpy(hi, &h0, 32), std::memcpy(reinterpret_cast<char*>(hi) + 32, &h1, 32);
+#else
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  u8x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
+  *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
+#endif
+}
+
+inline f32x16 zero_row(const Int4Weights& wt, int64_t g, int64_t col) {
+  return wt.zero ? load_i8(wt.zero + g * wt.n + col) : splat(8.0f);
+}
+
+// Up to kSmallRows rows, NV * 16 columns from `col`, all of K: codes convert
+// in registers, group sums stay in registers, y is written once per group.
+template <int M, int NV>
+void int4_panel(const float* x, int64_t ldx, const float* xsum, const Int4Weights& wt,
+                int64_t col, float* y, int64_t ldy) {
+  const int64_t groups = wt.groups();
+  const int64_t ahead = ahead_bytes(wt.n);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
+    f32x16 acc[M][NV];
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = f32x16{};
+    const uint8_t* w = wt.data + (k0 / 2) * wt.n + col;
+    int64_t k = k0;
+    for (; k + 1 < k1; k += 2, w += wt.n) {
+      __builtin_prefetch(w + ahead, 0, 1);
+      f32x16 lo[NV], hi[NV];
+      for (int v = 0; v < NV; ++v) load_nibbles(w + v * kLanes, &lo[v], &hi[v]);
+      for (int m = 0; m < M; ++m) {
+        const f32x16 x0 = splat(x[m * ldx + k]), x1 = splat(x[m * ldx + k + 1]);
+        for (int v = 0; v < NV; ++v) acc[m][v] += x0 * lo[v] + x1 * hi[v];
+      }
+    }
+    if (k < k1) {  // odd K: the last row's low nibble only
+      for (int v = 0; v < NV; ++v) {
+        f32x16 lo, hi;
+        load_nibbles(w + v * kLanes, &lo, &hi);
+        for (int m = 0; m < M; ++m) acc[m][v] += splat(x[m * ldx + k]) * lo;
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const f32x16 s = load_f32(wt.scale + g * wt.n + col + v * kLanes);
+      const f32x16 z = zero_row(wt, g, col + v * kLanes);
+      for (int m = 0; m < M; ++m) {
+        float* out = y + m * ldy + v * kLanes;
+        f32x16 part = s * (acc[m][v] - z * splat(xsum[m * groups + g]));
+        store_f32(out, g == 0 ? part : load_f32(out) + part);
+      }
+    }
+  }
+}
+
+template <int M>
+void int4_panel_n(int nv, const float* x, int64_t ldx, const float* xsum, const Int4Weights& wt,
+                  int64_t col, float* y, int64_t ldy) {
+  switch (nv) {
+    case 4: int4_panel<M, 4>(x, ldx, xsum, wt, col, y, ldy); break;
+    case 3: int4_panel<M, 3>(x, ldx, xsum, wt, col, y, ldy); break;
+    case 2: int4_panel<M, 2>(x, ldx, xsum, wt, col, y, ldy); break;
+    case 1: int4_panel<M, 1>(x, ldx, xsum, wt, col, y, ldy); break;
+  }
+}
+
+// Many rows: kLargeK rows of columns [c0, c1) are dequantized into panel-major
+// float blocks (in L2) that every register block of rows then reuses.
+void int4_many_rows(const float* x, int64_t m_rows, const Int4Weights& wt, int64_t c0,
+                    int64_t c1, float* y) {
+  const int64_t ldx = wt.k, ldy = wt.n;
+  constexpr int64_t kBlockPanel = kLargeK * kPanel + 16;
+  thread_local std::vector<float> bp;
+  bp.resize((kChunkCols / kPanel) * kBlockPanel);
+  for (int64_t k0 = 0; k0 < wt.k; k0 += kLargeK) {
+    const int64_t kc = std::min(kLargeK, wt.k - k0);
+    const bool first = k0 == 0;
+    for (int64_t k = 0; k < kc; k += 2) {
+      const int64_t kk = k0 + k;  // even: groups are even, so k and k + 1 share one
+      const uint8_t* src = wt.data + (kk / 2) * wt.n + c0;
+      const int64_t g = kk / wt.block;
+      for (int64_t c = 0; c < c1 - c0; c += kLanes) {
+        f32x16 lo, hi;
+        load_nibbles(src + c, &lo, &hi);
+        const f32x16 s = load_f32(wt.scale + g * wt.n + c0 + c);
+        const f32x16 z = zero_row(wt, g, c0 + c);
+        float* dst = bp.data() + (c / kPanel) * kBlockPanel + k * kPanel + c % kPanel;
+        store_f32(dst, (lo - z) * s);
+        if (k + 1 < kc) store_f32(dst + kPanel, (hi - z) * s);
+      }
+    }
+    for (int64_t c = c0; c < c1; c += kPanel) {
+      const float* panel = bp.data() + ((c - c0) / kPanel) * kBlockPanel;
+      const float* xr = x + k0;
+      float* yr = y + c;
+      switch (std::min<int64_t>(kPanel, c1 - c) / kLanes) {
+        case 4: float_rows<4>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
+        case 3: float_rows<3>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
+        case 2: float_rows<2>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
+        case 1: float_rows<1>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
+      }
+    }
+  }
+}
+
+ffi::Error Int4DenseImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                         const ffi::AnyBuffer& w, const ffi::Buffer<ffi::F32>& scale,
+                         const int8_t* zero, size_t zero_count, float* yp, int64_t block) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  if (w.element_type() != ffi::U8 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("w must be uint8 [ceil(K / 2), N]");
+  Int4Weights wt{reinterpret_cast<const uint8_t*>(w.untyped_data()), xd[1], wd[1], block,
+                 scale.typed_data(), zero};
+  if (wd[0] != (wt.k + 1) / 2) return ffi::Error::InvalidArgument("x and w disagree on K");
+  if (wt.n % kLanes) return ffi::Error::InvalidArgument("N must be a multiple of 16");
+  if (block < 2 || block % 2) return ffi::Error::InvalidArgument("block must be even");
+  const int64_t groups = std::max<int64_t>(wt.groups(), 1);
+  if (scale.element_count() != size_t(groups * wt.n) ||
+      (zero && zero_count != size_t(groups * wt.n)))
+    return ffi::Error::InvalidArgument("scale and zero must be [ceil(K / block), N]");
+  const int64_t m_rows = xd[0];
+  const float* xp = x.typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  if (wt.k == 0) {
+    std::fill(yp, yp + m_rows * wt.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  if (m_rows <= kSmallRows) {
+    std::vector<float> xsum(m_rows * groups);
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0;
+        for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k)
+          acc += xp[m * wt.k + k];
+        xsum[m * groups + g] = acc;
+      }
+    const int64_t items = (wt.n + kPanel - 1) / kPanel;
+    parallel_for(pool, items, [&](int64_t i) {
+      const int64_t c = i * kPanel;
+      const int nv = std::min<int64_t>(kPanel, wt.n - c) / kLanes;
+      switch (m_rows) {
+        case 1: int4_panel_n<1>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
+        case 2: int4_panel_n<2>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
+        case 3: int4_panel_n<3>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
+        case 4: int4_panel_n<4>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
+      }
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t items = (wt.n + kChunkCols - 1) / kChunkCols;
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t c0 = i * kChunkCols, c1 = std::min(c0 + kChunkCols, wt.n);
+    int4_many_rows(xp, m_rows, wt, c0, c1, yp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int4Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                     ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t block) {
+  return Int4DenseImpl(pool, x, w, scale, nullptr, 0, y->typed_data(), block);
+}
+
+ffi::Error Int4ZeroDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                         ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zero,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t block) {
+  if (zero.element_type() != ffi::S8) return ffi::Error::InvalidArgument("zero must be int8");
+  return Int4DenseImpl(pool, x, w, scale, reinterpret_cast<const int8_t*>(zero.untyped_data()),
+                       zero.element_count(), y->typed_data(), block);
+}
+
+
+// ---------------------------------------------------------------------------
 // W8A8: int8 activations x int8 weights -> int32, with AVX-512 VNNI.
 // ---------------------------------------------------------------------------
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -571,6 +779,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SqWeightOnlyDense, WeightOnlyDense,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqInt4Dense, Int4Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqInt4ZeroDense, Int4ZeroDense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block"));
 
