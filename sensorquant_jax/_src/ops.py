@@ -70,7 +70,8 @@ def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto"
   x2 = x2.astype(cdt)
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
-    if m.values.shape[1] % 16 == 0 and native_available(target, impl):
+    rows_ok = x2.shape[0] <= INT4_MAX_ROWS or impl == "native"
+    if m.values.shape[1] % 16 == 0 and rows_ok and native_available(target, impl):
       return _native_int4(x2, m, target).astype(cdt)
     if impl == "native":
       raise RuntimeError(f"native int4 kernel: N must be a multiple of 16, got {m.values.shape}")
@@ -99,6 +100,12 @@ def _native_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
   return y
 
 
+INT4_MAX_ROWS = 16
+"""Up to this many rows ``impl="auto"`` runs int4 on the native kernel, which
+converts the codes once per two rows; above it, XLA's dequantize-then-dot was
+faster (measured with benchmarks/bench_dense.py on a 2-core AVX2 EPYC)."""
+
+
 def int4_centered(m: Matrix, k: int) -> jax.Array:
   """The int4 kernel's ``code - zero`` as int8 ``[K, N]`` (in ``[-15, 15]``)."""
   assert m.block is not None
@@ -125,10 +132,15 @@ def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
 
 
 def _xla_int4(x2: jax.Array, m: Matrix) -> jax.Array:
-  """Int4 weight-only in XLA: per-group partial products, scaled and summed."""
+  """Int4 weight-only in XLA: per-group partial products, scaled and summed
+  (few rows), or one dot on the dequantized kernel (many rows)."""
   assert m.block is not None
   cdt = x2.dtype
   k = x2.shape[1]
+  if x2.shape[0] > INT4_MAX_ROWS:
+    w = int4_centered(m, k).astype(jnp.float32)
+    w = (split_blocks(w, 0, m.block) * m.scale[:, None, :]).reshape(-1, w.shape[1])[:k]
+    return jnp.dot(x2, w.astype(cdt), preferred_element_type=cdt)
   xb = split_blocks(x2, 1, m.block)
   qb = split_blocks(int4_centered(m, k), 0, m.block)
   part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)

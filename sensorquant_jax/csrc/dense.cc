@@ -204,7 +204,8 @@ constexpr int64_t kAhead = 8;
 inline int64_t ahead_bytes(int64_t row_stride) {
   return std::max<int64_t>(kAhead, 16384 / row_stride) * row_stride;
 }
-inline void prefetch_row(const int8_t* p, int64_t bytes) {
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
   for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c, 0, 1);
 }
 
@@ -441,121 +442,165 @@ struct Int4Weights {
 
 // 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
 inline void load_nibbles(const uint8_t* p, f32x16* lo, f32x16* hi) {
-#if defined(__AVX512F__)
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  *lo = (f32x16)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
-  *hi = (f32x16)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-#elif defined(__AVX2__)
-  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  __m256i v0 = _mm256_cvtepu8_epi32(b), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-  const __m256i mask = _mm256_set1_epi32(0xF);
-  __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
-  __m256 l1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
-  __m256 h0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-  __m256 h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
-  std::memcpy(lo, &l0, 32), std::memcpy(reinterpret_cast<char*>(lo) + 32, &l1, 32);
-  std::memcpy(hi, &h0, 32), std::memcpy(reinterpret_cast<char*>(hi) + 32, &h1, 32);
-#else
   typedef uint8_t u8x16 __attribute__((vector_size(16)));
   u8x16 v;
   std::memcpy(&v, p, sizeof(v));
   *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
   *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
-#endif
 }
 
 inline f32x16 zero_row(const Int4Weights& wt, int64_t g, int64_t col) {
   return wt.zero ? load_i8(wt.zero + g * wt.n + col) : splat(8.0f);
 }
 
-// Up to kSmallRows rows, NV * 16 columns from `col`, all of K: codes convert
-// in registers, group sums stay in registers, y is written once per group.
+// The few-rows int4 kernel works on the machine's own vector width: GCC does
+// not keep 64-byte generic vectors in registers on AVX2, and here every
+// spilled accumulator costs a load and a store per weight pair.
+#if defined(__AVX512F__)
+typedef __m512 Vf;
+constexpr int kVL = 16;
+inline Vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+inline Vf vset(float s) { return _mm512_set1_ps(s); }
+inline Vf vzero() { return _mm512_setzero_ps(); }
+inline Vf vfma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vf vmul(Vf a, Vf b) { return _mm512_mul_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm512_sub_ps(a, b); }
+inline Vf vadd(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+  *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+inline Vf vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 Vf;
+constexpr int kVL = 8;
+inline Vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm256_storeu_ps(p, v); }
+inline Vf vset(float s) { return _mm256_set1_ps(s); }
+inline Vf vzero() { return _mm256_setzero_ps(); }
+inline Vf vfma(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vf vmul(Vf a, Vf b) { return _mm256_mul_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm256_sub_ps(a, b); }
+inline Vf vadd(Vf a, Vf b) { return _mm256_add_ps(a, b); }
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+  *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+inline Vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+typedef f32x16 Vf;
+constexpr int kVL = kLanes;
+inline Vf vload(const float* p) { return load_f32(p); }
+inline void vstore(float* p, Vf v) { store_f32(p, v); }
+inline Vf vset(float s) { return splat(s); }
+inline Vf vzero() { return f32x16{}; }
+inline Vf vfma(Vf a, Vf b, Vf c) { return a * b + c; }
+inline Vf vmul(Vf a, Vf b) { return a * b; }
+inline Vf vsub(Vf a, Vf b) { return a - b; }
+inline Vf vadd(Vf a, Vf b) { return a + b; }
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) { load_nibbles(p, lo, hi); }
+inline Vf vload_i8(const int8_t* p) { return load_i8(p); }
+#endif
+
+// M rows x NV * kVL columns of one group: codes convert in registers, the
+// group's sums stay in registers, and y gets s * (sum - z * sum(x)) once.
+// `w` points at the group's first byte row for column `col`, rows `ldw` apart.
 template <int M, int NV>
-void int4_panel(const float* x, int64_t ldx, const float* xsum, const Int4Weights& wt,
-                int64_t col, float* y, int64_t ldy) {
-  const int64_t groups = wt.groups();
-  const int64_t ahead = ahead_bytes(wt.n);
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
-    f32x16 acc[M][NV];
-    for (int m = 0; m < M; ++m)
-      for (int v = 0; v < NV; ++v) acc[m][v] = f32x16{};
-    const uint8_t* w = wt.data + (k0 / 2) * wt.n + col;
-    int64_t k = k0;
-    for (; k + 1 < k1; k += 2, w += wt.n) {
-      __builtin_prefetch(w + ahead, 0, 1);
-      f32x16 lo[NV], hi[NV];
-      for (int v = 0; v < NV; ++v) load_nibbles(w + v * kLanes, &lo[v], &hi[v]);
-      for (int m = 0; m < M; ++m) {
-        const f32x16 x0 = splat(x[m * ldx + k]), x1 = splat(x[m * ldx + k + 1]);
-        for (int v = 0; v < NV; ++v) acc[m][v] += x0 * lo[v] + x1 * hi[v];
-      }
-    }
-    if (k < k1) {  // odd K: the last row's low nibble only
-      for (int v = 0; v < NV; ++v) {
-        f32x16 lo, hi;
-        load_nibbles(w + v * kLanes, &lo, &hi);
-        for (int m = 0; m < M; ++m) acc[m][v] += splat(x[m * ldx + k]) * lo;
-      }
-    }
+void int4_group(const float* x, int64_t ldx, const float* xsum, int64_t groups,
+                const Int4Weights& wt, int64_t g, const uint8_t* w, int64_t ldw, int64_t col,
+                float* y, int64_t ldy) {
+  const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
+  Vf acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
+  int64_t k = k0;
+  for (; k + 1 < k1; k += 2, w += ldw) {
+    Vf x0[M], x1[M];
+    for (int m = 0; m < M; ++m) x0[m] = vset(x[m * ldx + k]), x1[m] = vset(x[m * ldx + k + 1]);
+    // One vector of columns at a time: converted codes live only until their
+    // FMAs, so the accumulators keep their registers.
     for (int v = 0; v < NV; ++v) {
-      const f32x16 s = load_f32(wt.scale + g * wt.n + col + v * kLanes);
-      const f32x16 z = zero_row(wt, g, col + v * kLanes);
-      for (int m = 0; m < M; ++m) {
-        float* out = y + m * ldy + v * kLanes;
-        f32x16 part = s * (acc[m][v] - z * splat(xsum[m * groups + g]));
-        store_f32(out, g == 0 ? part : load_f32(out) + part);
-      }
+      Vf lo, hi;
+      vnibbles(w + v * kVL, &lo, &hi);
+      for (int m = 0; m < M; ++m) acc[m][v] = vfma(x1[m], hi, vfma(x0[m], lo, acc[m][v]));
+    }
+  }
+  if (k < k1) {  // odd K: the last row's low nibble only
+    for (int v = 0; v < NV; ++v) {
+      Vf lo, hi;
+      vnibbles(w + v * kVL, &lo, &hi);
+      for (int m = 0; m < M; ++m) acc[m][v] = vfma(vset(x[m * ldx + k]), lo, acc[m][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t c = col + v * kVL;
+    const Vf s = vload(wt.scale + g * wt.n + c);
+    const Vf z = wt.zero ? vload_i8(wt.zero + g * wt.n + c) : vset(8.0f);
+    for (int m = 0; m < M; ++m) {
+      float* out = y + m * ldy + v * kVL;
+      const Vf part = vmul(s, vsub(acc[m][v], vmul(z, vset(xsum[m * groups + g]))));
+      vstore(out, g == 0 ? part : vadd(vload(out), part));
     }
   }
 }
 
-template <int M>
-void int4_panel_n(int nv, const float* x, int64_t ldx, const float* xsum, const Int4Weights& wt,
-                  int64_t col, float* y, int64_t ldy) {
-  switch (nv) {
-    case 4: int4_panel<M, 4>(x, ldx, xsum, wt, col, y, ldy); break;
-    case 3: int4_panel<M, 3>(x, ldx, xsum, wt, col, y, ldy); break;
-    case 2: int4_panel<M, 2>(x, ldx, xsum, wt, col, y, ldy); break;
-    case 1: int4_panel<M, 1>(x, ldx, xsum, wt, col, y, ldy); break;
-  }
-}
-
-// Many rows: kLargeK rows of columns [c0, c1) are dequantized into panel-major
-// float blocks (in L2) that every register block of rows then reuses.
-void int4_many_rows(const float* x, int64_t m_rows, const Int4Weights& wt, int64_t c0,
-                    int64_t c1, float* y) {
-  const int64_t ldx = wt.k, ldy = wt.n;
-  constexpr int64_t kBlockPanel = kLargeK * kPanel + 16;
-  thread_local std::vector<float> bp;
-  bp.resize((kChunkCols / kPanel) * kBlockPanel);
-  for (int64_t k0 = 0; k0 < wt.k; k0 += kLargeK) {
-    const int64_t kc = std::min(kLargeK, wt.k - k0);
-    const bool first = k0 == 0;
-    for (int64_t k = 0; k < kc; k += 2) {
-      const int64_t kk = k0 + k;  // even: groups are even, so k and k + 1 share one
-      const uint8_t* src = wt.data + (kk / 2) * wt.n + c0;
-      const int64_t g = kk / wt.block;
-      for (int64_t c = 0; c < c1 - c0; c += kLanes) {
-        f32x16 lo, hi;
-        load_nibbles(src + c, &lo, &hi);
-        const f32x16 s = load_f32(wt.scale + g * wt.n + c0 + c);
-        const f32x16 z = zero_row(wt, g, c0 + c);
-        float* dst = bp.data() + (c / kPanel) * kBlockPanel + k * kPanel + c % kPanel;
-        store_f32(dst, (lo - z) * s);
-        if (k + 1 < kc) store_f32(dst + kPanel, (hi - z) * s);
-      }
+// Rows [0, m_rows) x columns [c0, c0 + width), width a
+// multiple of 16 and at most kInt4Cols. Group by group, the group's byte rows
+// are read as whole row segments (one TLB entry for many cache lines: a
+// 64-byte panel at a time would cross a page every row, where prefetchers
+// stop) and staged panel-major, then every panel and row block reads them
+// from L1/L2.
+constexpr int64_t kInt4Cols = 1024;
+void int4_few_rows(const float* x, int64_t m_rows, const float* xsum, const Int4Weights& wt,
+                   int64_t c0, int64_t width, float* y) {
+  const int64_t groups = wt.groups(), ldx = wt.k, ldy = wt.n;
+  const int64_t rows_per_group = wt.block / 2;
+  const int64_t stage_panel = rows_per_group * kPanel + 64;  // padded: see kStagePanel
+  thread_local std::vector<uint8_t> stage;
+  stage.resize((kInt4Cols / kPanel) * stage_panel + kPanel);
+  const int64_t ahead = ahead_bytes(wt.n);
+  constexpr int kWide = kPanel / kVL;  // vectors per 64 columns, one row at a time
+  constexpr int kNarrow = kWide / 2;   // per 32 columns, two rows at a time
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = g * rows_per_group;
+    const int64_t r1 = std::min((wt.k + 1) / 2, r0 + rows_per_group);
+    const uint8_t* src = wt.data + r0 * wt.n + c0;
+    for (int64_t r = r0; r < r1; ++r, src += wt.n) {
+      prefetch_row(src + ahead, width);
+      uint8_t* dst = stage.data() + (r - r0) * kPanel;
+      int64_t c = 0;
+      for (; c + kPanel <= width; c += kPanel, dst += stage_panel) std::memcpy(dst, src + c, kPanel);
+      for (int64_t j = 0; c + j < width; j += kLanes) std::memcpy(dst + j, src + c + j, kLanes);
     }
-    for (int64_t c = c0; c < c1; c += kPanel) {
-      const float* panel = bp.data() + ((c - c0) / kPanel) * kBlockPanel;
-      const float* xr = x + k0;
-      float* yr = y + c;
-      switch (std::min<int64_t>(kPanel, c1 - c) / kLanes) {
-        case 4: float_rows<4>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
-        case 3: float_rows<3>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
-        case 2: float_rows<2>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
-        case 1: float_rows<1>(xr, ldx, m_rows, panel, kc, yr, ldy, first, nullptr); break;
+    for (int64_t m = 0; m < m_rows;) {
+      const bool one = m_rows - m == 1;
+      const float* xr = x + m * ldx;
+      const float* sr = xsum + m * groups;
+      float* yr = y + m * ldy + c0;
+      for (int64_t c = 0; c < width;) {
+        const uint8_t* w = stage.data() + (c / kPanel) * stage_panel + c % kPanel;
+        if (one && c + kPanel <= width) {
+          int4_group<1, kWide>(xr, ldx, sr, groups, wt, g, w, kPanel, c0 + c, yr + c, ldy);
+          c += kPanel;
+        } else if (!one && c % kPanel + kPanel / 2 <= kPanel && c + kPanel / 2 <= width) {
+          int4_group<2, kNarrow>(xr, ldx, sr, groups, wt, g, w, kPanel, c0 + c, yr + c, ldy);
+          c += kPanel / 2;
+        } else if (one) {
+          int4_group<1, kLanes / kVL>(xr, ldx, sr, groups, wt, g, w, kPanel, c0 + c, yr + c, ldy);
+          c += kLanes;
+        } else {
+          int4_group<2, kLanes / kVL>(xr, ldx, sr, groups, wt, g, w, kPanel, c0 + c, yr + c, ldy);
+          c += kLanes;
+        }
       }
+      m += one ? 1 : 2;
     }
   }
 }
@@ -584,32 +629,23 @@ ffi::Error Int4DenseImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
     std::fill(yp, yp + m_rows * wt.n, 0.0f);
     return ffi::Error::Success();
   }
-  if (m_rows <= kSmallRows) {
-    std::vector<float> xsum(m_rows * groups);
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        float acc = 0;
-        for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k)
-          acc += xp[m * wt.k + k];
-        xsum[m * groups + g] = acc;
-      }
-    const int64_t items = (wt.n + kPanel - 1) / kPanel;
-    parallel_for(pool, items, [&](int64_t i) {
-      const int64_t c = i * kPanel;
-      const int nv = std::min<int64_t>(kPanel, wt.n - c) / kLanes;
-      switch (m_rows) {
-        case 1: int4_panel_n<1>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
-        case 2: int4_panel_n<2>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
-        case 3: int4_panel_n<3>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
-        case 4: int4_panel_n<4>(nv, xp, wt.k, xsum.data(), wt, c, yp + c, wt.n); break;
-      }
-    });
-    return ffi::Error::Success();
-  }
-  const int64_t items = (wt.n + kChunkCols - 1) / kChunkCols;
+  // Rows go two at a time through every staged group: the codes are
+  // converted once per two rows, so this suits the few rows of decoding; the
+  // caller sends many rows elsewhere (ops.py, INT4_MAX_ROWS).
+  std::vector<float> xsum(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0;
+      for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k) acc += xp[m * wt.k + k];
+      xsum[m * groups + g] = acc;
+    }
+  // Column chunks as wide as kInt4Cols while every thread still gets two.
+  const int64_t per = (wt.n + 2 * pool.num_threads() - 1) / (2 * pool.num_threads());
+  const int64_t cols = std::clamp<int64_t>((per + kPanel - 1) / kPanel * kPanel, kPanel, kInt4Cols);
+  const int64_t items = (wt.n + cols - 1) / cols;
   parallel_for(pool, items, [&](int64_t i) {
-    const int64_t c0 = i * kChunkCols, c1 = std::min(c0 + kChunkCols, wt.n);
-    int4_many_rows(xp, m_rows, wt, c0, c1, yp);
+    const int64_t c = i * cols;
+    int4_few_rows(xp, m_rows, xsum.data(), wt, c, std::min<int64_t>(cols, wt.n - c), yp);
   });
   return ffi::Error::Success();
 }
