@@ -1,4 +1,4 @@
-"""sensorquant_jax: exact, fast INT8 quantization for Flax checkpoints.
+"""sensorquant_jax: exact, fast INT8 (and packed int4) quantization for Flax checkpoints.
 
 Everything public is importable from here (``import sensorquant_jax as sq``);
 the submodules ``manifest``, ``nnx``, ``checkpoint``, ``stream`` and
@@ -24,8 +24,8 @@ _HOMES = {
   "sensorquant_jax._src.native": "NativeBuildWarning",
   "sensorquant_jax._src.ops": "dense dense_general",
   "sensorquant_jax._src.options": (
-    "ASYMMETRIC_PER_CHANNEL IMPLS Impl MODES Mode OBSERVERS Observer PER_BLOCK PER_CHANNEL "
-    "PER_TENSOR SCHEMES Scheme"
+    "ASYMMETRIC_INT4 ASYMMETRIC_PER_CHANNEL IMPLS INT4 INT4_SCHEMES Impl MODES Mode OBSERVERS "
+    "Observer PER_BLOCK PER_CHANNEL PER_TENSOR SCHEMES Scheme bits_of"
   ),
   "sensorquant_jax._src.packed": "PackedQArray pack unpack",
   "sensorquant_jax._src.policy": "Budget Policy auto_policy",
@@ -34,6 +34,7 @@ _HOMES = {
     "MIN_SIZE NonFiniteError Rule RulesLike dequantize nbytes quantize quantize_array"
   ),
   "sensorquant_jax._src.report": "report",
+  "sensorquant_jax._src.schemes": "DEFAULT_BLOCK_SIZE DEFAULT_GROUP_SIZE",
   "sensorquant_jax._src.tree_paths": "path_str",
 }
 _SUBMODULES = ("checkpoint", "example_model", "manifest", "nnx", "stream")

@@ -27,8 +27,11 @@ from sensorquant_jax._src.manifest import ManifestError as ManifestError
 from sensorquant_jax._src.native import NativeBuildWarning as NativeBuildWarning
 from sensorquant_jax._src.ops import dense as dense
 from sensorquant_jax._src.ops import dense_general as dense_general
+from sensorquant_jax._src.options import ASYMMETRIC_INT4 as ASYMMETRIC_INT4
 from sensorquant_jax._src.options import ASYMMETRIC_PER_CHANNEL as ASYMMETRIC_PER_CHANNEL
 from sensorquant_jax._src.options import IMPLS as IMPLS
+from sensorquant_jax._src.options import INT4 as INT4
+from sensorquant_jax._src.options import INT4_SCHEMES as INT4_SCHEMES
 from sensorquant_jax._src.options import MODES as MODES
 from sensorquant_jax._src.options import OBSERVERS as OBSERVERS
 from sensorquant_jax._src.options import PER_BLOCK as PER_BLOCK
@@ -39,6 +42,7 @@ from sensorquant_jax._src.options import Impl as Impl
 from sensorquant_jax._src.options import Mode as Mode
 from sensorquant_jax._src.options import Observer as Observer
 from sensorquant_jax._src.options import Scheme as Scheme
+from sensorquant_jax._src.options import bits_of as bits_of
 from sensorquant_jax._src.packed import PackedQArray as PackedQArray
 from sensorquant_jax._src.packed import pack as pack
 from sensorquant_jax._src.packed import unpack as unpack
@@ -56,6 +60,8 @@ from sensorquant_jax._src.quantize import nbytes as nbytes
 from sensorquant_jax._src.quantize import quantize as quantize
 from sensorquant_jax._src.quantize import quantize_array as quantize_array
 from sensorquant_jax._src.report import report as report
+from sensorquant_jax._src.schemes import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from sensorquant_jax._src.schemes import DEFAULT_GROUP_SIZE as DEFAULT_GROUP_SIZE
 from sensorquant_jax._src.tree_paths import path_str as path_str
 
 __version__: str

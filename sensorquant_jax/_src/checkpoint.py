@@ -19,7 +19,7 @@ from typing import Any, TypeGuard
 import jax
 import numpy as np
 
-from sensorquant_jax._src import fileio, schemes, tree_paths
+from sensorquant_jax._src import fileio, options, schemes, tree_paths
 from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -108,6 +108,8 @@ class CheckpointWriter:
         "dtype": np.dtype(x.dtype).name,
         "zero_point": x.zero_point is not None,
       }
+      if x.bits == 4:
+        entry["pad"] = x.pad  # recorded only for int4: older readers see no new key
       group = {"values": x.values, "scale": x.scale}
       if x.zero_point is not None:
         group["zero_point"] = x.zero_point
@@ -254,17 +256,24 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
   if len(set(axes)) != len(axes):
     raise CheckpointError(f"{at}: repeated axes {axes!r}")
   block = e["block_size"]
-  if scheme == schemes.PER_BLOCK:
+  if scheme in options.BLOCK_SCHEMES:
     if not _is_int(block) or block < 1:
       raise CheckpointError(f"{at}: 'block_size' must be a positive integer, got {block!r}")
     if len(axes) != 1:
-      raise CheckpointError(f"{at}: a per-block leaf has one block axis, got {axes!r}")
+      raise CheckpointError(f"{at}: a {scheme} leaf has one block axis, got {axes!r}")
   elif block is not None:
     raise CheckpointError(f"{at}: 'block_size' must be null for {scheme}, got {block!r}")
   if e["dtype"] not in _FLOAT_DTYPES:
     raise CheckpointError(f"{at}: 'dtype' must be one of {', '.join(_FLOAT_DTYPES)}")
-  if e["zero_point"] is not (scheme == schemes.ASYMMETRIC_PER_CHANNEL):
+  if e["zero_point"] is not (scheme in options.ASYMMETRIC_SCHEMES):
     raise CheckpointError(f"{at}: 'zero_point' does not match scheme {scheme}")
+  if scheme in options.INT4_SCHEMES:
+    if block % 2:
+      raise CheckpointError(f"{at}: an int4 group size must be even, got {block!r}")
+    if e.get("pad") not in (0, 1) or isinstance(e.get("pad"), bool):
+      raise CheckpointError(f"{at}: 'pad' must be 0 or 1 for {scheme}, got {e.get('pad')!r}")
+  elif "pad" in e:
+    raise CheckpointError(f"{at}: 'pad' is only for the int4 schemes")
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -335,9 +344,11 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
   values, scale, zp = group.get("values"), group.get("scale"), group.get("zero_point")
   if values is None or scale is None or (e["zero_point"] and zp is None):
     raise CheckpointError(f"{where}: arrays are missing")
-  if np.dtype(values.dtype) != np.int8 or np.dtype(scale.dtype) != np.float32:
+  int4 = e["scheme"] in options.INT4_SCHEMES
+  kind = "uint8" if int4 else "int8"
+  if np.dtype(values.dtype) != np.dtype(kind) or np.dtype(scale.dtype) != np.float32:
     raise CheckpointError(
-      f"{where}: expected int8 values and float32 scales, got {values.dtype} and {scale.dtype}"
+      f"{where}: expected {kind} values and float32 scales, got {values.dtype} and {scale.dtype}"
     )
   n = values.ndim
   axes = e["axes"]
@@ -345,10 +356,15 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
     raise CheckpointError(f"{where}: axes {axes} do not fit values of rank {n}")
   if e["scheme"] == schemes.PER_TENSOR and sorted(axes) != list(range(-n, 0)):
     raise CheckpointError(f"{where}: a per-tensor leaf reduces every axis, got {axes}")
+  logical = list(values.shape)
+  if int4:
+    if len(axes) != 1 or values.shape[axes[0]] == 0:
+      raise CheckpointError(f"{where}: int4 values have no bytes along the group axis")
+    logical[axes[0]] = 2 * values.shape[axes[0]] - e["pad"]
   want = list(values.shape)
   for a in axes:
-    if e["scheme"] == schemes.PER_BLOCK:
-      want[a] = -(-values.shape[a] // e["block_size"]) if values.shape[a] else 1
+    if e["scheme"] in options.BLOCK_SCHEMES:
+      want[a] = -(-logical[a] // e["block_size"]) if logical[a] else 1
     else:
       want[a] = 1
   if list(scale.shape) != want:
@@ -441,6 +457,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         tuple(rec["axes"]),
         rec["block_size"],
         np.dtype(rec["dtype"]),
+        rec.get("pad", 0),
       )
     )
   if like is not None:

@@ -149,7 +149,7 @@ def cmd_quantize(args) -> None:
         },
         overwrite=args.overwrite,
       )
-      bar.update(task, advance=1, description="evaluating float32 and int8")
+      bar.update(task, advance=1, description="evaluating float32 and quantized")
       f_acc = accuracy(jax.jit(lambda x: model.apply(variables, x)), split["x"], split["y"])
       q_acc = accuracy(jax.jit(lambda x: sq.apply(model, qvars, x)), split["x"], split["y"])
       bar.update(task, advance=1)
@@ -159,7 +159,7 @@ def cmd_quantize(args) -> None:
     )
     console.print(f"  float32: accuracy {f_acc:.2%}, params {_fmt_bytes(sq.nbytes(variables))}")
     console.print(
-      f"  int8   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
+      f"  {'int4' if sq.bits_of(args.scheme) == 4 else 'int8'}   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
       f"({sq.nbytes(variables) / sq.nbytes(qvars):.2f}x smaller), "
       f"change {100 * (q_acc - f_acc):+.2f} points"
     )

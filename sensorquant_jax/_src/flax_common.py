@@ -3,6 +3,7 @@ DenseGeneral's contraction axes, and the quantized-kernel calls."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,14 +24,12 @@ def canonical(w: QArray | PackedQArray) -> QArray:
 def transpose_2d(w: QArray) -> QArray:
   """The QArray of ``w.T`` for a 2-D QArray (an Embed table used as an output layer)."""
   swap = {-1: -2, -2: -1}
-  return QArray(
-    w.values.T,
-    w.scale.T,
-    None if w.zero_point is None else w.zero_point.T,
-    w.scheme,
-    tuple(sorted(swap[a] for a in w.axes)),
-    w.block_size,
-    w.dtype,
+  return dataclasses.replace(
+    w,
+    values=w.values.T,
+    scale=w.scale.T,
+    zero_point=None if w.zero_point is None else w.zero_point.T,
+    axes=tuple(sorted(swap[a] for a in w.axes)),
   )
 
 
@@ -43,6 +42,10 @@ def embed_lookup(table: QArray | PackedQArray, idx: jax.Array, dtype: Any = None
   if not jnp.issubdtype(idx.dtype, jnp.integer):
     raise ValueError("Input type must be an integer or unsigned integer.")
   table = canonical(table)
+  if table.bits == 4 and table.ndim + table.axes[0] == 0:
+    # Rows packed two a byte: gather from the dequantized table (correct, not lean).
+    out = jnp.take(table.dequantize(), idx, axis=0)
+    return out.astype(dtype or out.dtype)
   v = jnp.take(table.values, idx, axis=0)
 
   def rows(a):
@@ -52,14 +55,8 @@ def embed_lookup(table: QArray | PackedQArray, idx: jax.Array, dtype: Any = None
       return jnp.take(a, idx, axis=0)
     return a.reshape((1,) * idx.ndim + a.shape[1:])
 
-  part = QArray(
-    v,
-    rows(table.scale),
-    rows(table.zero_point),
-    table.scheme,
-    table.axes,
-    table.block_size,
-    table.dtype,
+  part = dataclasses.replace(
+    table, values=v, scale=rows(table.scale), zero_point=rows(table.zero_point)
   )
   out = part.dequantize()
   return out.astype(dtype or out.dtype)

@@ -16,7 +16,9 @@ from sensorquant_jax._src.quantize import MIN_SIZE, Rule, dequantize, is_float_a
 from sensorquant_jax._src.report import error_stats
 from sensorquant_jax._src.tree_paths import path_str
 
-CANDIDATES = (schemes.PER_TENSOR, schemes.PER_CHANNEL, schemes.PER_BLOCK)
+CANDIDATES = (schemes.INT4, schemes.PER_TENSOR, schemes.PER_CHANNEL, schemes.PER_BLOCK)
+"""What :func:`auto_policy` weighs per layer (ordered by size when used): int4
+per-group is the cheapest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ def auto_policy(
   labels: Sequence[Any] | None = None,
   min_size: int = MIN_SIZE,
 ) -> Policy:
-  """Chooses per layer among per-tensor, per-channel, per-block int8 and float.
+  """Chooses per layer among int4 per-group, per-tensor, per-channel, per-block int8 and float.
 
   Each eligible leaf (the ones ``quantize`` selects by default) takes the
   smallest option whose SQNR meets ``budget.min_sqnr_db`` (float when none

@@ -153,7 +153,16 @@ def _print(result) -> None:
   from rich.table import Table
 
   table = Table(title="quantization report")
-  for col in ("layer", "shape", "scheme", "bytes", "int8 bytes", "SQNR dB", "max |err|", "rel L2"):
+  for col in (
+    "layer",
+    "shape",
+    "scheme",
+    "bytes",
+    "quantized bytes",
+    "SQNR dB",
+    "max |err|",
+    "rel L2",
+  ):
     table.add_column(col)
   for r in result["layers"]:
     table.add_row(
