@@ -14,8 +14,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sensorquant_jax as sq
-from tests.references import int4_reference
 from tests.models import TinyTransformer
+from tests.references import int4_reference
 
 SCHEMES = list(sq.SCHEMES)
 

@@ -158,8 +158,9 @@ def cmd_quantize(args) -> None:
       f"subjects 22-30), scheme {args.scheme}"
     )
     console.print(f"  float32: accuracy {f_acc:.2%}, params {_fmt_bytes(sq.nbytes(variables))}")
+    label = "int4" if sq.bits_of(args.scheme) == 4 else "int8"
     console.print(
-      f"  {'int4' if sq.bits_of(args.scheme) == 4 else 'int8'}   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
+      f"  {label}   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
       f"({sq.nbytes(variables) / sq.nbytes(qvars):.2f}x smaller), "
       f"change {100 * (q_acc - f_acc):+.2f} points"
     )
