@@ -35,6 +35,16 @@ def _interceptor(mode: Mode, act_scales: Mapping[str, Any] | None):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     method = context.method_name
+    if (
+      method == "setup"
+      and type(module) is nn.Embed
+      and module.has_variable("params", "embedding")
+      and is_quantized(module.get_variable("params", "embedding"))
+    ):
+      # Embed.setup declares the float table, and Flax checks its shape against
+      # the first leaf of ours (packed int4 values are half as wide); the
+      # intercepted __call__ and attend read the QArray themselves.
+      return None
     if not handled(module, method) or not module.has_variable("params", _param_name(module)):
       return next_fun(*args, **kwargs)
     param = module.get_variable("params", _param_name(module))
