@@ -29,7 +29,7 @@ csrc/dense.cc; tests/test_native.py checks they agree)."""
 def native_available(target: str, impl: options.Impl) -> bool:
   """Whether ``target`` serves this call: CPU backend, built, not switched off."""
   options.check("impl", impl, options.IMPLS)
-  if impl == "xla":
+  if impl in ("xla", "pallas"):
     return False
   # A CPU default backend means no accelerator is attached: every computation
   # runs on XLA:CPU. Elsewhere XLA fuses the convert into its GEMM itself.

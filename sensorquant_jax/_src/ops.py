@@ -68,6 +68,13 @@ def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
 def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto") -> jax.Array:
   cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
   x2 = x2.astype(cdt)
+  if m.bits == 4 and impl == "pallas":
+    from sensorquant_jax._src import pallas  # Pallas imports only when asked for
+
+    assert m.block is not None
+    interpret = jax.default_backend() != "gpu"
+    y = pallas.int4_dense(x2, m.values, m.scale, m.zero_point, block=m.block, interpret=interpret)
+    return y.astype(cdt)
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
     rows_ok = x2.shape[0] <= INT4_MAX_ROWS or impl == "native"
@@ -293,6 +300,8 @@ def dense_general(
   """
   options.check("mode", mode, MODES)
   options.check("impl", impl, IMPLS)
+  if impl == "pallas" and (mode != "weight_only" or getattr(kernel, "bits", 8) != 4):
+    raise ValueError("impl='pallas' has a kernel for int4 weight-only layers only")
   shape = kernel.shape
   in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
   if tuple(x.shape[x.ndim - n_in :]) != in_shape:

@@ -42,9 +42,10 @@ Mode = Literal["weight_only", "w8a8"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 """``weight_only``: float activations; ``w8a8``: int8 activations, int32 accumulation."""
 
-Impl = Literal["auto", "native", "xla"]
+Impl = Literal["auto", "native", "xla", "pallas"]
 IMPLS: tuple[Impl, ...] = get_args(Impl)
-"""``auto`` picks the native CPU kernel where it runs, else XLA."""
+"""``auto`` picks the native CPU kernel where it runs, else XLA; ``pallas``: the
+Pallas kernels (int4 weight-only; interpret mode on CPU)."""
 
 Observer = Literal["minmax", "moving_average", "percentile", "mse"]
 OBSERVERS: tuple[Observer, ...] = get_args(Observer)
