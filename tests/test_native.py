@@ -73,7 +73,7 @@ SHAPES = [(1, 1, 16), (2, 3, 48), (3, 33, 80), (4, 70, 1024), (5, 300, 512), (6,
 SHAPES += [(7, 64, 1040), (13, 1000, 256), (70, 96, 192), (1, 4100, 4096)]
 
 
-@pytest.mark.parametrize("scheme", list(sq.SCHEMES))
+@pytest.mark.parametrize("scheme", [s for s in sq.SCHEMES if sq.bits_of(s) == 8])
 @pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_native_dense_matches_float_reference(scheme, mode, rows, k, n):
@@ -245,7 +245,12 @@ def test_constants_shared_with_the_cpp_kernels():
     pytest.skip(f"native library unavailable: {_native.build_error()}")
   lib.SqW8A8MaxK.restype = ctypes.c_int64
   assert lib.SqW8A8MaxK() == ffi.W8_MAX_K
-  assert set(_native.ffi_targets()) <= {_native.WO_TARGET, _native.W8_TARGET}
+  assert set(_native.ffi_targets()) <= {
+    _native.WO_TARGET,
+    _native.W8_TARGET,
+    _native.INT4_TARGET,
+    _native.INT4_ZERO_TARGET,
+  }
 
 
 def test_failed_build_is_remembered_per_key(tmp_path):

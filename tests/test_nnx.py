@@ -9,7 +9,7 @@ from flax import nnx
 import sensorquant_jax as sq
 from tests.models import NNXTransformer
 
-SCHEMES = list(sq.SCHEMES)
+SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
 rng = np.random.default_rng(0)
 
 

@@ -8,7 +8,7 @@ import pytest
 import sensorquant_jax as sq
 from sensorquant_jax._src import packed
 
-SCHEMES = list(sq.SCHEMES)
+SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
 rng = np.random.default_rng(0)
 
 

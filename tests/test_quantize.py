@@ -18,6 +18,7 @@ from tests.models import TinyTransformer
 from tests.references import int4_reference
 
 SCHEMES = list(sq.SCHEMES)
+INT8 = [s for s in SCHEMES if sq.bits_of(s) == 8]  # int4 models and sharding: test_int4.py
 
 finite_f32 = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
 # A fixed menu of shapes keeps XLA compilations cached across examples; the
@@ -128,7 +129,7 @@ def test_default_selection_on_a_linen_transformer():
   assert sq.nbytes(q) < sq.nbytes(params) / 2.5
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8)
 def test_linen_transformer_end_to_end(scheme):
   model, tokens, params = _params()
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 96)
@@ -206,7 +207,7 @@ def test_non_finite_weights_raise_with_path_and_counts(bad):
   assert sq.quantize(params, check_finite=False)["params"]["dense"]["kernel"].shape == (32, 64)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8)
 def test_sharded_params_stay_sharded(scheme):
   devices = np.array(jax.devices("cpu")[:8])  # CPU devices exist on GPU machines too
   assert devices.size == 8, "conftest sets 8 host devices"

@@ -108,8 +108,9 @@ class CheckpointWriter:
         "dtype": np.dtype(x.dtype).name,
         "zero_point": x.zero_point is not None,
       }
-      if x.bits == 4:
-        entry["pad"] = x.pad  # recorded only for int4: older readers see no new key
+      if x.bits == 4:  # recorded only for int4: older readers see no new key
+        entry["pad"] = x.pad
+        entry["shape"] = [int(d) for d in x.shape]
       group = {"values": x.values, "scale": x.scale}
       if x.zero_point is not None:
         group["zero_point"] = x.zero_point
@@ -272,8 +273,11 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
       raise CheckpointError(f"{at}: an int4 group size must be even, got {block!r}")
     if e.get("pad") not in (0, 1) or isinstance(e.get("pad"), bool):
       raise CheckpointError(f"{at}: 'pad' must be 0 or 1 for {scheme}, got {e.get('pad')!r}")
-  elif "pad" in e:
-    raise CheckpointError(f"{at}: 'pad' is only for the int4 schemes")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+      raise CheckpointError(f"{at}: 'shape' must be a list of sizes for {scheme}")
+  elif "pad" in e or "shape" in e:
+    raise CheckpointError(f"{at}: 'pad' and 'shape' are only for the int4 schemes")
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -358,9 +362,15 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
     raise CheckpointError(f"{where}: a per-tensor leaf reduces every axis, got {axes}")
   logical = list(values.shape)
   if int4:
-    if len(axes) != 1 or values.shape[axes[0]] == 0:
-      raise CheckpointError(f"{where}: int4 values have no bytes along the group axis")
-    logical[axes[0]] = 2 * values.shape[axes[0]] - e["pad"]
+    logical = list(e["shape"])
+    packed = list(logical)
+    if len(logical) == n:
+      packed[axes[0]] = (logical[axes[0]] + 1) // 2
+    if packed != list(values.shape) or e["pad"] != logical[axes[0]] % 2:
+      raise CheckpointError(
+        f"{where}: int4 values {tuple(values.shape)} do not fit shape {tuple(logical)} "
+        f"with pad {e['pad']}"
+      )
   want = list(values.shape)
   for a in axes:
     if e["scheme"] in options.BLOCK_SCHEMES:

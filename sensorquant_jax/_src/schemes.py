@@ -360,10 +360,10 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
   (axis,) = spec.axes
   block = int(spec.block_size or default_block_size(spec.scheme))
   blocks = split_blocks(wf, axis, block)
-  zp = None
+  zp: jax.Array | None = None
   if spec.scheme == ASYMMETRIC_INT4:
-    q, scale, zp = _asymmetric(blocks, (axis + 1,), fix, 0, 15)
-    zp = jnp.squeeze(zp, axis + 1).astype(jnp.int8)
+    q, scale, z = _asymmetric(blocks, (axis + 1,), fix, 0, 15)
+    zp = jnp.squeeze(z, axis + 1).astype(jnp.int8)
   elif spec.scheme == INT4:
     q, scale = _symmetric(blocks, (axis + 1,), fix, 7)
     q = q + jnp.int8(SYMMETRIC_INT4_ZERO)
