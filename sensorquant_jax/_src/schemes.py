@@ -342,11 +342,11 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
     if spec.scheme == PER_CHANNEL:
       q, scale = _symmetric(wf, reduce_axes, fix)
       return QArray(q, scale, None, PER_CHANNEL, neg(reduce_axes), None, dtype)
-    q, scale, zp = _asymmetric(wf, reduce_axes, fix, -128, 127)
+    q, scale, z8 = _asymmetric(wf, reduce_axes, fix, -128, 127)
     return QArray(
       q.astype(jnp.int8),
       scale,
-      zp.astype(jnp.int8),
+      z8.astype(jnp.int8),
       ASYMMETRIC_PER_CHANNEL,
       neg(reduce_axes),
       None,
