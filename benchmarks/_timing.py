@@ -36,3 +36,26 @@ def median_times(calls: dict, repeats: int, rounds: int = 2) -> dict:
         jax.block_until_ready(fn(*args))
         times[name].append(time.perf_counter() - t)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> str:
+  """The CPU model, core count and vector flags (or the accelerator's name)."""
+  import os
+
+  import jax
+
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    return f"{dev.platform}: {dev.device_kind}"
+  model, flags = "unknown CPU", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and model == "unknown CPU":
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+  return f"{model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags)}"
