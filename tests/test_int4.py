@@ -40,7 +40,7 @@ def test_every_byte_round_trips():
   np.testing.assert_array_equal(np.asarray(nibbles.pack(jnp.asarray(codes), 0)), b)
 
 
-@settings(max_examples=40)
+@settings(max_examples=20)
 @given(
   shape=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
   axis_seed=st.integers(0, 2),
@@ -248,6 +248,8 @@ def test_linen_apply_report_and_policy(scheme):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
   rep = sq.report(params, q, show=False)
   assert {r["scheme"] for r in rep["layers"]} == {scheme}
+  if scheme != sq.INT4:
+    return
   pol = sq.auto_policy(params, budget=sq.Budget(min_sqnr_db=5.0))
   # int4 is the cheapest option for the 2-D kernels (not for [4, 16, 64] with 4-value groups)
   assert pol.choices["params/blocks_0/fc1/kernel"] == sq.INT4

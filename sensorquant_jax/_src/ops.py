@@ -1,4 +1,4 @@
-"""Int8 inference ops: dense layers that read int8 weights without a float copy."""
+"""Quantized inference ops: dense layers that read int8/int4 weights without a float copy."""
 
 from __future__ import annotations
 
@@ -282,7 +282,7 @@ def dense_general(
 
   Args:
     x: float activations.
-    kernel: :class:`QArray` (any int8 scheme) or :class:`PackedQArray`.
+    kernel: :class:`QArray` (any scheme, int4 included) or :class:`PackedQArray`.
     bias: optional float bias of shape ``kernel.shape[n_in:]``.
     n_in: number of contracted kernel axes.
     mode: ``"weight_only"`` (int8 weights, float activations and
@@ -293,7 +293,9 @@ def dense_general(
       512 on CPU, one fused dot elsewhere; ``None``: one dot.
     dtype: output dtype (default: ``x``'s floating dtype).
     impl: ``"auto"`` (the native CPU kernels when they are built and the
-      backend is CPU, else XLA), ``"native"`` (raise if unavailable) or ``"xla"``.
+      backend is CPU, else XLA), ``"native"`` (raise if unavailable), ``"xla"``,
+      or ``"pallas"`` (the Pallas int4 weight-only kernel; interpret mode off
+      GPU).
 
   Returns:
     The layer output, close to ``x @ dequantize(kernel) + bias``.
