@@ -3,8 +3,10 @@
 Prints, for a 4096x4096 weight-only layer, the compiled temporaries against the
 float32 weight size and whether a single fusion holds both the convert and the
 dot; then stacks of 8 distinct layers (4096x4096, 4096x16384) at several
-batches: float32, bf16, ours weight-only (bf16 activations) and ours W8A8,
-each as bf16 time / variant time (higher is faster). Run on a GPU machine.
+batches: float32, bf16, ours weight-only (bf16 activations), ours W8A8, and
+int4 weight-only (group 128) through XLA and through the Pallas kernel
+(``impl="pallas"``, whose results are first checked against XLA's), each as
+bf16 time / variant time (higher is faster). Run on a GPU machine.
 """
 
 from __future__ import annotations
@@ -56,11 +58,20 @@ def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
     "bf16": stack(lambda x, w: x @ w),
     "w-only": stack(lambda x, w: sq.dense(x, w)),
     "w8a8": stack(lambda x, w: sq.dense(x, w, mode="w8a8")),
+    "int4": stack(lambda x, w: sq.dense(x, w, impl="xla")),
+    "int4/pl": stack(lambda x, w: sq.dense(x, w, impl="pallas")),
   }
   for k, n in ((4096, 4096), (4096, 16384)):
     f = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02) for _ in range(layers)]
     q = [sq.quantize_array(w, "symmetric_per_channel_int8") for w in f]
+    q4 = [sq.quantize_array(w, "symmetric_per_group_int4") for w in f]
     weights = {"f32": f, "bf16": [w.astype(jnp.bfloat16) for w in f], "w-only": q, "w8a8": q}
+    weights["int4"] = weights["int4/pl"] = q4
+    x1 = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+    ref = sq.dense(x1, q4[0], impl="xla").astype(jnp.float32)
+    got = sq.dense(x1, q4[0], impl="pallas").astype(jnp.float32)
+    err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+    print(f"pallas int4 vs XLA, {k}x{n}, 16 rows: max relative error {err:.2e}")
     print(f"\n{k}x{n} x{layers} layers; ratio = bf16 time / variant time")
     print(f"{'batch':>6s} {'bf16 us':>9s} " + " ".join(f"{v:>8s}" for v in variants))
     for b in batches:
@@ -70,7 +81,7 @@ def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
         f"{b:6d} {t['bf16'] * 1e6:9.1f} " + " ".join(f"{t['bf16'] / v:7.2f}x" for v in t.values()),
         flush=True,
       )
-    del f, q, weights
+    del f, q, q4, weights
 
 
 def exactness_report(fixture="tests/fixtures/oracle/per_tensor_cases.npz"):
