@@ -238,7 +238,7 @@ def test_manifest_refuses_int4_unless_requantized():
 
 
 @pytest.mark.parametrize("scheme", INT4)
-def test_linen_apply_report_and_policy(scheme):
+def test_linen_apply_and_report(scheme):
   model = TinyTransformer()
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, 50, (2, 12)), jnp.int32)
   params = model.init(jax.random.key(0), tokens)
@@ -248,11 +248,21 @@ def test_linen_apply_report_and_policy(scheme):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
   rep = sq.report(params, q, show=False)
   assert {r["scheme"] for r in rep["layers"]} == {scheme}
-  if scheme != sq.INT4:
-    return
+
+
+def test_auto_policy_takes_int4_where_it_is_cheapest():
+  rng = np.random.default_rng(8)
+  params = {
+    "dense": {"kernel": rng.standard_normal((256, 64)).astype(np.float32)},
+    "heads": {"kernel": rng.standard_normal((4, 16, 64)).astype(np.float32)},  # 4-value groups
+  }
   pol = sq.auto_policy(params, budget=sq.Budget(min_sqnr_db=5.0))
-  # int4 is the cheapest option for the 2-D kernels (not for [4, 16, 64] with 4-value groups)
-  assert pol.choices["params/blocks_0/fc1/kernel"] == sq.INT4
+  assert pol.choices["dense/kernel"] == sq.INT4
+  assert pol.choices["heads/kernel"] != sq.INT4  # per-tensor int8 is smaller there
+  loose = sq.quantize(params, rules=pol.rules)
+  assert sq.nbytes(loose) == sum(
+    sq.quantize_array(params[k]["kernel"], pol.choices[f"{k}/kernel"]).nbytes for k in params
+  )
 
 
 @pytest.mark.parametrize("scheme", INT4)
