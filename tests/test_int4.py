@@ -185,7 +185,14 @@ def test_checkpoint_refuses_edited_int4_records(tmp_path):
   sq.save(tmp_path / "c", q)
   spec_path = tmp_path / "c" / "sensorquant.json"
   doc = json.loads(spec_path.read_text())
-  for key, value in (("pad", 0), ("pad", 2), ("block_size", 64), ("scheme", sq.ASYMMETRIC_INT4)):
+  edits = (
+    ("shape", [98, 16]),  # packs to 49 rows, not the 50 stored
+    ("shape", [99]),
+    ("shape", "99x16"),
+    ("block_size", 64),
+    ("scheme", sq.ASYMMETRIC_INT4),
+  )
+  for key, value in edits:
     edited = json.loads(json.dumps(doc))
     edited["leaves"][0][key] = value
     edited["leaves_sha256"] = _ckpt._leaves_digest(edited["leaves"])

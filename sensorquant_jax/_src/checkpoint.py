@@ -108,8 +108,7 @@ class CheckpointWriter:
         "dtype": np.dtype(x.dtype).name,
         "zero_point": x.zero_point is not None,
       }
-      if x.bits == 4:  # recorded only for int4: older readers see no new key
-        entry["pad"] = x.pad
+      if x.bits == 4:  # the logical shape (packed values hide an odd length)
         entry["shape"] = [int(d) for d in x.shape]
       group = {"values": x.values, "scale": x.scale}
       if x.zero_point is not None:
@@ -271,13 +270,11 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
   if scheme in options.INT4_SCHEMES:
     if block % 2:
       raise CheckpointError(f"{at}: an int4 group size must be even, got {block!r}")
-    if e.get("pad") not in (0, 1) or isinstance(e.get("pad"), bool):
-      raise CheckpointError(f"{at}: 'pad' must be 0 or 1 for {scheme}, got {e.get('pad')!r}")
     shape = e.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
       raise CheckpointError(f"{at}: 'shape' must be a list of sizes for {scheme}")
-  elif "pad" in e or "shape" in e:
-    raise CheckpointError(f"{at}: 'pad' and 'shape' are only for the int4 schemes")
+  elif "shape" in e:
+    raise CheckpointError(f"{at}: 'shape' is only for the int4 schemes")
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -366,10 +363,9 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
     packed = list(logical)
     if len(logical) == n:
       packed[axes[0]] = (logical[axes[0]] + 1) // 2
-    if packed != list(values.shape) or e["pad"] != logical[axes[0]] % 2:
+    if len(logical) != n or packed != list(values.shape):
       raise CheckpointError(
-        f"{where}: int4 values {tuple(values.shape)} do not fit shape {tuple(logical)} "
-        f"with pad {e['pad']}"
+        f"{where}: int4 values {tuple(values.shape)} do not fit shape {tuple(logical)}"
       )
   want = list(values.shape)
   for a in axes:
@@ -467,7 +463,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         tuple(rec["axes"]),
         rec["block_size"],
         np.dtype(rec["dtype"]),
-        rec.get("pad", 0),
+        rec["shape"][rec["axes"][0]] % 2 if "shape" in rec else 0,
       )
     )
   if like is not None:

@@ -26,7 +26,8 @@ BLOCK_N = 128
 """Output columns per program."""
 
 
-def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref, *, groups: int, half: int):
+def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *refs, groups: int, half: int):
+  z_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])  # symmetric: no zero points
   m = xe_ref.shape[0]
   bn = w_ref.shape[1]
 
@@ -41,7 +42,11 @@ def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref, *, groups: int, hal
     part += jnp.dot(xo, hi, preferred_element_type=jnp.float32)
     xsum = jnp.sum(xe, axis=1, keepdims=True) + jnp.sum(xo, axis=1, keepdims=True)
     s = s_ref[pl.ds(g, 1), :]
-    z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)
+    z = (
+      jnp.float32(SYMMETRIC_INT4_ZERO)
+      if z_ref is None
+      else z_ref[pl.ds(g, 1), :].astype(jnp.float32)
+    )
     return acc + s * (part - z * xsum)
 
   acc = jax.lax.fori_loop(0, groups, body, jnp.zeros((m, bn), jnp.float32))
@@ -76,27 +81,27 @@ def int4_dense(
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - k)))
   xe, xo = x[:, 0::2], x[:, 1::2]
   w = jnp.pad(packed, ((0, groups * half - packed.shape[0]), (0, 0)))
-  if zero is None:
-    zero = jnp.full(scale.shape, SYMMETRIC_INT4_ZERO, jnp.int8)
   bn = min(BLOCK_N, n)
   npad = -(-n // bn) * bn
   if npad != n:
     w = jnp.pad(w, ((0, 0), (0, npad - n)))
     scale = jnp.pad(scale, ((0, 0), (0, npad - n)))
-    zero = jnp.pad(zero, ((0, 0), (0, npad - n)))
+    if zero is not None:
+      zero = jnp.pad(zero, ((0, 0), (0, npad - n)))
   kernel = functools.partial(_int4_kernel, groups=groups, half=half)
+  rows = pl.BlockSpec((mrows, groups * half), lambda j: (0, 0))
+  per_group = pl.BlockSpec((groups, bn), lambda j: (0, j))
+  args = [xe, xo, w, scale.astype(jnp.float32)]
+  specs = [rows, rows, pl.BlockSpec((groups * half, bn), lambda j: (0, j)), per_group]
+  if zero is not None:
+    args.append(zero)
+    specs.append(per_group)
   out = pl.pallas_call(
     kernel,
     grid=(npad // bn,),
-    in_specs=[
-      pl.BlockSpec((mrows, groups * half), lambda j: (0, 0)),
-      pl.BlockSpec((mrows, groups * half), lambda j: (0, 0)),
-      pl.BlockSpec((groups * half, bn), lambda j: (0, j)),
-      pl.BlockSpec((groups, bn), lambda j: (0, j)),
-      pl.BlockSpec((groups, bn), lambda j: (0, j)),
-    ],
+    in_specs=specs,
     out_specs=pl.BlockSpec((mrows, bn), lambda j: (0, j)),
     out_shape=jax.ShapeDtypeStruct((mrows, npad), jnp.float32),
     interpret=interpret,
-  )(xe, xo, w, scale.astype(jnp.float32), zero)
+  )(*args)
   return out[:, :n]

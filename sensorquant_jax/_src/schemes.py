@@ -358,7 +358,8 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
   # undo the split.
   assert spec.axes is not None, "resolve() gives per-block specs their axis"
   (axis,) = spec.axes
-  block = int(spec.block_size or default_block_size(spec.scheme))
+  assert spec.block_size is not None, "Spec fills in the scheme's default"
+  block = int(spec.block_size)
   blocks = split_blocks(wf, axis, block)
   zp: jax.Array | None = None
   if spec.scheme == ASYMMETRIC_INT4:

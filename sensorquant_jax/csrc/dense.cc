@@ -440,19 +440,6 @@ struct Int4Weights {
   int64_t groups() const { return (k + block - 1) / block; }
 };
 
-// 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
-inline void load_nibbles(const uint8_t* p, f32x16* lo, f32x16* hi) {
-  typedef uint8_t u8x16 __attribute__((vector_size(16)));
-  u8x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
-  *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
-}
-
-inline f32x16 zero_row(const Int4Weights& wt, int64_t g, int64_t col) {
-  return wt.zero ? load_i8(wt.zero + g * wt.n + col) : splat(8.0f);
-}
-
 // The few-rows int4 kernel works on the machine's own vector width: GCC does
 // not keep 64-byte generic vectors in registers on AVX2, and here every
 // spilled accumulator costs a load and a store per weight pair.
@@ -505,7 +492,14 @@ inline Vf vfma(Vf a, Vf b, Vf c) { return a * b + c; }
 inline Vf vmul(Vf a, Vf b) { return a * b; }
 inline Vf vsub(Vf a, Vf b) { return a - b; }
 inline Vf vadd(Vf a, Vf b) { return a + b; }
-inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) { load_nibbles(p, lo, hi); }
+// 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  u8x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
+  *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
+}
 inline Vf vload_i8(const int8_t* p) { return load_i8(p); }
 #endif
 
