@@ -113,6 +113,9 @@ class CheckpointWriter:
       group = {"values": x.values, "scale": x.scale}
       if x.zero_point is not None:
         group["zero_point"] = x.zero_point
+      if x.input_scale is not None:  # recorded only when present: older files stay valid
+        entry["input_scale"] = True
+        group["input_scale"] = x.input_scale
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       entry = {"path": name, "kind": "array"}
       group = {"value": x}
@@ -275,6 +278,8 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
       raise CheckpointError(f"{at}: 'shape' must be a list of sizes for {scheme}")
   elif "shape" in e:
     raise CheckpointError(f"{at}: 'shape' is only for the int4 schemes")
+  if e.get("input_scale", False) is not True and "input_scale" in e:
+    raise CheckpointError(f"{at}: 'input_scale' must be true when present")
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -378,6 +383,18 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
       f"{where}: scale shape {tuple(scale.shape)} does not fit values {tuple(values.shape)} "
       f"with axes {axes}" + (f" and block size {e['block_size']}" if e["block_size"] else "")
     )
+  if e.get("input_scale"):
+    s = group.get("input_scale")
+    if s is None:
+      raise CheckpointError(f"{where}: arrays are missing")
+    if (
+      np.dtype(s.dtype) != np.float32
+      or s.ndim != len(logical)
+      or any(d not in (1, n) for d, n in zip(s.shape, logical, strict=True))
+    ):
+      raise CheckpointError(
+        f"{where}: input scale {s.dtype}{tuple(s.shape)} does not fit shape {tuple(logical)}"
+      )
   if zp is not None and (list(zp.shape) != want or np.dtype(zp.dtype) != np.int8):
     raise CheckpointError(f"{where}: zero point shape or dtype does not match the scale")
 
@@ -423,6 +440,8 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         group = {"values": _abstract(x.values), "scale": _abstract(x.scale)}
         if x.zero_point is not None:
           group["zero_point"] = _abstract(x.zero_point)
+        if x.input_scale is not None:
+          group["input_scale"] = _abstract(x.input_scale)
       else:
         group = {"value": _abstract(x)}
       targets.setdefault(e["part"], {})[_leaf_key(i)] = group
@@ -464,6 +483,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         rec["block_size"],
         np.dtype(rec["dtype"]),
         rec["shape"][rec["axes"][0]] % 2 if "shape" in rec else 0,
+        group.get("input_scale") if rec.get("input_scale") else None,
       )
     )
   if like is not None:

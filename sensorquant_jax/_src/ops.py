@@ -263,6 +263,13 @@ def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
   return acc.astype(jnp.float32) * xs * m.scale
 
 
+def apply_input_scale(x: jax.Array, input_scale: jax.Array, in_shape: tuple[int, ...]) -> jax.Array:
+  """``x * input_scale`` over ``x``'s trailing ``in_shape`` axes, in float32, in ``x``'s dtype."""
+  dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+  s = jnp.asarray(input_scale, jnp.float32).reshape(in_shape)
+  return (x.astype(jnp.float32) * s).astype(dt)
+
+
 def dense_general(
   x: jax.Array,
   kernel: QArray | PackedQArray,
@@ -282,7 +289,8 @@ def dense_general(
 
   Args:
     x: float activations.
-    kernel: :class:`QArray` (any scheme, int4 included) or :class:`PackedQArray`.
+    kernel: :class:`QArray` (any scheme, int4 included; with an
+      ``input_scale``, ``x`` is multiplied by it first) or :class:`PackedQArray`.
     bias: optional float bias of shape ``kernel.shape[n_in:]``.
     n_in: number of contracted kernel axes.
     mode: ``"weight_only"`` (int8 weights, float activations and
@@ -311,6 +319,9 @@ def dense_general(
       f"input feature shape {x.shape[x.ndim - n_in :]} does not match kernel {shape}"
     )
   out_dtype = dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+  if isinstance(kernel, QArray) and kernel.input_scale is not None:
+    x = apply_input_scale(x, kernel.input_scale, in_shape)
+    kernel = dataclasses.replace(kernel, input_scale=None)
   batch = x.shape[: x.ndim - n_in]
   x2 = x.reshape(math.prod(batch), math.prod(in_shape))
   tile = auto_tile(tile)

@@ -150,7 +150,8 @@ def pack(qparams: Any, tile: int | None = None) -> Any:
   """Converts 2-D per-tensor/per-channel QArray kernels to :class:`PackedQArray`.
 
   Other leaves (and kernels the tiled op cannot use: other ranks, block or
-  row-wise scales, ``N`` not a multiple of ``tile``) are returned unchanged.
+  row-wise scales, an ``input_scale``, ``N`` not a multiple of ``tile``) are
+  returned unchanged.
   Cheap (one int8 transpose per kernel) and explicit; every op and
   :func:`sensorquant_jax.apply` accept packed and unpacked trees alike.
 
@@ -163,7 +164,7 @@ def pack(qparams: Any, tile: int | None = None) -> Any:
     tile = default_pack_tile()
 
   def one(x):
-    if not is_qarray(x) or x.ndim != 2 or x.block_size is not None:
+    if not is_qarray(x) or x.ndim != 2 or x.block_size is not None or x.input_scale is not None:
       return x
     m = as_matrix(x, 1)
     if m is None or x.shape[1] % tile or x.shape[1] == tile:

@@ -44,6 +44,10 @@ class QArray:
       (static).
     dtype: the original floating dtype, restored by ``dequantize`` (static).
     pad: int4 only: padding nibbles at the end of the packed axis (static).
+    input_scale: optional float32 multiplier of the layer input, shaped to
+      broadcast against the logical array (size 1 along the output axes), as
+      AWQ and SmoothQuant leave it: the layer computes ``(x * input_scale) @
+      W`` and :meth:`dequantize` folds it in (``W * input_scale``).
   """
 
   values: jax.Array
@@ -54,6 +58,7 @@ class QArray:
   block_size: int | None = struct.field(pytree_node=False, default=None)
   dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
   pad: int = struct.field(pytree_node=False, default=0)
+  input_scale: jax.Array | None = None
 
   @property
   def bits(self) -> int:
@@ -81,8 +86,9 @@ class QArray:
   def nbytes(self) -> int:
     """Bytes held by values, scales and zero points together."""
     total = _nbytes(self.values) + _nbytes(self.scale)
-    if self.zero_point is not None:
-      total += _nbytes(self.zero_point)
+    for extra in (self.zero_point, self.input_scale):
+      if extra is not None:
+        total += _nbytes(extra)
     return total
 
   @property
@@ -106,6 +112,8 @@ class QArray:
       out = (v if zp is None else v - zp) * self.scale
     else:
       out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp)
+    if self.input_scale is not None:
+      out = out * self.input_scale.astype(jnp.float32)
     dtype = self.dtype if dtype is None else dtype
     # Weights within an ulp of the dtype's max can land a rounding step past
     # it (127 * fl(max / 127) > max); clamp so dequantize is finite for every
@@ -193,6 +201,13 @@ def merge_blocks(x: jax.Array, axis: int, n: int) -> jax.Array:
   """Inverse of :func:`split_blocks`: ``(n_blocks, block)`` at ``axis`` back to ``n``."""
   shape = x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :]
   return jax.lax.slice_in_dim(x.reshape(shape), 0, n, axis=axis)
+
+
+def broadcast_blocks(a: jax.Array, shape: tuple[int, ...], axis: int, block: int) -> jax.Array:
+  """Per-block ``a`` (one entry per ``block`` values along ``axis``) repeated to ``shape``."""
+  axis %= len(shape)
+  a = jnp.repeat(a, block, axis=axis)
+  return jnp.broadcast_to(jax.lax.slice_in_dim(a, 0, shape[axis], axis=axis), shape)
 
 
 def _apply_blocks(

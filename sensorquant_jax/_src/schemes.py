@@ -60,6 +60,20 @@ def default_block_size(scheme: str) -> int:
   return DEFAULT_GROUP_SIZE if scheme in INT4_SCHEMES else DEFAULT_BLOCK_SIZE
 
 
+def code_range(scheme: str) -> tuple[int, int]:
+  """The integer range of ``scheme``'s codes as :meth:`QArray.codes` gives them.
+
+  A weight is ``(code - zero_point) * scale``; symmetric int4 codes are centred.
+  """
+  if scheme == ASYMMETRIC_PER_CHANNEL:
+    return -128, 127
+  if scheme == ASYMMETRIC_INT4:
+    return 0, 15
+  if scheme == INT4:
+    return -7, 7
+  return -127, 127
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """A resolved quantization request for one array.
@@ -379,3 +393,14 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
   fill = SYMMETRIC_INT4_ZERO if zp is None else 0
   packed = nibbles.pack(q.astype(jnp.uint8), axis, fill)
   return QArray(packed, scale, zp, spec.scheme, (axis - ndim,), block, dtype, n % 2)
+
+
+def with_codes(qa: QArray, codes: jax.Array) -> QArray:
+  """``qa`` holding new ``codes`` (logical shape, in :func:`code_range`), scales kept."""
+  if qa.bits == 8:
+    return dataclasses.replace(qa, values=codes.astype(jnp.int8))
+  # Symmetric int4 stores code + 8, and pads an odd axis with its 0.
+  shift = SYMMETRIC_INT4_ZERO if qa.zero_point is None else 0
+  axis = qa.axes[0] % codes.ndim
+  stored = (codes.astype(jnp.int32) + shift).astype(jnp.uint8)
+  return dataclasses.replace(qa, values=nibbles.pack(stored, axis, shift))

@@ -1,0 +1,196 @@
+"""What a Linen model's Dense and DenseGeneral layers read: the layers in call
+order, grouped by shared input, and input statistics reduced inside ``jit``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.tree_paths import join
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One Dense or DenseGeneral kernel the weight methods (GPTQ, AWQ, SmoothQuant) work on.
+
+  Attributes:
+    path: the module's param path (``"params/encoder/fc1"``).
+    kernel: its kernel's leaf path (``path + "/kernel"``).
+    axis: the input axes it contracts, in kernel order (negative).
+    k: contracted size (rows of the ``[K, N]`` view of the kernel).
+    group: index of the first layer reading the same input array (q, k and v
+      projections share one), so one pass measures them together.
+  """
+
+  path: str
+  kernel: str
+  axis: tuple[int, ...]
+  k: int
+  group: int
+
+
+def _weight_layer(module: nn.Module, method: str) -> bool:
+  kind = type(module)
+  if kind is nn.Dense:
+    return method == "__call__"
+  return kind is nn.DenseGeneral and method == "__call__" and not module.batch_dims
+
+
+def _axes(module: nn.Module) -> tuple[int, ...]:
+  if type(module) is nn.Dense:
+    return (-1,)
+  axis = module.axis
+  return tuple(axis) if isinstance(axis, Sequence) else (axis,)
+
+
+def rows(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+  """``x`` as float32 ``[tokens, K]``: the contracted axes last, in kernel order."""
+  axes = tuple(a % x.ndim for a in axis)
+  rest = tuple(a for a in range(x.ndim) if a not in axes)
+  x = jnp.transpose(x, rest + axes)
+  k = math.prod(x.shape[x.ndim - len(axes) :])
+  return x.reshape(-1, k).astype(jnp.float32)
+
+
+def layers(model: nn.Module, variables: Any, batch: Any) -> list[Layer]:
+  """The model's Dense/DenseGeneral layers in the order they are first called.
+
+  Traced abstractly (``eval_shape``): nothing runs.
+  """
+  found: dict[str, Layer] = {}
+  inputs: list[Any] = []  # held so that ids stay unique while tracing
+
+  def record(next_fun, a, kw, context):
+    module = context.module
+    if _weight_layer(module, context.method_name) and a:
+      path = join("params", *module.path)
+      x = a[0]
+      if path not in found and jnp.issubdtype(x.dtype, jnp.floating):
+        axis = _axes(module)
+        group = next((i for i, seen in enumerate(inputs) if seen is x), len(inputs))
+        inputs.append(x)
+        size = math.prod(x.shape[i % x.ndim] for i in axis)
+        first = list(found.values())[group].group if group < len(found) else len(found)
+        found[path] = Layer(path, path + "/kernel", axis, size, first)
+    return next_fun(*a, **kw)
+
+  def run(v, *a):
+    with nn.intercept_methods(record):
+      model.apply(v, *a)
+
+  jax.eval_shape(run, variables, *as_args(batch))
+  return list(found.values())
+
+
+@dataclasses.dataclass
+class InputStats:
+  """Sums over every row a layer read (all calls, all batches).
+
+  Attributes:
+    xtx: ``X^T X`` ``[K, K]`` (only when asked for).
+    abs_max: ``max |x|`` per input channel ``[K]``.
+    abs_sum: ``sum |x|`` per input channel ``[K]``.
+    count: number of rows.
+  """
+
+  xtx: jax.Array | None
+  abs_max: jax.Array
+  abs_sum: jax.Array
+  count: int
+
+  @property
+  def abs_mean(self) -> jax.Array:
+    return self.abs_sum / max(self.count, 1)
+
+
+def input_stats(
+  model: nn.Module,
+  variables_fn: Callable[[], Any],
+  batches: Iterable[Any],
+  group: Sequence[Layer],
+  *,
+  xtx: bool = True,
+) -> dict[str, InputStats]:
+  """Streams ``batches`` through ``model`` and reduces the inputs of ``group``'s layers.
+
+  One jitted function per group: it returns only the statistics, so XLA drops
+  every op after the group's layers (a pass costs the model up to them).
+
+  Args:
+    model: the Linen module.
+    variables_fn: returns the variables to run (called once, after any earlier
+      group was quantized).
+    batches: model inputs.
+    group: layers measured in this pass.
+    xtx: also accumulate ``X^T X`` (GPTQ, AWQ); SmoothQuant needs only maxima.
+
+  Returns:
+    ``{layer path: InputStats}``.
+  """
+  wanted = {layer.path: layer for layer in group}
+
+  def stats(v, *a):
+    out: dict[str, dict[str, jax.Array]] = {}
+
+    def record(next_fun, args, kwargs, context):
+      module = context.module
+      path = join("params", *module.path)
+      if path in wanted and _weight_layer(module, context.method_name) and args:
+        r = rows(args[0], wanted[path].axis)
+        mine = {
+          "abs_max": jnp.max(jnp.abs(r), axis=0),
+          "abs_sum": jnp.sum(jnp.abs(r), axis=0),
+          "count": jnp.int32(r.shape[0]),
+        }
+        if xtx:
+          mine["xtx"] = lax.dot_general(
+            r, r, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+          )
+        if path in out:  # a layer called twice (shared weights): both calls count
+          prev = out[path]
+          mine = {
+            key: jnp.maximum(prev[key], val) if key == "abs_max" else prev[key] + val
+            for key, val in mine.items()
+          }
+        out[path] = mine
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      model.apply(v, *a)
+    return out
+
+  fn = jax.jit(stats)
+  variables = variables_fn()
+  total: dict[str, dict[str, Any]] = {}
+  for batch in batches:
+    got = fn(variables, *as_args(batch))
+    for path, s in got.items():
+      if path not in total:
+        total[path] = dict(s)
+        continue
+      t = total[path]
+      for key, val in s.items():
+        t[key] = jnp.maximum(t[key], val) if key == "abs_max" else t[key] + val
+  missing = [p for p in wanted if p not in total]
+  if missing:
+    raise ValueError(f"no batches, or layers never called: {', '.join(missing)}")
+  return {
+    p: InputStats(s.get("xtx"), s["abs_max"], s["abs_sum"], int(s["count"]))
+    for p, s in total.items()
+  }
+
+
+def groups(found: Sequence[Layer]) -> list[list[Layer]]:
+  """Layers grouped by shared input, in call order."""
+  out: dict[int, list[Layer]] = {}
+  for layer in found:
+    out.setdefault(layer.group, []).append(layer)
+  return list(out.values())

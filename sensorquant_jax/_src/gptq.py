@@ -1,0 +1,295 @@
+"""GPTQ: error-compensating rounding with each layer's input Hessian (Frantar et al., 2022)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src.options import Scheme
+from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
+from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, dequantize, quantize
+from sensorquant_jax._src.tree_paths import path_str
+
+Batches = Sequence[Any] | Callable[[], Iterable[Any]]
+
+
+def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:
+  """``qa``'s scale and zero point repeated to its logical shape (float32)."""
+  shape = qa.shape
+
+  def full(a):
+    if a is None:
+      return jnp.zeros(shape, jnp.float32)
+    a = a.astype(jnp.float32)
+    if qa.block_size is not None:
+      return broadcast_blocks(a, shape, qa.axes[0], qa.block_size)
+    return jnp.broadcast_to(a, shape)
+
+  return full(qa.scale), full(qa.zero_point)
+
+
+@functools.partial(jax.jit, static_argnames=("qmin", "qmax", "block", "act_order"))
+def gptq_matrix(
+  w: jax.Array,
+  h: jax.Array,
+  scale: jax.Array,
+  zero: jax.Array,
+  *,
+  qmin: int,
+  qmax: int,
+  damp: float = 0.01,
+  block: int = 128,
+  act_order: bool = False,
+) -> jax.Array:
+  """GPTQ codes for ``w`` ``[K, N]`` (rows are inputs) on a fixed grid.
+
+  Quantizes the rows one at a time, each as ``clip(round(w / scale) + zero)``,
+  and spreads its rounding error over the rows not yet quantized through the
+  Cholesky factor of the inverse Hessian (Algorithm 1 of the paper, with lazy
+  batch updates of ``block`` rows). The grid (``scale``, ``zero``, full
+  ``[K, N]``) is fixed beforehand, so any scheme's layout is kept.
+
+  Args:
+    w: float32 weights ``[K, N]``.
+    h: ``X^T X`` ``[K, K]`` of the layer's inputs (any positive multiple).
+    scale: float32 ``[K, N]``.
+    zero: float32 ``[K, N]`` zero points in code units.
+    qmin: smallest code.
+    qmax: largest code.
+    damp: added to the diagonal, as a fraction of its mean.
+    block: rows per lazy batch update.
+    act_order: quantize rows by decreasing Hessian diagonal (the order is
+      undone in the result).
+
+  Returns:
+    ``(codes, ok)``: int32 codes ``[K, N]`` in the original row order, and
+    whether the Hessian factorised (``False``: raise ``damp``).
+  """
+  k, n = w.shape
+  w = w.astype(jnp.float32)
+  h = h.astype(jnp.float32)
+  diag = jnp.diag(h)
+  dead = diag == 0
+  # An input never seen in calibration constrains nothing: plain rounding.
+  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(h), stable=True)
+    w, scale, zero = w[perm], scale[perm], zero[perm]
+    h = h[perm][:, perm]
+  h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
+  pad = -k % block
+  kp = k + pad
+  if pad:  # padded rows are uncoupled (identity Hessian) and weigh nothing
+    w = jnp.pad(w, ((0, pad), (0, 0)))
+    scale = jnp.pad(scale, ((0, pad), (0, 0)), constant_values=1.0)
+    zero = jnp.pad(zero, ((0, pad), (0, 0)))
+    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(
+      jnp.concatenate([jnp.zeros(k), jnp.ones(pad)]).astype(jnp.float32)
+    )
+  # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i holds the updates of step i.
+  lower = jnp.linalg.cholesky(h)
+  eye = jnp.eye(kp, dtype=jnp.float32)
+  hinv = jax.scipy.linalg.cho_solve((lower, True), eye)
+  u = jnp.linalg.cholesky(hinv).T
+  ok = jnp.all(jnp.isfinite(u))
+  u = jnp.where(ok, u, eye)
+  hp = lax.Precision.HIGHEST
+
+  def quant(x, s, z):
+    q = jnp.clip(lax.round(x / s, lax.RoundingMethod.AWAY_FROM_ZERO) + z, qmin, qmax)
+    return q, (q - z) * s
+
+  def one_block(b, carry):
+    w, q_all = carry
+    i1 = b * block
+    w1 = lax.dynamic_slice(w, (i1, 0), (block, n))
+    s1 = lax.dynamic_slice(scale, (i1, 0), (block, n))
+    z1 = lax.dynamic_slice(zero, (i1, 0), (block, n))
+    u1 = lax.dynamic_slice(u, (i1, i1), (block, block))
+    rows = jnp.arange(block)
+
+    def one_row(i, c):
+      w1, q1, e1 = c
+      q, deq = quant(w1[i], s1[i], z1[i])
+      err = (w1[i] - deq) / u1[i, i]
+      coef = jnp.where(rows > i, u1[i], 0.0)
+      w1 = w1 - coef[:, None] * err[None, :]
+      return w1, q1.at[i].set(q), e1.at[i].set(err)
+
+    zeros = jnp.zeros((block, n), jnp.float32)
+    _, q1, e1 = lax.fori_loop(0, block, one_row, (w1, zeros, zeros))
+    u_rows = lax.dynamic_slice(u, (i1, 0), (block, kp))
+    u_rows = jnp.where(jnp.arange(kp)[None, :] >= i1 + block, u_rows, 0.0)
+    w = w - jnp.matmul(u_rows.T, e1, precision=hp)
+    return w, lax.dynamic_update_slice(q_all, q1, (i1, 0))
+
+  _, q = lax.fori_loop(0, kp // block, one_block, (w, jnp.zeros((kp, n), jnp.float32)))
+  q = q[:k]
+  if act_order:
+    q = q[jnp.argsort(perm)]
+  return q.astype(jnp.int32), ok
+
+
+def output_error(w: jax.Array, approx: jax.Array, h: jax.Array) -> float:
+  """``tr(D^T H D) / tr(W^T H W)`` for ``D = W - approx``: the layer's relative output error."""
+  d = (w - approx).astype(jnp.float32)
+  hp = lax.Precision.HIGHEST
+  num = jnp.sum(jnp.matmul(h, d, precision=hp) * d)
+  den = jnp.sum(jnp.matmul(h, w, precision=hp) * w)
+  return float(num / jnp.maximum(den, 1e-30))
+
+
+def matrix(x: Any, k: int) -> jax.Array:
+  """A kernel (float or QArray, dequantized) as float32 ``[K, N]``."""
+  a = x.dequantize(jnp.float32) if is_qarray(x) else jnp.asarray(x, jnp.float32)
+  return a.reshape(k, -1)
+
+
+def quantize_layer(
+  w: jax.Array, qa: QArray, h: jax.Array, k: int, *, damp: float, block: int, act_order: bool
+) -> QArray:
+  """GPTQ of one kernel ``w`` on the grid of its round-to-nearest quantization ``qa``."""
+  if qa.input_scale is not None:
+    raise ValueError("GPTQ takes float kernels, not input-scaled (AWQ/SmoothQuant) ones")
+  scale, zero = grid(qa)
+  qmin, qmax = schemes.code_range(qa.scheme)
+  for attempt in range(4):  # a singular Hessian needs more dampening
+    codes, ok = gptq_matrix(
+      matrix(w, k),
+      h,
+      scale.reshape(k, -1),
+      zero.reshape(k, -1),
+      qmin=qmin,
+      qmax=qmax,
+      damp=damp * 10**attempt,
+      block=min(block, max(k, 1)),
+      act_order=act_order,
+    )
+    if bool(ok):
+      return schemes.with_codes(qa, codes.reshape(qa.shape))
+  raise ValueError(f"the input Hessian is not positive definite even with damp={damp * 1000:g}")
+
+
+def gptq(
+  model: nn.Module,
+  params: Any,
+  batches: Batches,
+  scheme: Scheme = schemes.PER_TENSOR,
+  rules: RulesLike = None,
+  *,
+  min_size: int = MIN_SIZE,
+  damp: float = 0.01,
+  block: int = 128,
+  act_order: bool = False,
+  sequential: bool = True,
+  progress: bool = True,
+) -> Any:
+  """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, rounding Dense kernels with GPTQ.
+
+  Every leaf is selected and given its scale exactly as ``quantize(params,
+  scheme, rules)`` does; the kernels of ``nn.Dense`` and ``nn.DenseGeneral``
+  layers that the model calls then get their codes from GPTQ, which rounds
+  one input row at a time and compensates the error on the rows left, using
+  ``X^T X`` of the layer's real inputs. Other quantized leaves (embedding
+  tables, convolutions) stay round-to-nearest. The result holds plain
+  :class:`~sensorquant_jax.QArray` leaves: every op, ``sq.apply``, ``sq.save``
+  and ``sq.report`` take it as they take ``quantize``'s.
+
+  Memory: one pass per group of layers sharing an input (q, k and v
+  together), reducing each batch to ``X^T X`` inside ``jit``; at most one
+  group's ``[K, K]`` sums and one batch's activations are held.
+
+  Args:
+    model: a Linen module.
+    params: its float variables (``{"params": ...}``).
+    batches: model inputs (a tuple per batch for several arguments), as a
+      sequence or a zero-argument callable returning an iterable; read once
+      per group of layers.
+    scheme: default scheme (as in ``quantize``; the int4 schemes included).
+    rules: per-leaf rules (as in ``quantize``).
+    min_size: as in ``quantize``.
+    damp: Hessian dampening, a fraction of its mean diagonal (the paper's 1%).
+    block: rows per lazy batch update.
+    act_order: quantize inputs by decreasing ``X^T X`` diagonal (the result
+      is permuted back: still a plain QArray).
+    sequential: measure each layer's inputs with the layers before it
+      already quantized (the paper's sequential mode), else on the float model.
+    progress: print one line per layer (output error RTN -> GPTQ) to stderr.
+
+  Returns:
+    The quantized tree.
+
+  Raises:
+    NonFiniteError: NaN or Inf weights (as ``quantize``).
+    ValueError: ``batches`` is a one-shot iterator, empty, or a layer is
+      never called.
+
+  Example:
+    >>> qparams = sq.gptq(model, variables, batches, sq.INT4)
+    >>> logits = sq.apply(model, qparams, x)
+  """
+  iterate = _reader(batches)
+  rtn = quantize(params, scheme, rules, min_size=min_size)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
+  current = [x for _, x in leaves]
+  where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
+  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  first = next(iter(iterate()), None)
+  if first is None:
+    raise ValueError("gptq: no batches")
+  found = [
+    layer
+    for layer in capture.layers(model, params, first)
+    if layer.kernel in where and is_qarray(current[where[layer.kernel]])
+  ]
+
+  def variables():
+    if not sequential:
+      return params
+    return dequantize(jax.tree_util.tree_unflatten(treedef, current))
+
+  done = 0
+  for group in capture.groups(found):
+    stats = capture.input_stats(model, variables, iterate(), group)
+    for layer in group:
+      start = time.perf_counter()
+      i = where[layer.kernel]
+      qa = current[i]
+      h = stats[layer.path].xtx
+      assert h is not None
+      w = floats[layer.kernel]
+      try:
+        new = quantize_layer(w, qa, h, layer.k, damp=damp, block=block, act_order=act_order)
+      except ValueError as e:
+        raise ValueError(f"{layer.kernel}: {e}") from None
+      current[i] = new
+      done += 1
+      if progress:
+        wm = matrix(w, layer.k)
+        before = output_error(wm, matrix(qa, layer.k), h)
+        after = output_error(wm, matrix(new, layer.k), h)
+        print(
+          f"gptq {done}/{len(found)} {layer.kernel}: output error {before:.3g} -> {after:.3g} "
+          f"({time.perf_counter() - start:.1f} s)",
+          file=sys.stderr,
+        )
+  return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _reader(batches: Batches) -> Callable[[], Iterable[Any]]:
+  if callable(batches):
+    return batches
+  if not isinstance(batches, Sequence):
+    raise ValueError(
+      "batches are read once per layer group: pass a sequence or a zero-argument callable"
+    )
+  return lambda: iter(batches)
