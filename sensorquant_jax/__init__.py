@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from sensorquant_jax._src import reexport as _reexport
 
 _HOMES = {
+  "sensorquant_jax._src.awq": "awq",
   "sensorquant_jax._src.calibrate": "ObserverConfig calibrate",
   "sensorquant_jax._src.calibration": (
     "LayerCalibration act_scales load_calibration save_calibration"
@@ -19,6 +20,7 @@ _HOMES = {
     "RequantizationWarning default_layer_name from_manifest to_manifest"
   ),
   "sensorquant_jax._src.fileio": "DestinationError",
+  "sensorquant_jax._src.gptq": "gptq",
   "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply",
   "sensorquant_jax._src.manifest": "ManifestError",
   "sensorquant_jax._src.native": "NativeBuildWarning",
@@ -34,6 +36,8 @@ _HOMES = {
     "MIN_SIZE NonFiniteError Rule RulesLike dequantize nbytes quantize quantize_array"
   ),
   "sensorquant_jax._src.report": "report",
+  "sensorquant_jax._src.scaled": "InputScaled",
+  "sensorquant_jax._src.smoothquant": "smoothquant",
   "sensorquant_jax._src.schemes": "DEFAULT_BLOCK_SIZE DEFAULT_GROUP_SIZE",
   "sensorquant_jax._src.tree_paths": "path_str",
 }

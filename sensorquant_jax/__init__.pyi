@@ -5,6 +5,7 @@ from sensorquant_jax import example_model as example_model
 from sensorquant_jax import manifest as manifest
 from sensorquant_jax import nnx as nnx
 from sensorquant_jax import stream as stream
+from sensorquant_jax._src.awq import awq as awq
 from sensorquant_jax._src.calibrate import ObserverConfig as ObserverConfig
 from sensorquant_jax._src.calibrate import calibrate as calibrate
 from sensorquant_jax._src.calibration import LayerCalibration as LayerCalibration
@@ -20,6 +21,7 @@ from sensorquant_jax._src.convert import default_layer_name as default_layer_nam
 from sensorquant_jax._src.convert import from_manifest as from_manifest
 from sensorquant_jax._src.convert import to_manifest as to_manifest
 from sensorquant_jax._src.fileio import DestinationError as DestinationError
+from sensorquant_jax._src.gptq import gptq as gptq
 from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense
 from sensorquant_jax._src.linen import QuantizedDenseGeneral as QuantizedDenseGeneral
 from sensorquant_jax._src.linen import apply as apply
@@ -60,8 +62,10 @@ from sensorquant_jax._src.quantize import nbytes as nbytes
 from sensorquant_jax._src.quantize import quantize as quantize
 from sensorquant_jax._src.quantize import quantize_array as quantize_array
 from sensorquant_jax._src.report import report as report
+from sensorquant_jax._src.scaled import InputScaled as InputScaled
 from sensorquant_jax._src.schemes import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
 from sensorquant_jax._src.schemes import DEFAULT_GROUP_SIZE as DEFAULT_GROUP_SIZE
+from sensorquant_jax._src.smoothquant import smoothquant as smoothquant
 from sensorquant_jax._src.tree_paths import path_str as path_str
 
 __version__: str

@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import options
+from sensorquant_jax._src import capture, options
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.convert import default_layer_name
 from sensorquant_jax._src.linen import handled
 from sensorquant_jax._src.options import OBSERVERS
+from sensorquant_jax._src.quantize import dequantize
+from sensorquant_jax._src.scaled import is_input_scaled
 from sensorquant_jax._src.tree_paths import join, path_str
 
 
@@ -50,17 +52,27 @@ class ObserverConfig:
       raise ValueError("percentile must be in (50, 100]")
 
 
-def _capture(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> dict[str, jax.Array]:
-  """Inputs of every module whose kernel the int8 ops consume, by module path."""
+def _capture(
+  model: nn.Module, variables: Any, args: tuple, kwargs: dict, scales: dict | None = None
+) -> dict[str, jax.Array]:
+  """Inputs of every module whose kernel the int8 ops consume, by module path.
+
+  ``scales`` maps module paths of smoothed layers to their input scale: those
+  inputs are recorded as the int8 op sees them (``x * input_scale``).
+  """
   seen: dict[str, jax.Array] = {}
+  scales = scales or {}
 
   def record(next_fun, a, k, context):
     module = context.module
     if handled(module, context.method_name) and a:
       key = join("params", *module.path)
       x = a[0]
-      if jnp.issubdtype(x.dtype, jnp.floating):
-        seen.setdefault(key, x)
+      if jnp.issubdtype(x.dtype, jnp.floating) and key not in seen:
+        if key in scales:
+          s = scales[key]
+          x = capture.rows(x, capture.input_axes(module)) * s.reshape(-1).astype(jnp.float32)
+        seen[key] = x
     return next_fun(*a, **k)
 
   with nn.intercept_methods(record):
@@ -102,13 +114,19 @@ def calibrate(
   def iterate():
     return batches() if callable(batches) else iter(batches)
 
+  scales = _input_scales(params)
+  float_params = params
+  params = dequantize(params) if scales else params
+
   if config.kind == "percentile":
     stats_fn = jax.jit(
-      lambda v, *a: {k: _extremes(x, config) for k, x in _capture(model, v, a, {}).items()}
+      lambda v, *a: {k: _extremes(x, config) for k, x in _capture(model, v, a, {}, scales).items()}
     )
   else:
     stats_fn = jax.jit(
-      lambda v, *a: {k: (jnp.min(x), jnp.max(x)) for k, x in _capture(model, v, a, {}).items()}
+      lambda v, *a: {
+        k: (jnp.min(x), jnp.max(x)) for k, x in _capture(model, v, a, {}, scales).items()
+      }
     )
 
   state: dict[str, Any] = {}
@@ -148,16 +166,29 @@ def calibrate(
     else:
       ranges[key] = s
   if config.kind == "mse":
-    ranges = _mse_clip(model, params, iterate, ranges, config)
+    ranges = _mse_clip(model, params, iterate, ranges, config, scales)
 
   out = {}
-  flat = dict((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  flat = {
+    path_str(p): x.kernel if is_input_scaled(x) else x
+    for p, x in jax.tree_util.tree_flatten_with_path(float_params, is_leaf=is_input_scaled)[0]
+  }
   for key, (lo, hi) in sorted(ranges.items()):
     kernel = flat.get(key + "/kernel", flat.get(key + "/embedding"))
     w_min = float(np.min(kernel)) if kernel is not None else float("nan")
     w_max = float(np.max(kernel)) if kernel is not None else float("nan")
     name = default_layer_name(key + "/kernel")
     out[key] = LayerCalibration(name, w_min, w_max, float(lo), float(hi))
+  return out
+
+
+def _input_scales(params: Any) -> dict[str, jax.Array]:
+  """``{module path: input_scale}`` of the smoothed (InputScaled) kernels in ``params``."""
+  out = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_input_scaled)[0]:
+    name = path_str(p)
+    if is_input_scaled(x) and name.endswith("/kernel"):
+      out[name.rsplit("/", 1)[0]] = x.input_scale
   return out
 
 
@@ -180,14 +211,14 @@ def _percentile_from_top(top_desc: np.ndarray, n: int, q: float) -> float:
   return value(lo_rank) + (value(hi_rank) - value(lo_rank)) * frac
 
 
-def _mse_clip(model, params, iterate, ranges, config):
+def _mse_clip(model, params, iterate, ranges, config, scales):
   keys = sorted(ranges)
   amax = np.array([max(abs(ranges[k][0]), abs(ranges[k][1]), 1e-12) for k in keys], np.float32)
   ratios = np.arange(1, config.grid + 1, dtype=np.float32) / config.grid
   clips = amax[:, None] * ratios[None, :]  # [layers, grid]
 
   def errors(v, clips, *a):
-    acts = _capture(model, v, a, {})
+    acts = _capture(model, v, a, {}, scales)
     out = {}
     for i, k in enumerate(keys):
       x = acts[k].reshape(-1).astype(jnp.float32)

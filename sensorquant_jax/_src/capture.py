@@ -44,7 +44,8 @@ def _weight_layer(module: nn.Module, method: str) -> bool:
   return kind is nn.DenseGeneral and method == "__call__" and not module.batch_dims
 
 
-def _axes(module: nn.Module) -> tuple[int, ...]:
+def input_axes(module: nn.Module) -> tuple[int, ...]:
+  """The input axes a Dense or DenseGeneral module contracts, in kernel order."""
   if type(module) is nn.Dense:
     return (-1,)
   axis = module.axis
@@ -74,7 +75,7 @@ def layers(model: nn.Module, variables: Any, batch: Any) -> list[Layer]:
       path = join("params", *module.path)
       x = a[0]
       if path not in found and jnp.issubdtype(x.dtype, jnp.floating):
-        axis = _axes(module)
+        axis = input_axes(module)
         group = next((i for i, seen in enumerate(inputs) if seen is x), len(inputs))
         inputs.append(x)
         size = math.prod(x.shape[i % x.ndim] for i in axis)

@@ -237,20 +237,13 @@ def gptq(
     >>> qparams = sq.gptq(model, variables, batches, sq.INT4)
     >>> logits = sq.apply(model, qparams, x)
   """
-  iterate = _reader(batches)
+  iterate = reader(batches)
   rtn = quantize(params, scheme, rules, min_size=min_size)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
   current = [x for _, x in leaves]
   where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
   floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  first = next(iter(iterate()), None)
-  if first is None:
-    raise ValueError("gptq: no batches")
-  found = [
-    layer
-    for layer in capture.layers(model, params, first)
-    if layer.kernel in where and is_qarray(current[where[layer.kernel]])
-  ]
+  found = weight_layers(model, params, iterate, where, current)
 
   def variables():
     if not sequential:
@@ -285,7 +278,20 @@ def gptq(
   return jax.tree_util.tree_unflatten(treedef, current)
 
 
-def _reader(batches: Batches) -> Callable[[], Iterable[Any]]:
+def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]:
+  """The model's Dense/DenseGeneral layers whose kernel is quantized in ``current``."""
+  first = next(iter(iterate()), None)
+  if first is None:
+    raise ValueError("no batches")
+  return [
+    layer
+    for layer in capture.layers(model, params, first)
+    if layer.kernel in where and is_qarray(current[where[layer.kernel]])
+  ]
+
+
+def reader(batches: Batches) -> Callable[[], Iterable[Any]]:
+  """``batches`` as a callable returning a fresh iterable (they are read more than once)."""
   if callable(batches):
     return batches
   if not isinstance(batches, Sequence):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from sensorquant_jax._src import flax_common, ops, options
 from sensorquant_jax._src.options import Mode
 from sensorquant_jax._src.packed import is_quantized
+from sensorquant_jax._src.scaled import is_input_scaled
 from sensorquant_jax._src.tree_paths import join, path_str
 
 
@@ -70,6 +71,10 @@ def _interceptor(mode: Mode, act_scales: Mapping[str, Any] | None):
   return intercept
 
 
+def _is_leaf(x: Any) -> bool:
+  return is_quantized(x) or is_input_scaled(x)
+
+
 def _param_name(module: nn.Module) -> str:
   return "embedding" if type(module) is nn.Embed else "kernel"
 
@@ -89,9 +94,9 @@ def _handled_paths(model: nn.Module, variables: Any, args, kwargs, method) -> se
       return model.apply(v, *a, method=method, **k)
 
   abstract = jax.tree_util.tree_map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if _is_leaf(x) else x,
     variables,
-    is_leaf=is_quantized,
+    is_leaf=_is_leaf,
   )
   jax.eval_shape(run, abstract, args, kwargs)
   return seen
@@ -130,10 +135,12 @@ def apply(
   """
   options.check("mode", mode, options.MODES)
   consumed = _handled_paths(model, qparams, args, kwargs, method)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=_is_leaf)
   fixed = []
   for p, x in leaves:
-    if is_quantized(x) and path_str(p) not in consumed:
+    if is_input_scaled(x):  # a smoothed float kernel: the folded one computes the same
+      x = x.fold()
+    elif is_quantized(x) and path_str(p) not in consumed:
       x = x.dequantize()
     fixed.append(x)
   variables = jax.tree_util.tree_unflatten(treedef, fixed)

@@ -15,6 +15,7 @@ import numpy as np
 from sensorquant_jax._src import schemes
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray
+from sensorquant_jax._src.scaled import is_input_scaled
 from sensorquant_jax._src.tree_paths import path_str
 
 MIN_SIZE = 1024
@@ -113,7 +114,7 @@ def is_float_array(x: Any) -> bool:
   return hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _select(path: str, x: Any, default: schemes.Spec, rules: tuple[Rule, ...], min_size: int):
+def select_spec(path: str, x: Any, default: schemes.Spec, rules: tuple[Rule, ...], min_size: int):
   """Returns the resolved Spec for a leaf, or None to leave it as it is."""
   if not is_float_array(x) or int(np.prod(x.shape)) == 0:
     return None  # nothing to quantize in an empty array: it stays as it is
@@ -248,18 +249,23 @@ def quantize(
   """
   default = schemes.Spec(scheme, division_fix=division_fix)
   rule_list = as_rules(rules)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_special)
   out, pending = [], []
   for path, x in leaves:
     if is_qarray(x):
       out.append(x)
       continue
     name = path_str(path)
-    spec = _select(name, x, default, rule_list, min_size)
+    scaled = x if is_input_scaled(x) else None
+    if scaled is not None:
+      x = scaled.kernel
+    spec = select_spec(name, x, default, rule_list, min_size)
     if spec is None:
-      out.append(x)
+      out.append(x if scaled is None else scaled)
       continue
     qa, n_nan, n_inf = _quantize_leaf(x, spec)
+    if scaled is not None:
+      qa = dataclasses.replace(qa, input_scale=scaled.input_scale.astype(jnp.float32))
     out.append(qa)
     if check_finite:
       if isinstance(n_nan, jax.core.Tracer):
@@ -280,8 +286,14 @@ def quantize(
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _is_special(x: Any) -> bool:
+  return is_qarray(x) or is_input_scaled(x)
+
+
 def dequantize(qparams: Any, dtype: Any = None) -> Any:
   """Replaces every :class:`QArray` leaf by its float array (usable under jit).
+
+  An :class:`InputScaled` kernel (SmoothQuant) becomes its folded float kernel.
 
   Args:
     qparams: a pytree from :func:`quantize`.
@@ -290,9 +302,15 @@ def dequantize(qparams: Any, dtype: Any = None) -> Any:
   Returns:
     A pytree of the same structure with plain arrays.
   """
-  return jax.tree_util.tree_map(
-    lambda x: x.dequantize(dtype) if is_qarray(x) else x, qparams, is_leaf=is_qarray
-  )
+
+  def one(x):
+    if is_qarray(x):
+      return x.dequantize(dtype)
+    if is_input_scaled(x):
+      return x.fold(dtype)
+    return x
+
+  return jax.tree_util.tree_map(one, qparams, is_leaf=_is_special)
 
 
 def nbytes(tree: Any) -> int:
