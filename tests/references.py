@@ -51,3 +51,31 @@ def pack_reference(codes: np.ndarray, axis: int, fill: int) -> np.ndarray:
   for i in range(out.shape[0]):
     out[i] = c[2 * i] | (c[2 * i + 1] << 4)
   return np.moveaxis(out, 0, axis)
+
+
+def gptq_reference(w, xtx, scale, zero, qmin, qmax, damp=0.01, act_order=False):
+  """GPTQ (Frantar et al. 2022, Algorithm 1) in float64 numpy, in the paper's layout.
+
+  The paper's ``W`` is ``[d_row, d_col]`` (outputs x inputs) and quantizes one
+  input column at a time: ``q = quant(w_:,j)``, ``err = (w - q) / [H^-1]_jj``,
+  ``W_:,j: -= err [H^-1]_j,j:`` with ``H^-1`` the upper Cholesky factor of the
+  inverse of ``H = X^T X + damp * mean(diag) * I``; no lazy batching here.
+  Takes and returns our ``[K, N]`` (inputs x outputs) layout.
+  """
+  W = np.array(w, np.float64).T.copy()  # [N, K]
+  S, Z = np.asarray(scale, np.float64).T, np.asarray(zero, np.float64).T
+  H = np.array(xtx, np.float64)
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1.0
+  perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(len(H))
+  W, S, Z, H = W[:, perm], S[:, perm], Z[:, perm], H[perm][:, perm]
+  H += damp * np.mean(np.diag(H)) * np.eye(len(H))
+  U = np.linalg.cholesky(np.linalg.inv(H)).T
+  Q = np.zeros_like(W)
+  for j in range(W.shape[1]):
+    q = np.clip(rnd(W[:, j] / S[:, j]) + Z[:, j], qmin, qmax)
+    Q[:, j] = q
+    err = (W[:, j] - (q - Z[:, j]) * S[:, j]) / U[j, j]
+    W[:, j:] -= np.outer(err, U[j, j:])
+  Q = Q[:, np.argsort(perm)]
+  return Q.T.astype(np.int32)

@@ -1,0 +1,83 @@
+"""AWQ: the scaling leaves the float function alone and lowers the quantized error."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sensorquant_jax as sq
+
+
+class TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(128, name="fc1")(x))
+    return nn.Dense(32, name="fc2")(h)
+
+
+def planted(n=1024, k=64, seed=0):
+  """Inputs whose channels 0-3 are 40x louder (the salient channels AWQ protects)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, k)).astype(np.float32)
+  x[:, :4] *= 40
+  return x
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = TwoDense()
+  x = planted()
+  params = model.init(jax.random.key(0), x[:1])
+  return model, params, [x[:512], x[512:]]
+
+
+def out_error(model, params, q, xs):
+  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
+  got = np.concatenate([np.asarray(sq.apply(model, q, x)) for x in xs])
+  return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+
+@pytest.mark.parametrize("scheme", [sq.INT4, sq.ASYMMETRIC_INT4, sq.PER_TENSOR, sq.PER_CHANNEL])
+def test_lowers_the_quantized_error(scheme, setup):
+  model, params, xs = setup
+  rtn = sq.quantize(params, scheme, min_size=1)
+  q = sq.awq(model, params, xs, scheme, min_size=1, progress=False)
+  k = q["params"]["fc1"]["kernel"]
+  assert k.input_scale is not None and k.input_scale.shape == (64, 1)
+  assert out_error(model, params, q, xs) < 0.9 * out_error(model, params, rtn, xs)
+
+
+def test_scaling_keeps_the_float_function_and_ops_agree_with_dequantize(setup):
+  model, params, xs = setup
+  q = sq.awq(model, params, xs, sq.INT4, min_size=1, progress=False)
+  w = np.asarray(params["params"]["fc1"]["kernel"])
+  qa = q["params"]["fc1"]["kernel"]
+  s = 1 / np.asarray(qa.input_scale)  # the kernel was quantized as w * s
+  x = xs[0]
+  np.testing.assert_allclose((x / s.T) @ (w * s), x @ w, rtol=1e-4, atol=1e-3)
+  # the op applies input_scale; dequantize folds it in: same layer either way
+  for impl in ("xla", "auto"):
+    got = sq.dense(jnp.asarray(x), qa, impl=impl)
+    want = x @ np.asarray(qa.dequantize())
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+  y = jax.jit(lambda v, x: sq.apply(model, v, x))(q, x)
+  np.testing.assert_allclose(
+    np.asarray(y), np.asarray(model.apply(sq.dequantize(q), x)), rtol=1e-4, atol=1e-3
+  )
+  w8a8 = sq.dense(jnp.asarray(x), qa, mode="w8a8")
+  np.testing.assert_allclose(np.asarray(w8a8), want, rtol=0.05, atol=0.05 * np.abs(want).max())
+
+
+def test_input_scaled_qarrays_save_restore_pack_and_manifest(setup, tmp_path):
+  model, params, xs = setup
+  q = sq.awq(model, params, xs, sq.PER_CHANNEL, min_size=1, progress=False)
+  sq.save(tmp_path / "ck", q)
+  back = sq.restore(tmp_path / "ck")
+  a, b = q["params"]["fc1"]["kernel"], back["params"]["fc1"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(a.input_scale), np.asarray(b.input_scale))
+  np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
+  assert sq.nbytes(q) == sq.nbytes(back)
+  assert sq.pack(q)["params"]["fc1"]["kernel"] is q["params"]["fc1"]["kernel"]
+  with pytest.raises(ValueError, match="input scale"):
+    sq.to_manifest(q)

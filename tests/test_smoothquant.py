@@ -1,0 +1,86 @@
+"""SmoothQuant: the float function is unchanged and per-tensor W8A8 gets much closer."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sensorquant_jax as sq
+
+
+class Block(nn.Module):
+  """LayerNorm then two Dense layers, as a transformer MLP; the norm scale plants outliers."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name="ln")(x)
+    h = nn.gelu(nn.Dense(128, name="fc1")(h))
+    return nn.Dense(64, name="fc2")(h)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = Block()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1024, 64)).astype(np.float32)
+  params = model.init(jax.random.key(0), x[:1])
+  scale = np.ones(64, np.float32)
+  scale[[3, 17, 40]] = 60.0  # outlier channels, as LLM LayerNorms grow them
+  params["params"]["ln"]["scale"] = jnp.asarray(scale)
+  return model, params, [x[:512], x[512:]]
+
+
+def test_float_function_is_unchanged(setup):
+  model, params, xs = setup
+  smooth = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
+  k = smooth["params"]["fc1"]["kernel"]
+  assert isinstance(k, sq.InputScaled) and k.input_scale.shape == (64, 1)
+  for x in xs:
+    ref = np.asarray(model.apply(params, x))
+    np.testing.assert_allclose(np.asarray(sq.apply(model, smooth, x)), ref, rtol=1e-4, atol=1e-4)
+    folded = model.apply(sq.dequantize(smooth), x)
+    np.testing.assert_allclose(np.asarray(folded), ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(TypeError):
+    model.apply(smooth, xs[0])  # never silently run without its scales
+
+
+def test_smoothing_rescues_per_tensor_w8a8(setup):
+  model, params, xs = setup
+  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
+
+  def w8a8_error(p):
+    scales = sq.act_scales(sq.calibrate(model, p, xs))
+    q = sq.quantize(p, sq.PER_TENSOR, min_size=1)
+    got = np.concatenate(
+      [np.asarray(sq.apply(model, q, x, mode="w8a8", act_scales=scales)) for x in xs]
+    )
+    return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+  smooth = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
+  plain, smoothed = w8a8_error(params), w8a8_error(smooth)
+  assert smoothed < 0.5 * plain, (smoothed, plain)
+
+
+def test_calibrate_and_quantize_see_the_smoothed_layer(setup):
+  model, params, xs = setup
+  smooth = sq.smoothquant(model, params, xs, alpha=0.8, progress=False)
+  cal = sq.calibrate(model, smooth, xs)["params/fc1"]
+  k = smooth["params"]["fc1"]["kernel"]
+  h = np.concatenate(
+    [
+      np.asarray(nn.LayerNorm().apply({"params": params["params"]["ln"]}, jnp.asarray(x)))
+      for x in xs
+    ]
+  )
+  seen = h * np.asarray(k.input_scale)[:, 0]
+  np.testing.assert_allclose((cal.act_min, cal.act_max), (seen.min(), seen.max()), rtol=1e-5)
+  assert (cal.w_min, cal.w_max) == (float(np.min(k.kernel)), float(np.max(k.kernel)))
+  q = sq.quantize(smooth, sq.PER_TENSOR, rules=[("fc2", None)], min_size=1)
+  assert sq.is_qarray(q["params"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(q["params"]["fc1"]["kernel"].input_scale), np.asarray(k.input_scale)
+  )
+  assert isinstance(q["params"]["fc2"]["kernel"], sq.InputScaled)  # kept float, still scaled
+  with pytest.raises(ValueError, match="alpha"):
+    sq.smoothquant(model, params, xs, alpha=1.5)
