@@ -112,7 +112,7 @@ def awq(
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
   done = 0
-  for group in capture.groups(found):
+  for group in capture.passes(found, lambda layer: 4 * layer.k * layer.k):
     stats = capture.input_stats(model, lambda: params, iterate(), group)
     for layer in group:
       start = time.perf_counter()

@@ -100,12 +100,14 @@ class InputStats:
     abs_max: ``max |x|`` per input channel ``[K]``.
     abs_sum: ``sum |x|`` per input channel ``[K]``.
     count: number of rows.
+    extra: the sum of ``input_stats``' ``extra`` function, when given.
   """
 
   xtx: jax.Array | None
   abs_max: jax.Array
   abs_sum: jax.Array
   count: int
+  extra: jax.Array | None = None
 
   @property
   def abs_mean(self) -> jax.Array:
@@ -119,6 +121,8 @@ def input_stats(
   group: Sequence[Layer],
   *,
   xtx: bool = True,
+  extra: Callable[[Layer, jax.Array, Any], jax.Array] | None = None,
+  aux: Any = None,
 ) -> dict[str, InputStats]:
   """Streams ``batches`` through ``model`` and reduces the inputs of ``group``'s layers.
 
@@ -132,13 +136,15 @@ def input_stats(
     batches: model inputs.
     group: layers measured in this pass.
     xtx: also accumulate ``X^T X`` (GPTQ, AWQ); SmoothQuant needs only maxima.
+    extra: ``f(layer, rows, aux[layer.path])`` summed over batches into ``InputStats.extra``.
+    aux: arrays ``extra`` reads, by layer path (jit arguments, not constants).
 
   Returns:
     ``{layer path: InputStats}``.
   """
   wanted = {layer.path: layer for layer in group}
 
-  def stats(v, *a):
+  def stats(v, aux, *a):
     out: dict[str, dict[str, jax.Array]] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -151,6 +157,8 @@ def input_stats(
           "abs_sum": jnp.sum(jnp.abs(r), axis=0),
           "count": jnp.int32(r.shape[0]),
         }
+        if extra is not None:
+          mine["extra"] = extra(wanted[path], r, aux[path])
         if xtx:
           mine["xtx"] = lax.dot_general(
             r, r, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
@@ -172,7 +180,7 @@ def input_stats(
   variables = variables_fn()
   total: dict[str, dict[str, Any]] = {}
   for batch in batches:
-    got = fn(variables, *as_args(batch))
+    got = fn(variables, aux, *as_args(batch))
     for path, s in got.items():
       if path not in total:
         total[path] = dict(s)
@@ -184,7 +192,7 @@ def input_stats(
   if missing:
     raise ValueError(f"no batches, or layers never called: {', '.join(missing)}")
   return {
-    p: InputStats(s.get("xtx"), s["abs_max"], s["abs_sum"], int(s["count"]))
+    p: InputStats(s.get("xtx"), s["abs_max"], s["abs_sum"], int(s["count"]), s.get("extra"))
     for p, s in total.items()
   }
 
@@ -195,3 +203,23 @@ def groups(found: Sequence[Layer]) -> list[list[Layer]]:
   for layer in found:
     out.setdefault(layer.group, []).append(layer)
   return list(out.values())
+
+
+PASS_BYTES = 1 << 28
+"""Statistics one pass may hold (``X^T X`` and the like, float32): passes over
+the float model measure as many layer groups at once as fit in this."""
+
+
+def passes(found: Sequence[Layer], bytes_per_layer: Callable[[Layer], int]) -> list[list[Layer]]:
+  """Whole groups packed into passes of at most :data:`PASS_BYTES` (one group at least)."""
+  out: list[list[Layer]] = []
+  size = 0
+  for group in groups(found):
+    b = sum(bytes_per_layer(layer) for layer in group)
+    if out and size + b <= PASS_BYTES:
+      out[-1].extend(group)
+      size += b
+    else:
+      out.append(list(group))
+      size = b
+  return out

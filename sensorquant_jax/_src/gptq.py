@@ -251,7 +251,9 @@ def gptq(
     return dequantize(jax.tree_util.tree_unflatten(treedef, current))
 
   done = 0
-  for group in capture.groups(found):
+  # Sequential: each group is measured after the ones before it are quantized.
+  batched = capture.groups(found) if sequential else capture.passes(found, _xtx_bytes)
+  for group in batched:
     stats = capture.input_stats(model, variables, iterate(), group)
     for layer in group:
       start = time.perf_counter()
@@ -276,6 +278,10 @@ def gptq(
           file=sys.stderr,
         )
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _xtx_bytes(layer: capture.Layer) -> int:
+  return 4 * layer.k * layer.k
 
 
 def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from sensorquant_jax._src import capture
+from sensorquant_jax._src import capture, schemes
 from sensorquant_jax._src.awq import input_scale_shape
 from sensorquant_jax._src.gptq import Batches, reader
-from sensorquant_jax._src.quantize import MIN_SIZE, is_float_array
+from sensorquant_jax._src.options import Scheme
+from sensorquant_jax._src.quantize import MIN_SIZE, is_float_array, select_spec
 from sensorquant_jax._src.scaled import InputScaled
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -26,12 +28,17 @@ def smooth_scale(act_max: jax.Array, w_max: jax.Array, alpha: float) -> jax.Arra
   return jnp.maximum(s, 1e-5)
 
 
+AUTO_ALPHAS = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""What ``alpha="auto"`` tries per layer (``None``: leave the layer unsmoothed)."""
+
+
 def smoothquant(
   model: nn.Module,
   params: Any,
   batches: Batches,
-  alpha: float = 0.5,
+  alpha: float | Literal["auto"] = 0.5,
   *,
+  scheme: Scheme = schemes.PER_CHANNEL,
   min_size: int = MIN_SIZE,
   progress: bool = True,
 ) -> Any:
@@ -42,26 +49,31 @@ def smoothquant(
   batches and returns the kernel as :class:`~sensorquant_jax.InputScaled`
   ``(W * s, 1 / s)`` with ``s_j = max|x_j|**alpha / max|W_j|**(1 - alpha)``:
   the float function is unchanged, and the layer input ``x / s`` is flat
-  enough for per-tensor int8. Then calibrate and quantize as usual:
+  enough for per-tensor int8 activations. Then calibrate and quantize as usual:
 
     >>> smooth = sq.smoothquant(model, variables, batches, alpha=0.5)
     >>> scales = sq.act_scales(sq.calibrate(model, smooth, batches))
-    >>> q = sq.quantize(smooth, sq.PER_TENSOR)
+    >>> q = sq.quantize(smooth, sq.PER_CHANNEL)
     >>> y = sq.apply(model, q, x, mode="w8a8", act_scales=scales)
 
   Args:
     model: a Linen module.
     params: its float variables.
     batches: model inputs (a sequence or a callable).
-    alpha: migration strength, 0 (none) to 1 (all into the weights).
+    alpha: migration strength, 0 (none) to 1 (all into the weights), or
+      ``"auto"``: per layer, the value of :data:`AUTO_ALPHAS` (or no
+      smoothing) whose simulated W8A8 output (static per-tensor activations
+      at their calibrated max, weights in ``scheme``) is closest to the float
+      layer on the batches (one more pass per layer group).
+    scheme: the weight scheme ``"auto"`` simulates.
     min_size: smaller kernels are left alone.
     progress: print one line per layer to stderr.
 
   Returns:
     The float tree with :class:`InputScaled` kernels.
   """
-  if not 0 <= alpha <= 1:
-    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+    raise ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
   iterate = reader(batches)
   first = next(iter(iterate()), None)
   if first is None:
@@ -75,24 +87,90 @@ def smoothquant(
     return x is not None and is_float_array(x) and x.ndim >= 2 and int(x.size) >= min_size
 
   found = [layer for layer in capture.layers(model, params, first) if eligible(layer)]
-  for n, group in enumerate(capture.groups(found)):
+  n_opts = len(AUTO_ALPHAS) if alpha == "auto" else 0
+
+  def size(layer):  # the candidate kernels ``alpha="auto"`` simulates
+    return n_opts * 4 * int(current[where[layer.kernel]].size)
+
+  for n, group in enumerate(capture.passes(found, size)):
     stats = capture.input_stats(model, lambda: params, iterate(), group, xtx=False)
+    kernels = {layer.path: jnp.asarray(current[where[layer.kernel]]) for layer in group}
+    options: dict[str, list[Any]] = {}
     for layer in group:
-      i = where[layer.kernel]
-      w = jnp.asarray(current[i])
-      n_in = len(layer.axis)
+      w = kernels[layer.path]
       w_max = jnp.max(jnp.abs(w.astype(jnp.float32).reshape(layer.k, -1)), axis=1)
       act_max = stats[layer.path].abs_max
-      s = smooth_scale(act_max, w_max, alpha)
-      bshape = input_scale_shape(w.shape, n_in)
-      kernel = (w.astype(jnp.float32) * s.reshape(bshape)).astype(w.dtype)
-      current[i] = InputScaled(kernel, (1.0 / s).reshape(bshape))
+      alphas = AUTO_ALPHAS if alpha == "auto" else (alpha,)
+      options[layer.path] = [
+        (a, None if a is None else smooth_scale(act_max, w_max, a)) for a in alphas
+      ]
+    if alpha == "auto":
+      chosen = _search(model, params, iterate, group, stats, kernels, options, scheme)
+    else:
+      chosen = {p: opts[0] for p, opts in options.items()}
+    for layer in group:
+      a, s = chosen[layer.path]
       if progress:
-        before = float(jnp.max(act_max) / jnp.maximum(jnp.median(act_max), 1e-30))
-        flat = act_max / s
-        after = float(jnp.max(flat) / jnp.maximum(jnp.median(flat), 1e-30))
+        act_max = stats[layer.path].abs_max
+        flat = act_max if s is None else act_max / s
+        ratio = lambda v: float(jnp.max(v) / jnp.maximum(jnp.median(v), 1e-30))  # noqa: E731
         print(
-          f"smoothquant group {n + 1} {layer.kernel}: input max/median {before:.3g} -> {after:.3g}",
+          f"smoothquant pass {n + 1} {layer.kernel}: alpha {a if a is not None else 'off'}, "
+          f"input max/median {ratio(act_max):.3g} -> {ratio(flat):.3g}",
           file=sys.stderr,
         )
+      if s is None:
+        continue
+      w = kernels[layer.path]
+      bshape = input_scale_shape(w.shape, len(layer.axis))
+      kernel = (w.astype(jnp.float32) * s.reshape(bshape)).astype(w.dtype)
+      current[where[layer.kernel]] = InputScaled(kernel, (1.0 / s).reshape(bshape))
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _search(model, params, iterate, group, stats, kernels, options, scheme):
+  """Per layer, the option whose simulated W8A8 output error over the batches is least."""
+  sims = {}
+  default = schemes.Spec(scheme)
+  for layer in group:
+    w = kernels[layer.path].astype(jnp.float32)
+    spec = select_spec(layer.kernel, w, default, (), 0)
+    assert spec is not None
+    bshape = input_scale_shape(w.shape, len(layer.axis))
+    act_max = stats[layer.path].abs_max
+    ws, inv, act_scales = [], [], []
+    for _, s in options[layer.path]:
+      s = jnp.ones_like(act_max) if s is None else s
+      q = schemes.quantize_leaf(w * s.reshape(bshape), spec).dequantize(jnp.float32)
+      ws.append(q.reshape(layer.k, -1))
+      inv.append(1.0 / s)
+      act_scales.append(jnp.maximum(jnp.max(act_max / s), 1e-12) / 127.0)
+    sims[layer.path] = (
+      w.reshape(layer.k, -1),
+      jnp.stack(ws),
+      jnp.stack(inv),
+      jnp.stack(act_scales),
+    )
+
+  def errors(layer, r, sim):
+    w, wq, inv, sa = sim
+
+    def one(wq, inv, sa):
+      xq = jnp.clip(lax.round(r * inv / sa, lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127) * sa
+      d = jnp.matmul(xq, wq, precision=_HIGHEST) - jnp.matmul(r, w, precision=_HIGHEST)
+      return jnp.sum(d * d)
+
+    return jax.vmap(one)(wq, inv, sa)
+
+  errs = capture.input_stats(
+    model, lambda: params, iterate(), group, xtx=False, extra=errors, aux=sims
+  )
+  out = {}
+  for layer in group:
+    e = errs[layer.path].extra
+    assert e is not None
+    out[layer.path] = options[layer.path][int(jnp.argmin(e))]
+  return out
+
+
+_HIGHEST = lax.Precision.HIGHEST
