@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import schemes
+from sensorquant_jax._src import options, schemes
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.quantize import MIN_SIZE, Rule, dequantize, is_float_array, quantize
 from sensorquant_jax._src.report import error_stats
 from sensorquant_jax._src.tree_paths import path_str
+
+Method = Literal["rtn", "gptq", "awq"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
 
 CANDIDATES = (schemes.INT4, schemes.PER_TENSOR, schemes.PER_CHANNEL, schemes.PER_BLOCK)
 """What :func:`auto_policy` weighs per layer (ordered by size when used): int4
@@ -31,20 +35,34 @@ class Budget:
       batches (needs a model and batches).
     max_accuracy_drop: maximum top-1 accuracy drop, as a fraction (0.005 is
       half a point), over the batches and ``labels`` (needs all three).
+    max_bits_per_weight: average stored bits per weight (``8 * nbytes /
+      values``, scales and zero points included) over the leaves the policy
+      weighs; the policy then maximises fidelity within it (exclusive with
+      the other fields).
   """
 
   min_sqnr_db: float | None = None
   max_output_error: float | None = None
   max_accuracy_drop: float | None = None
+  max_bits_per_weight: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """Per-leaf choices: ``rules`` for :func:`sensorquant_jax.quantize`, and why."""
+  """Per-leaf choices: ``rules`` for :func:`sensorquant_jax.quantize`, and why.
+
+  ``method`` says how to apply the rules: ``"rtn"`` with ``quantize``,
+  ``"gptq"``/``"awq"`` with :func:`sensorquant_jax.gptq` /
+  :func:`sensorquant_jax.awq` on the same batches (their errors were
+  weighed). ``bits_per_weight`` is the average the choices store (bits
+  budgets only).
+  """
 
   rules: tuple[Rule, ...]
   reasons: dict[str, str]
   choices: dict[str, str | None]
+  method: Method = "rtn"
+  bits_per_weight: float | None = None
 
 
 def auto_policy(
@@ -55,6 +73,7 @@ def auto_policy(
   batches: Sequence[Any] | None = None,
   labels: Sequence[Any] | None = None,
   min_size: int = MIN_SIZE,
+  method: Method = "rtn",
 ) -> Policy:
   """Chooses per layer among int4 per-group, per-tensor, per-channel, per-block int8 and float.
 
@@ -71,12 +90,36 @@ def auto_policy(
     batches: model inputs (for the output budgets).
     labels: integer labels per batch (for the accuracy budget).
     min_size: as in ``quantize``.
+    method: with ``budget.max_bits_per_weight``: weigh the errors of
+      ``"rtn"``, ``"gptq"`` or ``"awq"`` (these two need a model and batches).
+
+  With ``budget.max_bits_per_weight``, every eligible leaf instead chooses
+  among float, the int8 schemes and int4 groups of 32, 64 and 128 (both
+  int4 schemes), so that the total error is least while the stored bits stay
+  within the budget (a greedy walk up each leaf's error/size frontier, best
+  error saved per byte first). A Dense kernel's error is its relative output
+  error over the batches' real inputs (``tr(D^T X^T X D) / tr(W^T X^T X W)``)
+  when a model and batches are given, else the weight's relative error.
 
   Returns:
     A :class:`Policy`; ``quantize(params, rules=policy.rules)`` applies it.
   """
   if not isinstance(budget, Budget):
     budget = Budget(min_sqnr_db=float(budget))
+  if budget.max_bits_per_weight is not None:
+    others = (budget.min_sqnr_db, budget.max_output_error, budget.max_accuracy_drop)
+    if any(x is not None for x in others):
+      raise ValueError("max_bits_per_weight cannot be combined with the other budget fields")
+    return bits_policy(
+      params,
+      budget.max_bits_per_weight,
+      model=model,
+      batches=batches,
+      min_size=min_size,
+      method=method,
+    )
+  if method != "rtn":
+    raise ValueError("method is for bits-per-weight budgets")
   needs_model = budget.max_output_error is not None or budget.max_accuracy_drop is not None
   if needs_model and (model is None or batches is None):
     raise ValueError("an output-error or accuracy budget needs a model and batches")
@@ -157,6 +200,158 @@ def _accuracy(outputs, labels) -> float:
 
 
 def _rules(options, level) -> tuple[Rule, ...]:
-  import re
-
   return tuple(Rule("^" + re.escape(p) + "$", options[p][level[p]][0]) for p in options)
+
+
+BITS_CANDIDATES: tuple[tuple[str, int | None], ...] = (
+  (schemes.INT4, 32),
+  (schemes.INT4, 64),
+  (schemes.INT4, 128),
+  (schemes.ASYMMETRIC_INT4, 32),
+  (schemes.ASYMMETRIC_INT4, 64),
+  (schemes.ASYMMETRIC_INT4, 128),
+  (schemes.PER_TENSOR, None),
+  (schemes.PER_CHANNEL, None),
+  (schemes.ASYMMETRIC_PER_CHANNEL, None),
+  (schemes.PER_BLOCK, None),
+)
+"""What a bits-per-weight budget weighs per leaf, besides float."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Option:
+  scheme: str | None  # None: float
+  block_size: int | None
+  axes: tuple[int, ...] | None
+  nbytes: int
+  error: float
+
+  @property
+  def label(self) -> str:
+    if self.scheme is None:
+      return "float"
+    group = f" g{self.block_size}" if self.block_size else ""
+    return self.scheme + group + (f" axis {self.axes[0]}" if self.axes else "")
+
+
+def _candidates(ndim: int, leaf: str):
+  """``(scheme, block_size, axes)`` per candidate; block schemes also try each
+  other input axis of a kernel of rank 3 or more (a DenseGeneral out-projection
+  ``[heads, head_dim, out]`` groups best along ``head_dim``)."""
+  for scheme, block in BITS_CANDIDATES:
+    yield scheme, block, None
+    if scheme in options.BLOCK_SCHEMES and ndim >= 3 and leaf != "embedding":
+      default = schemes.default_axes(scheme, ndim, leaf)
+      for a in range(ndim - 1):
+        if default is None or (a,) != default:
+          yield scheme, block, (a,)
+
+
+def bits_policy(
+  params: Any,
+  max_bits: float,
+  *,
+  model: Any = None,
+  batches: Sequence[Any] | None = None,
+  min_size: int = MIN_SIZE,
+  method: Method = "rtn",
+) -> Policy:
+  """The least-error choice per leaf within ``max_bits`` stored bits per weight."""
+  from sensorquant_jax._src import awq as awq_mod
+  from sensorquant_jax._src import capture
+  from sensorquant_jax._src import gptq as gptq_mod
+
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+  if method != "rtn" and (model is None or batches is None):
+    raise ValueError(f"method {method!r} needs a model and batches")
+  if not max_bits > 0:
+    raise ValueError(f"max_bits_per_weight must be positive, got {max_bits}")
+  flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  eligible = {
+    p: x for p, x in flat.items() if is_float_array(x) and x.ndim >= 2 and x.size >= min_size
+  }
+  if not eligible:
+    raise ValueError("no leaf to quantize (all are small, 1-D or not floating)")
+  hessians: dict[str, tuple[Any, Any, capture.Layer]] = {}
+  if model is not None and batches is not None:
+    found = [
+      layer for layer in capture.layers(model, params, batches[0]) if layer.kernel in eligible
+    ]
+    for group in capture.passes(found, lambda layer: 4 * layer.k * layer.k):
+      stats = capture.input_stats(model, lambda: params, iter(batches), group)
+      for layer in group:
+        st = stats[layer.path]
+        hessians[layer.kernel] = (st.xtx, st.abs_mean, layer)
+  options: dict[str, list[_Option]] = {}
+  for path, x in eligible.items():
+    w = jnp.asarray(x)
+    h_layer = hessians.get(path)
+    opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
+    leaf = path.rsplit("/", 1)[-1]
+    for scheme, block, axes in _candidates(w.ndim, leaf):
+      try:
+        qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
+      except ValueError:  # e.g. a group size that does not fit this leaf
+        continue
+      if h_layer is None:
+        dq = np.asarray(qa.dequantize(jnp.float32))
+        err = error_stats(np.asarray(x), dq)["rel_l2_error"] ** 2
+      else:
+        h, act, layer = h_layer
+        if method == "gptq":
+          qa = gptq_mod.quantize_layer(w, qa, h, layer.k, damp=0.01, block=128, act_order=False)
+        elif method == "awq":
+          spec = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf)
+          s, _ = awq_mod.search(w, h, act, spec=spec, n_in=len(layer.axis), grid=20)
+          bshape = awq_mod.input_scale_shape(w.shape, len(layer.axis))
+          qa = schemes.quantize_leaf(w.astype(jnp.float32) * s.reshape(bshape), spec)
+          qa = dataclasses.replace(qa, input_scale=(1.0 / s).reshape(bshape))
+        err = gptq_mod.output_error(gptq_mod.matrix(w, layer.k), gptq_mod.matrix(qa, layer.k), h)
+      opts.append(_Option(scheme, block, axes, int(qa.nbytes), float(err)))
+    options[path] = opts
+  total_values = sum(int(x.size) for x in eligible.values())
+  limit = max_bits * total_values / 8  # bytes
+  chosen = {p: min(opts, key=lambda o: (o.nbytes, o.error)) for p, opts in options.items()}
+  used = sum(o.nbytes for o in chosen.values())
+  if used > limit:
+    raise ValueError(
+      f"max_bits_per_weight={max_bits} is below the smallest choice, "
+      f"{8 * used / total_values:.3f} bits per weight"
+    )
+  while True:  # best error saved per extra byte first, while it fits
+    best, best_gain = None, 0.0
+    for p, opts in options.items():
+      cur = chosen[p]
+      for o in opts:
+        extra = o.nbytes - cur.nbytes
+        saved = cur.error - o.error
+        if saved <= 0 or used + extra > limit:
+          continue
+        gain = saved / max(extra, 1e-9) if extra > 0 else float("inf")
+        if gain > best_gain:
+          best, best_gain = (p, o), gain
+    if best is None:
+      break
+    p, o = best
+    used += o.nbytes - chosen[p].nbytes
+    chosen[p] = o
+  bits = 8 * used / total_values
+  how = "output error" if hessians else "weight error"
+  reasons = {}
+  for p, o in chosen.items():
+    kind = how if p in hessians else "weight error"
+    tried = ", ".join(
+      f"{x.label} {8 * x.nbytes / eligible[p].size:.2f}b {x.error:.2g}"
+      for x in sorted(options[p], key=lambda x: x.nbytes)
+    )
+    reasons[p] = (
+      f"{o.label}: {8 * o.nbytes / eligible[p].size:.2f} bits/weight, {kind} {o.error:.3g} "
+      f"({method}; within {max_bits} bits/weight overall, {bits:.3f} used; options: {tried})"
+    )
+  rules = tuple(
+    Rule("^" + re.escape(p) + "$", o.scheme, o.axes, o.block_size) for p, o in chosen.items()
+  )
+  return Policy(
+    rules, reasons, {p: o.scheme for p, o in chosen.items()}, method=method, bits_per_weight=bits
+  )
