@@ -1,4 +1,4 @@
-"""``sq.auto_policy`` under SQNR, output-error and accuracy budgets."""
+"""``sq.auto_policy`` under SQNR, output-error, accuracy and bits-per-weight budgets."""
 
 import flax.linen as nn
 import jax
@@ -84,3 +84,72 @@ def test_auto_policy_accuracy_budget():
     assert np.all(np.asarray(model.apply(q, b)).argmax(-1) == lab)
   with pytest.raises(ValueError, match="needs labels"):
     sq.auto_policy(params, budget=sq.Budget(max_accuracy_drop=0.01), model=model, batches=batches)
+
+
+def _stored_bits(params, q, min_size=sq.MIN_SIZE):
+  flat = {sq.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  qflat = {
+    sq.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(q, is_leaf=sq.is_qarray)[0]
+  }
+  paths = [p for p, x in flat.items() if x.ndim >= 2 and x.size >= min_size]
+  stored = sum(sq.nbytes(qflat[p]) for p in paths)
+  return 8 * stored / sum(flat[p].size for p in paths)
+
+
+@pytest.mark.parametrize("bits", [4.5, 5.0, 6.0, 9.0])
+def test_bits_budget_is_met_exactly_as_nbytes_counts(bits):
+  params = _outlier_params()
+  params["params"]["e"] = {"embedding": np.ones((300, 48), np.float32)}
+  policy = sq.auto_policy(params, budget=sq.Budget(max_bits_per_weight=bits))
+  q = sq.quantize(params, rules=policy.rules)
+  got = _stored_bits(params, q)
+  assert got <= bits and got == pytest.approx(policy.bits_per_weight, abs=1e-12)
+  assert got > bits - 1.0  # the budget is used, not wasted
+  assert set(policy.reasons) == set(policy.choices)
+  assert all("bits/weight" in r for r in policy.reasons.values())
+
+
+def test_bits_budget_spends_bits_where_they_lower_error_most():
+  params = _outlier_params()
+  loose = sq.auto_policy(params, budget=sq.Budget(max_bits_per_weight=8.5))
+  tight = sq.auto_policy(params, budget=sq.Budget(max_bits_per_weight=4.6))
+
+  def err(policy):
+    q = sq.dequantize(sq.quantize(params, rules=policy.rules))
+    return sum(
+      float(
+        np.sum((np.asarray(q["params"][k]["kernel"]) - v["kernel"]) ** 2) / np.sum(v["kernel"] ** 2)
+      )
+      for k, v in params["params"].items()
+    )
+
+  assert err(loose) < err(tight)
+  # the outlier kernel never goes per-tensor: per-channel or groups cost little more
+  assert loose.choices["params/b/kernel"] != sq.PER_TENSOR
+  with pytest.raises(ValueError, match="below the smallest choice"):
+    sq.auto_policy(params, budget=sq.Budget(max_bits_per_weight=3.0))
+  with pytest.raises(ValueError, match="cannot be combined"):
+    sq.auto_policy(params, budget=sq.Budget(max_bits_per_weight=5, min_sqnr_db=30))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_bits_budget_with_a_model_and_methods(method):
+  model = MLP()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((512, 64)).astype(np.float32)
+  x[:, :3] *= 20
+  params = model.init(jax.random.key(0), x[:1])
+  batches = [x[:256], x[256:]]
+  policy = sq.auto_policy(
+    params, budget=sq.Budget(max_bits_per_weight=5.0), model=model, batches=batches, method=method
+  )
+  assert policy.method == method
+  apply = {
+    "rtn": lambda: sq.quantize(params, rules=policy.rules),
+    "gptq": lambda: sq.gptq(model, params, batches, rules=policy.rules, progress=False),
+    "awq": lambda: sq.awq(model, params, batches, rules=policy.rules, progress=False),
+  }[method]
+  q = apply()
+  got = _stored_bits(params, q)
+  assert got <= 5.0 and got == pytest.approx(policy.bits_per_weight, abs=1e-12)
+  assert "output error" in policy.reasons["params/fc1/kernel"]

@@ -231,7 +231,8 @@ class _Option:
     if self.scheme is None:
       return "float"
     group = f" g{self.block_size}" if self.block_size else ""
-    return self.scheme + group + (f" axis {self.axes[0]}" if self.axes else "")
+    blocked = self.block_size is not None and self.axes
+    return self.scheme + group + (f" axis {self.axes[0]}" if blocked else "")
 
 
 def _candidates(ndim: int, leaf: str):
@@ -290,7 +291,9 @@ def bits_policy(
     opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
     leaf = path.rsplit("/", 1)[-1]
     for scheme, block, axes in _candidates(w.ndim, leaf):
+      # Rules get the axes resolved for this leaf's real name (embeddings differ).
       try:
+        axes = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf).axes
         qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
       except ValueError:  # e.g. a group size that does not fit this leaf
         continue
