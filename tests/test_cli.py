@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import sensorquant_jax as sq
 from sensorquant_jax import cli
 from sensorquant_jax import manifest as m
 
@@ -152,3 +153,26 @@ def test_bad_input_as_a_process(entry, tmp_path):
   assert proc.returncode == cli.EXIT_BAD_INPUT
   assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
   assert proc.stderr.startswith("sensorquant: error:")
+
+
+def test_bits_per_weight_and_method_options(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((256, 64)).astype(np.float32)
+  kernel[:, 3] *= 50  # an outlier column: per-tensor int8 would lose it
+  np.savez(tmp_path / "p.npz", **{"params/fc/kernel": kernel, "params/fc/bias": np.zeros(64)})
+  src = str(tmp_path / "p.npz")
+  assert cli.main(["quantize", src, "--out", str(tmp_path / "q"), "--bits-per-weight", "5"]) == 0
+  assert "bits/weight (budget 5.0)" in capsys.readouterr().out
+  q = sq.restore(tmp_path / "q")["params"]["fc"]["kernel"]
+  assert 8 * q.nbytes / q.size <= 5.0 and q.bits == 4
+  for argv, message in [
+    (["--bits-per-weight", "0"], "expected a positive number"),
+    (["--bits-per-weight", "nan"], "expected a positive number"),
+    (["--bits-per-weight", "2"], "below the smallest choice"),
+    (["--method", "gptq"], "needs a model and its inputs"),
+    (["--method", "sgd"], "invalid choice"),
+  ]:
+    code = cli.main(["quantize", src, "--out", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+  assert not os.path.exists(tmp_path / "x")

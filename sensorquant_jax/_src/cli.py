@@ -17,6 +17,18 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 _DEFAULT_OUT = "sensor_encoder_int8"
+_CALIBRATION_SUBJECTS = 24
+"""GPTQ, AWQ and bits budgets on the bundled model calibrate on subjects 22-24."""
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not value > 0 or value != value or value == float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+  return value
 
 
 class UsageError(Exception):
@@ -131,12 +143,41 @@ def cmd_quantize(args) -> None:
     _check_out_manifest(args.manifest, args.overwrite)
   if args.src is not None and not os.path.exists(args.src):
     raise UsageError(f"{args.src}: no such file or folder")
+  if args.bits_per_weight is not None and rules is not None:
+    raise UsageError("--bits-per-weight chooses every layer's scheme itself: drop --rules")
+  if args.src is not None and args.method != "rtn":
+    raise UsageError(
+      f"--method {args.method} needs a model and its inputs: it runs on the bundled model "
+      "(no src); for your own model call sq.gptq / sq.awq"
+    )
+  calibrated = args.method != "rtn" or args.bits_per_weight is not None
+  policy = None
   if args.src is None:
     with _progress() as bar:
       task = bar.add_task("loading the bundled sensor encoder", total=4)
       model, variables, split = load_example()
-      bar.update(task, advance=1, description="quantizing")
-      qvars = sq.quantize(variables, args.scheme, rules)
+      batches: list[Any] = []
+      if calibrated:  # calibrate on subjects 22-24, evaluate on the others
+        cal = split["subject"] <= _CALIBRATION_SUBJECTS
+        batches = [split["x"][cal][i : i + 256] for i in range(0, int(cal.sum()), 256)]
+        split = {k: v[~cal] for k, v in split.items()}
+      if args.bits_per_weight is not None:
+        bar.update(task, description=f"choosing schemes for {args.bits_per_weight} bits/weight")
+        policy = sq.auto_policy(
+          variables,
+          budget=sq.Budget(max_bits_per_weight=args.bits_per_weight),
+          model=model,
+          batches=batches,
+          method=args.method,
+        )
+        rules = list(policy.rules)
+      bar.update(task, advance=1, description=f"quantizing ({args.method})")
+      if args.method == "gptq":
+        qvars = sq.gptq(model, variables, batches, args.scheme, rules, progress=False)
+      elif args.method == "awq":
+        qvars = sq.awq(model, variables, batches, args.scheme, rules, progress=False)
+      else:
+        qvars = sq.quantize(variables, args.scheme, rules)
       config = model.config.to_json()
       bar.update(task, advance=1, description=f"saving {args.out}")
       sq.save(
@@ -145,7 +186,8 @@ def cmd_quantize(args) -> None:
         {
           "model": "sensorquant_jax.example_model.SensorEncoder",
           "config": config,
-          "scheme": args.scheme,
+          "scheme": "mixed" if policy is not None else args.scheme,
+          "method": args.method,
         },
         overwrite=args.overwrite,
       )
@@ -153,12 +195,19 @@ def cmd_quantize(args) -> None:
       f_acc = accuracy(jax.jit(lambda x: model.apply(variables, x)), split["x"], split["y"])
       q_acc = accuracy(jax.jit(lambda x: sq.apply(model, qvars, x)), split["x"], split["y"])
       bar.update(task, advance=1)
+    subjects = f"{_CALIBRATION_SUBJECTS + 1}-30" if calibrated else "22-30"
+    what = (
+      f"{policy.bits_per_weight:.3f} bits/weight (budget {args.bits_per_weight})"
+      if policy is not None
+      else f"scheme {args.scheme}"
+    )
     console.print(
       f"bundled sensor encoder (UCI HAPT, {len(split['y'])} held-out windows, "
-      f"subjects 22-30), scheme {args.scheme}"
+      f"subjects {subjects}), {what}, method {args.method}"
+      + (f", calibrated on subjects 22-{_CALIBRATION_SUBJECTS}" if calibrated else "")
     )
     console.print(f"  float32: accuracy {f_acc:.2%}, params {_fmt_bytes(sq.nbytes(variables))}")
-    label = "int4" if sq.bits_of(args.scheme) == 4 else "int8"
+    label = "mixed" if policy is not None else "int4" if sq.bits_of(args.scheme) == 4 else "int8"
     console.print(
       f"  {label}   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
       f"({sq.nbytes(variables) / sq.nbytes(qvars):.2f}x smaller), "
@@ -173,6 +222,15 @@ def cmd_quantize(args) -> None:
     if args.report:
       sq.report(variables, qvars)
     return
+  if args.bits_per_weight is not None:
+    with _progress() as bar:
+      bar.add_task(f"choosing schemes for {args.bits_per_weight} bits/weight", total=None)
+      policy = sq.auto_policy(
+        checkpoint.load_float(args.src),
+        budget=sq.Budget(max_bits_per_weight=args.bits_per_weight),
+      )
+    rules = list(policy.rules)
+    console.print(f"{policy.bits_per_weight:.3f} bits/weight (budget {args.bits_per_weight})")
   with _progress() as bar:
     task = bar.add_task(f"quantizing {os.path.basename(args.src)}", total=None)
     summary = stream.quantize_file(
@@ -453,6 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
   )
   q.add_argument(
     "--rules", help='JSON file: [[pattern, scheme or null], ...] or {"pattern": scheme}'
+  )
+  q.add_argument(
+    "--method",
+    default="rtn",
+    choices=("rtn", "gptq", "awq"),
+    help="rounding: to nearest, or GPTQ / AWQ calibrated on the bundled model's inputs",
+  )
+  q.add_argument(
+    "--bits-per-weight",
+    type=_positive_float,
+    metavar="B",
+    help="choose each layer's scheme for the least error within B stored bits per weight",
   )
   q.add_argument("--manifest", help="also write the Rust manifest to this .json file")
   q.add_argument("--report", action="store_true", help="print a per-leaf error table")
