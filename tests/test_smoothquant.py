@@ -31,6 +31,17 @@ def setup():
   return model, params, [x[:512], x[512:]]
 
 
+def w8a8_error(model, params, p, xs, scheme):
+  """Relative output error of static W8A8 on ``p`` (calibrated on ``xs``) vs the float model."""
+  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
+  scales = sq.act_scales(sq.calibrate(model, p, xs))
+  q = sq.quantize(p, scheme, min_size=1)
+  got = np.concatenate(
+    [np.asarray(sq.apply(model, q, x, mode="w8a8", act_scales=scales)) for x in xs]
+  )
+  return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+
 def test_float_function_is_unchanged(setup):
   model, params, xs = setup
   smooth = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
@@ -47,18 +58,9 @@ def test_float_function_is_unchanged(setup):
 
 def test_smoothing_rescues_per_tensor_w8a8(setup):
   model, params, xs = setup
-  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
-
-  def w8a8_error(p):
-    scales = sq.act_scales(sq.calibrate(model, p, xs))
-    q = sq.quantize(p, sq.PER_TENSOR, min_size=1)
-    got = np.concatenate(
-      [np.asarray(sq.apply(model, q, x, mode="w8a8", act_scales=scales)) for x in xs]
-    )
-    return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
-
   smooth = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
-  plain, smoothed = w8a8_error(params), w8a8_error(smooth)
+  plain = w8a8_error(model, params, params, xs, sq.PER_TENSOR)
+  smoothed = w8a8_error(model, params, smooth, xs, sq.PER_TENSOR)
   assert smoothed < 0.5 * plain, (smoothed, plain)
 
 
@@ -88,19 +90,11 @@ def test_calibrate_and_quantize_see_the_smoothed_layer(setup):
 
 def test_auto_alpha_is_no_worse_than_fixed_or_none(setup):
   model, params, xs = setup
-  ref = np.concatenate([np.asarray(model.apply(params, x)) for x in xs])
-
-  def w8a8_error(p):
-    scales = sq.act_scales(sq.calibrate(model, p, xs))
-    q = sq.quantize(p, sq.PER_CHANNEL, min_size=1)
-    got = np.concatenate(
-      [np.asarray(sq.apply(model, q, x, mode="w8a8", act_scales=scales)) for x in xs]
-    )
-    return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
-
   auto = sq.smoothquant(model, params, xs, alpha="auto", progress=False)
   fixed = sq.smoothquant(model, params, xs, alpha=0.5, progress=False)
-  e_auto, e_fixed, e_none = w8a8_error(auto), w8a8_error(fixed), w8a8_error(params)
+  e_auto, e_fixed, e_none = (
+    w8a8_error(model, params, p, xs, sq.PER_CHANNEL) for p in (auto, fixed, params)
+  )
   assert e_auto <= 1.05 * min(e_fixed, e_none), (e_auto, e_fixed, e_none)
   with pytest.raises(ValueError, match="float params"):
     sq.gptq(model, auto, xs, sq.INT4)

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from sensorquant_jax._src import capture, schemes
-from sensorquant_jax._src.gptq import Batches, matrix, output_error, reader, weight_layers
+from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
-from sensorquant_jax._src.qarray import QArray, is_qarray
-from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, quantize, select_spec
-from sensorquant_jax._src.tree_paths import path_str
+from sensorquant_jax._src.qarray import QArray
+from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
 
 def input_scale_shape(shape: tuple[int, ...], k_axes: int) -> tuple[int, ...]:
@@ -62,6 +61,16 @@ def search(
   return scale_for(ratios[jnp.argmin(errors)]), errors
 
 
+def quantize_layer(
+  w: jax.Array, h: jax.Array, act: jax.Array, spec: schemes.Spec, n_in: int, grid: int
+) -> tuple[QArray, jax.Array]:
+  """AWQ of one kernel: ``Q(w * s)`` with ``input_scale = 1 / s``, and the errors searched."""
+  s, errors = search(w, h, act, spec=spec, n_in=n_in, grid=grid)
+  bshape = input_scale_shape(w.shape, n_in)
+  qa = schemes.quantize_leaf(w.astype(jnp.float32) * s.reshape(bshape), spec)
+  return dataclasses.replace(qa, input_scale=(1.0 / s).reshape(bshape)), errors
+
+
 def awq(
   model: nn.Module,
   params: Any,
@@ -102,17 +111,13 @@ def awq(
   Example:
     >>> qparams = sq.awq(model, variables, batches, sq.INT4)
   """
-  iterate = reader(batches)
-  rtn = quantize(params, scheme, rules, min_size=min_size)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
-  current = [x for _, x in leaves]
-  where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
-  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  found = weight_layers(model, params, iterate, where, current)
+  iterate, treedef, current, where, floats, found = begin(
+    model, params, batches, scheme, rules, min_size
+  )
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
   done = 0
-  for group in capture.passes(found, lambda layer: 4 * layer.k * layer.k):
+  for group in capture.passes(found, capture.xtx_bytes):
     stats = capture.input_stats(model, lambda: params, iterate(), group)
     for layer in group:
       start = time.perf_counter()
@@ -123,10 +128,7 @@ def awq(
       assert spec is not None  # the leaf was quantized with it
       st = stats[layer.path]
       assert st.xtx is not None
-      s, errors = search(w, st.xtx, st.abs_mean, spec=spec, n_in=len(layer.axis), grid=grid)
-      bshape = input_scale_shape(w.shape, len(layer.axis))
-      new = schemes.quantize_leaf(w.astype(jnp.float32) * s.reshape(bshape), spec)
-      new = dataclasses.replace(new, dtype=qa.dtype, input_scale=(1.0 / s).reshape(bshape))
+      new, errors = quantize_layer(w, st.xtx, st.abs_mean, spec, len(layer.axis), grid)
       current[i] = new
       done += 1
       if progress:

@@ -210,6 +210,11 @@ PASS_BYTES = 1 << 28
 the float model measure as many layer groups at once as fit in this."""
 
 
+def xtx_bytes(layer: Layer) -> int:
+  """Bytes of one layer's float32 ``X^T X``."""
+  return 4 * layer.k * layer.k
+
+
 def passes(found: Sequence[Layer], bytes_per_layer: Callable[[Layer], int]) -> list[list[Layer]]:
   """Whole groups packed into passes of at most :data:`PASS_BYTES` (one group at least)."""
   out: list[list[Layer]] = []

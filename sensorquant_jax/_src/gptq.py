@@ -238,13 +238,9 @@ def gptq(
     >>> qparams = sq.gptq(model, variables, batches, sq.INT4)
     >>> logits = sq.apply(model, qparams, x)
   """
-  iterate = reader(batches)
-  rtn = quantize(params, scheme, rules, min_size=min_size)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
-  current = [x for _, x in leaves]
-  where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
-  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  found = weight_layers(model, params, iterate, where, current)
+  iterate, treedef, current, where, floats, found = begin(
+    model, params, batches, scheme, rules, min_size
+  )
 
   def variables():
     if not sequential:
@@ -253,7 +249,7 @@ def gptq(
 
   done = 0
   # Sequential: each group is measured after the ones before it are quantized.
-  batched = capture.groups(found) if sequential else capture.passes(found, _xtx_bytes)
+  batched = capture.groups(found) if sequential else capture.passes(found, capture.xtx_bytes)
   for group in batched:
     stats = capture.input_stats(model, variables, iterate(), group)
     for layer in group:
@@ -281,8 +277,29 @@ def gptq(
   return jax.tree_util.tree_unflatten(treedef, current)
 
 
-def _xtx_bytes(layer: capture.Layer) -> int:
-  return 4 * layer.k * layer.k
+def begin(model, params, batches, scheme, rules, min_size):
+  """What GPTQ and AWQ begin with: the round-to-nearest tree (flat), and the layers to redo.
+
+  Returns:
+    ``(iterate, treedef, current, where, floats, layers)``: a re-readable
+    batches callable, the RTN tree's structure and leaves (``current``, by
+    index; ``where`` maps leaf paths to indices), the float leaves by path,
+    and the model's Dense/DenseGeneral layers whose kernel is quantized.
+  """
+  iterate = reader(batches)
+  rtn = quantize(params, scheme, rules, min_size=min_size)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
+  current = [x for _, x in leaves]
+  where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
+  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return (
+    iterate,
+    treedef,
+    current,
+    where,
+    floats,
+    weight_layers(model, params, iterate, where, current),
+  )
 
 
 def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]:

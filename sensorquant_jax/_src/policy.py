@@ -280,7 +280,7 @@ def bits_policy(
     found = [
       layer for layer in capture.layers(model, params, batches[0]) if layer.kernel in eligible
     ]
-    for group in capture.passes(found, lambda layer: 4 * layer.k * layer.k):
+    for group in capture.passes(found, capture.xtx_bytes):
       stats = capture.input_stats(model, lambda: params, iter(batches), group)
       for layer in group:
         st = stats[layer.path]
@@ -307,10 +307,7 @@ def bits_policy(
           qa = gptq_mod.quantize_layer(w, qa, h, layer.k, damp=0.01, block=128, act_order=False)
         elif method == "awq":
           spec = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf)
-          s, _ = awq_mod.search(w, h, act, spec=spec, n_in=len(layer.axis), grid=20)
-          bshape = awq_mod.input_scale_shape(w.shape, len(layer.axis))
-          qa = schemes.quantize_leaf(w.astype(jnp.float32) * s.reshape(bshape), spec)
-          qa = dataclasses.replace(qa, input_scale=(1.0 / s).reshape(bshape))
+          qa, _ = awq_mod.quantize_layer(w, h, act, spec, len(layer.axis), grid=20)
         err = gptq_mod.output_error(gptq_mod.matrix(w, layer.k), gptq_mod.matrix(qa, layer.k), h)
       opts.append(_Option(scheme, block, axes, int(qa.nbytes), float(err)))
     options[path] = opts
