@@ -40,6 +40,7 @@ _HOMES = {
   "sensorquant_jax._src.smoothquant": "smoothquant",
   "sensorquant_jax._src.schemes": "DEFAULT_BLOCK_SIZE DEFAULT_GROUP_SIZE",
   "sensorquant_jax._src.tree_paths": "path_str",
+  "sensorquant_jax._src.tuning": "TuningCacheWarning tune",
 }
 _SUBMODULES = ("checkpoint", "example_model", "manifest", "nnx", "stream")
 __all__ = _reexport.public_names(_HOMES, _SUBMODULES)

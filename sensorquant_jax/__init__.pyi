@@ -67,6 +67,8 @@ from sensorquant_jax._src.schemes import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZ
 from sensorquant_jax._src.schemes import DEFAULT_GROUP_SIZE as DEFAULT_GROUP_SIZE
 from sensorquant_jax._src.smoothquant import smoothquant as smoothquant
 from sensorquant_jax._src.tree_paths import path_str as path_str
+from sensorquant_jax._src.tuning import TuningCacheWarning as TuningCacheWarning
+from sensorquant_jax._src.tuning import tune as tune
 
 __version__: str
 __all__: list[str]

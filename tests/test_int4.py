@@ -326,6 +326,6 @@ def test_kernels_equal_the_dequantized_reference(scheme, impl, xdtype, k, n, m, 
 
 
 def test_pallas_refuses_what_it_has_no_kernel_for():
-  qa = sq.quantize_array(np.ones((64, 32), np.float32), sq.PER_CHANNEL)
-  with pytest.raises(ValueError, match="int4 weight-only"):
-    sq.dense(jnp.ones((1, 64)), qa, impl="pallas")
+  qa = sq.quantize_array(np.ones((64, 32), np.float32), sq.INT4)
+  with pytest.raises(ValueError, match="W8A8 with int8 kernels only"):
+    sq.dense(jnp.ones((1, 64)), qa, mode="w8a8", impl="pallas")

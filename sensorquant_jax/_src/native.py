@@ -68,7 +68,7 @@ class NativeBuildWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
   """An exclusive lock across processes where the platform has one."""
   with open(path, "a+b") as f:
     if sys.platform == "win32":
@@ -91,7 +91,7 @@ def _file_lock(path: Path):
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
   """What -march=native depends on: the CPU model and feature flags."""
   try:
     with open("/proc/cpuinfo") as f:
@@ -104,7 +104,9 @@ def _cpu_signature() -> str:
   return "\n".join(sorted(set(keep)))
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+  """Where built kernels and tuning choices live: ``$SENSORQUANT_CACHE``, else
+  ``$XDG_CACHE_HOME/sensorquant_jax`` (``~/.cache/sensorquant_jax``)."""
   root = os.environ.get("SENSORQUANT_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sensorquant_jax"
   )
@@ -126,18 +128,18 @@ def _build() -> ctypes.CDLL:
   include = jax.ffi.include_dir()
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256()
-  for part in (version, " ".join(_FLAGS), jaxlib.__version__, _cpu_signature(), sys.platform):
+  for part in (version, " ".join(_FLAGS), jaxlib.__version__, cpu_signature(), sys.platform):
     key.update(part.encode() + b"\0")
   for src in sources:
     key.update(src.read_bytes())
-  out_dir = _cache_dir()
+  out_dir = cache_dir()
   out_dir.mkdir(parents=True, exist_ok=True)
   stem = f"libsensorquant-{key.hexdigest()[:16]}"
   target = out_dir / f"{stem}.so"
   failed = out_dir / f"{stem}.failed"
   # One build per machine even with several processes starting at once; a
   # failed build is remembered for its key, so later processes do not retry.
-  with _file_lock(out_dir / ".lock"):
+  with file_lock(out_dir / ".lock"):
     if failed.exists():
       raise RuntimeError(f"an earlier build failed ({failed}): {failed.read_text()[:500]}")
     if not target.exists():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import nibbles, options
+from sensorquant_jax._src import nibbles, options, tuning
 from sensorquant_jax._src.ffi import (
   W8_MAX_K,
   kernel_shape_ok,
@@ -56,8 +57,12 @@ def _use_tiles(k: int, n: int, rows: int) -> bool:
   return rows <= TILED_MAX_ROWS or k * n >= TILED_MIN_SIZE
 
 
-def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
-  if not tile or not _use_tiles(k, n, rows):
+def _pick_tile(
+  tile: int | None, k: int, n: int, rows: int, tiles: bool | None = None
+) -> int | None:
+  if tiles is None:
+    tiles = _use_tiles(k, n, rows)
+  if not tile or not tiles:
     return None
   for t in (tile, tile // 2, tile // 4):
     if t >= 64 and n % t == 0 and n > t:
@@ -65,29 +70,115 @@ def _pick_tile(tile: int | None, k: int, n: int, rows: int) -> int | None:
   return None
 
 
+def _weights_key(m: Matrix) -> str:
+  parts = [f"int{m.bits}"]
+  if m.tiled:
+    parts.append(f"tiled{m.values.shape[-1]}")
+  if m.block is not None:
+    parts.append(f"block{m.block}")
+  if m.zero_point is not None:
+    parts.append("zero")
+  return "/".join(parts)
+
+
+def _on_arrays(m: Matrix, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """``fn(x2, m, *extra)`` as a function of ``(x2, values, scale, zero, *extra)`` (for timing)."""
+
+  def run(x2, values, scale, zero, *extra):
+    return fn(x2, dataclasses.replace(m, values=values, scale=scale, zero_point=zero), *extra)
+
+  return run
+
+
+def _dispatch(mode: Mode, candidates: dict[str, Callable], x2: jax.Array, m: Matrix, *extra):
+  """Runs the candidate :func:`tuning.choose` picks for this problem."""
+  k = m.values.shape[-2] if m.tiled else x2.shape[1]
+  n = m.scale.shape[-1]
+  problem = tuning.Problem(
+    mode, _weights_key(m), k, n, tuning.rows_bucket(x2.shape[0]), jnp.dtype(x2.dtype).name
+  )
+  fns = {name: _on_arrays(m, fn) for name, fn in candidates.items()}
+  args = (x2, m.values, m.scale, m.zero_point, *extra)
+
+  def example(seed: int) -> tuple:
+    made = tuning.example_like(*args)(seed)
+    return (jnp.resize(made[0], (problem.rows, x2.shape[1])), *made[1:])
+
+  name = tuning.choose(problem, fns, example)
+  return fns[name](*args)
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _weight_only_candidates(m: Matrix, tile: int | None, rows: int) -> dict[str, Callable]:
+  """The weight-only implementations that run here, the shipped fallback first.
+
+  The fallback is what measurements on the machines in the README favour:
+  the native kernel on CPU (int4 up to :data:`INT4_MAX_ROWS` rows), XLA on GPU
+  (until a Pallas kernel is measured faster on the device).
+  """
+  out: dict[str, Callable] = {}
+  if m.bits == 4:
+    target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
+    if m.values.shape[1] % 16 == 0 and native_available(target, "auto"):
+      out["native"] = lambda x2, m: _native_int4(x2, m, target)
+    xla = {
+      "xla_groups": lambda x2, m: _xla_int4(x2, m, dequantize=False),
+      "xla_dequantize": lambda x2, m: _xla_int4(x2, m, dequantize=True),
+    }
+    if rows > INT4_MAX_ROWS:
+      out = {"xla_dequantize": xla["xla_dequantize"], **out, "xla_groups": xla["xla_groups"]}
+    else:
+      out.update(xla)
+    if _on_gpu():
+      out["pallas"] = _pallas_weight_only
+    return out
+  if kernel_shape_ok(m.values) and native_available(WO_TARGET, "auto"):
+    out["native"] = _native_weight_only
+  out["xla"] = lambda x2, m: _xla_weight_only(x2, m, tile)
+  if m.block is None and (tile or m.tiled):
+    out["xla_dot"] = lambda x2, m: _xla_weight_only(x2, m, None, tiles=False)
+    out["xla_tiles"] = lambda x2, m: _xla_weight_only(x2, m, tile, tiles=True)
+  if _on_gpu():
+    out["pallas"] = _pallas_weight_only
+  return out
+
+
 def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto") -> jax.Array:
   cdt = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
   x2 = x2.astype(cdt)
-  if m.bits == 4 and impl == "pallas":
-    from sensorquant_jax._src import pallas  # Pallas imports only when asked for
-
-    assert m.block is not None
-    interpret = jax.default_backend() != "gpu"
-    y = pallas.int4_dense(x2, m.values, m.scale, m.zero_point, block=m.block, interpret=interpret)
-    return y.astype(cdt)
+  if impl == "auto":
+    candidates = _weight_only_candidates(m, tile, x2.shape[0])
+    return _dispatch("weight_only", candidates, x2, m).astype(cdt)
+  if impl == "pallas":
+    return _pallas_weight_only(x2, m).astype(cdt)
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
-    rows_ok = x2.shape[0] <= INT4_MAX_ROWS or impl == "native"
-    if m.values.shape[1] % 16 == 0 and rows_ok and native_available(target, impl):
-      return _native_int4(x2, m, target).astype(cdt)
     if impl == "native":
-      raise RuntimeError(f"native int4 kernel: N must be a multiple of 16, got {m.values.shape}")
+      if m.values.shape[1] % 16 or not native_available(target, impl):
+        raise RuntimeError(f"native int4 kernel: N must be a multiple of 16, got {m.values.shape}")
+      return _native_int4(x2, m, target).astype(cdt)
     return _xla_int4(x2, m)
-  if kernel_shape_ok(m.values) and native_available(WO_TARGET, impl):
-    return _native_weight_only(x2, m).astype(cdt)
   if impl == "native":
-    raise RuntimeError(f"native kernel: unsupported kernel layout {m.values.shape}")
+    if not (kernel_shape_ok(m.values) and native_available(WO_TARGET, impl)):
+      raise RuntimeError(f"native kernel: unsupported kernel layout {m.values.shape}")
+    return _native_weight_only(x2, m).astype(cdt)
   return _xla_weight_only(x2, m, tile)
+
+
+def _pallas_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
+  from sensorquant_jax._src import pallas  # Pallas imports only when used
+
+  values = untile(m.values) if m.tiled else m.values
+  interpret = not _on_gpu()
+  if m.bits == 4:
+    assert m.block is not None
+    y = pallas.int4_dense(x2, values, m.scale, m.zero_point, block=m.block, interpret=interpret)
+  else:
+    y = pallas.int8_dense(x2, values, m.scale, m.zero_point, block=m.block, interpret=interpret)
+  return y.astype(x2.dtype)
 
 
 def _native_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
@@ -138,13 +229,16 @@ def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
   return op(xf, m.values, *cols)
 
 
-def _xla_int4(x2: jax.Array, m: Matrix) -> jax.Array:
+def _xla_int4(x2: jax.Array, m: Matrix, dequantize: bool | None = None) -> jax.Array:
   """Int4 weight-only in XLA: per-group partial products, scaled and summed
-  (few rows), or one dot on the dequantized kernel (many rows)."""
+  (few rows), or one dot on the dequantized kernel (many rows; ``dequantize``
+  forces either)."""
   assert m.block is not None
   cdt = x2.dtype
   k = x2.shape[1]
-  if x2.shape[0] > INT4_MAX_ROWS:
+  if dequantize is None:
+    dequantize = x2.shape[0] > INT4_MAX_ROWS
+  if dequantize:
     w = int4_centered(m, k).astype(jnp.float32)
     w = (split_blocks(w, 0, m.block) * m.scale[:, None, :]).reshape(-1, w.shape[1])[:k]
     return jnp.dot(x2, w.astype(cdt), preferred_element_type=cdt)
@@ -154,22 +248,26 @@ def _xla_int4(x2: jax.Array, m: Matrix) -> jax.Array:
   return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
 
 
-def _xla_weight_only(x2: jax.Array, m: Matrix, tile: int | None) -> jax.Array:
+def _xla_weight_only(
+  x2: jax.Array, m: Matrix, tile: int | None, tiles: bool | None = None
+) -> jax.Array:
+  """Weight-only in XLA; ``tiles`` forces tiling on or off (default: by size and rows)."""
   cdt = x2.dtype
   if not m.tiled:
     k, n = m.values.shape
-    tile = _pick_tile(tile, k, n, x2.shape[0])
+    tile = _pick_tile(tile, k, n, x2.shape[0], tiles)
   if m.block is not None:
     xb, qb = split_blocks(x2, 1, m.block), split_blocks(m.values, 0, m.block)
     part = jnp.einsum("bnk,nko->bno", xb, qb.astype(cdt), preferred_element_type=cdt)
     return jnp.sum(part * m.scale.astype(cdt)[None], axis=1)
-  if m.tiled and (
-    not tile
-    or not _use_tiles(m.values.shape[1], m.values.shape[0] * m.values.shape[2], x2.shape[0])
-  ):
-    acc = jnp.dot(x2, untile(m.values).astype(cdt), preferred_element_type=cdt)
-  elif m.tiled:
-    acc = _tiled_dot(x2, m.values)
+  if m.tiled:
+    nt, k, t = m.values.shape
+    if tiles is None:
+      tiles = bool(tile) and _use_tiles(k, nt * t, x2.shape[0])
+    if tiles:
+      acc = _tiled_dot(x2, m.values)
+    else:
+      acc = jnp.dot(x2, untile(m.values).astype(cdt), preferred_element_type=cdt)
   elif tile:
     acc = _sliced_dot(x2, m.values, tile)
   else:
@@ -202,20 +300,61 @@ def quantize_activations(
   return q.astype(jnp.int8), s
 
 
-def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array:
-  xq, xs = quantize_activations(x2, act_scale)
-  k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
+def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
+  """The W8A8 implementations that run here, the shipped fallback first."""
+  out: dict[str, Callable] = {}
   if (
     m.bits == 8
     and m.block is None
     and k <= W8_MAX_K
     and kernel_shape_ok(m.values)
-    and native_available(W8_TARGET, impl)
+    and native_available(W8_TARGET, "auto")
   ):
-    return _native_w8a8(xq, xs, m)
+    out["native"] = _native_w8a8_float
+  out["xla"] = _xla_w8a8_float
+  if _on_gpu() and m.bits == 8:
+    out["pallas"] = _pallas_w8a8
+  return out
+
+
+def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array:
+  k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
+  scale = None if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(())
+  if impl == "auto":
+    candidates = _w8a8_candidates(m, k)
+    if scale is None:
+      return _dispatch("w8a8", candidates, x2, m)
+    return _dispatch("w8a8", candidates, x2, m, scale)
+  if impl == "pallas":
+    return _pallas_w8a8(x2, m, scale)
   if impl == "native":
-    raise RuntimeError(f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}")
-  return _xla_w8a8(xq, xs, m)
+    candidates = _w8a8_candidates(m, k)
+    if "native" not in candidates:
+      native_available(W8_TARGET, impl)  # raises with the reason when unavailable
+      raise RuntimeError(
+        f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}"
+      )
+    return _native_w8a8_float(x2, m, scale)
+  return _xla_w8a8_float(x2, m, scale)
+
+
+def _native_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  return _native_w8a8(*quantize_activations(x2, act_scale), m)
+
+
+def _xla_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  return _xla_w8a8(*quantize_activations(x2, act_scale), m)
+
+
+def _pallas_w8a8(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  from sensorquant_jax._src import pallas  # Pallas imports only when used
+
+  if m.bits != 8:
+    raise ValueError("the Pallas W8A8 kernel takes int8 kernels")
+  values = untile(m.values) if m.tiled else m.values
+  return pallas.w8a8_dense(
+    x2, values, m.scale, m.zero_point, act_scale, block=m.block, interpret=not _on_gpu()
+  )
 
 
 def _native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
@@ -300,18 +439,20 @@ def dense_general(
     tile: columns converted per step by the XLA weight-only path; ``"auto"``:
       512 on CPU, one fused dot elsewhere; ``None``: one dot.
     dtype: output dtype (default: ``x``'s floating dtype).
-    impl: ``"auto"`` (the native CPU kernels when they are built and the
-      backend is CPU, else XLA), ``"native"`` (raise if unavailable), ``"xla"``,
-      or ``"pallas"`` (the Pallas int4 weight-only kernel; interpret mode off
-      GPU).
+    impl: ``"auto"``: the fastest implementation that runs here for this
+      mode, kernel format, shape and row count, timed once per machine (see
+      :func:`sensorquant_jax.tune`; ``SENSORQUANT_TUNING=0``: the shipped
+      fallback, the native CPU kernels where built, else XLA);
+      ``"native"``: the native CPU kernels (raise if unavailable); ``"xla"``;
+      ``"pallas"``: the Pallas kernels (interpret mode off GPU).
 
   Returns:
     The layer output, close to ``x @ dequantize(kernel) + bias``.
   """
   options.check("mode", mode, MODES)
   options.check("impl", impl, IMPLS)
-  if impl == "pallas" and (mode != "weight_only" or getattr(kernel, "bits", 8) != 4):
-    raise ValueError("impl='pallas' has a kernel for int4 weight-only layers only")
+  if impl == "pallas" and mode == "w8a8" and getattr(kernel, "bits", 8) != 8:
+    raise ValueError("impl='pallas' runs W8A8 with int8 kernels only")
   shape = kernel.shape
   in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
   if tuple(x.shape[x.ndim - n_in :]) != in_shape:

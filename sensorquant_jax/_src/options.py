@@ -44,8 +44,9 @@ MODES: tuple[Mode, ...] = get_args(Mode)
 
 Impl = Literal["auto", "native", "xla", "pallas"]
 IMPLS: tuple[Impl, ...] = get_args(Impl)
-"""``auto`` picks the native CPU kernel where it runs, else XLA; ``pallas``: the
-Pallas kernels (int4 weight-only; interpret mode on CPU)."""
+"""``auto``: the implementation timed fastest on this machine (``tuning``);
+``native``: the C++ CPU kernels; ``xla``; ``pallas``: the Pallas kernels
+(interpret mode off GPU)."""
 
 Observer = Literal["minmax", "moving_average", "percentile", "mse"]
 OBSERVERS: tuple[Observer, ...] = get_args(Observer)

@@ -1,0 +1,349 @@
+"""Choosing an op's implementation by timing the candidates on the running machine.
+
+``impl="auto"`` asks :func:`choose` which implementation runs a
+:class:`Problem` (mode, weight format, shape, row bucket, activation dtype).
+The first time a problem is met on a machine, every candidate is compiled and
+timed on random data of the problem's shapes (at trace time, or ahead of time
+with :func:`tune`), and the fastest is remembered in memory and in a JSON file
+next to the native build cache (``$SENSORQUANT_CACHE``), one file per machine
+(backend, device kind or CPU model and flags), jax/jaxlib version and version
+of our kernels. Later processes read the file and never time again; a corrupt
+file is ignored with a warning and replaced on the next write.
+
+``SENSORQUANT_TUNING=0`` switches measuring (and the file) off: every problem
+then gets its shipped fallback, the first candidate its op lists, which makes
+``impl="auto"`` deterministic. The test suite runs that way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from sensorquant_jax._src import fileio, native, options
+from sensorquant_jax._src.options import Mode
+
+ENV = "SENSORQUANT_TUNING"
+"""Environment switch: ``0`` turns measuring off (the shipped fallbacks only)."""
+FORMAT = 1
+"""Version of the cache file's layout."""
+WORKING_SET = 64 << 20
+"""Bytes of distinct weights each timed call streams (copies of the problem's
+inputs up to this size), so layers that fit in cache are not timed from cache."""
+MAX_COPIES = 8
+REPEATS = 6
+"""Timed calls per candidate (at least two, fewer when a call is slow)."""
+SECONDS = 0.5
+"""A candidate's timed calls stop after this long."""
+
+_LOCK = threading.RLock()
+_MEMORY: dict[str, dict[str, Any]] = {}  # file name -> {problem key: entry}
+_RECORD = threading.local()  # .choices: {problem key: name} while tune() traces
+
+
+class TuningCacheWarning(UserWarning):
+  """The tuning cache file could not be read (it is ignored) or written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What an implementation choice depends on, besides the machine.
+
+  Attributes:
+    mode: ``"weight_only"`` or ``"w8a8"``.
+    weights: the stored format, e.g. ``"int8"``, ``"int8/tiled"``,
+      ``"int8/block128/zero"``, ``"int4/block128"``.
+    k, n: the kernel seen as ``[K, N]``.
+    rows: the activation rows, rounded up to a power of two.
+    dtype: the activation dtype's name.
+  """
+
+  mode: str
+  weights: str
+  k: int
+  n: int
+  rows: int
+  dtype: str
+
+  @property
+  def key(self) -> str:
+    return f"{self.mode} {self.weights} {self.k}x{self.n} rows={self.rows} {self.dtype}"
+
+
+def rows_bucket(rows: int) -> int:
+  """``rows`` rounded up to a power of two: the row counts timed and cached."""
+  return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+
+
+def enabled() -> bool:
+  """Whether ``impl="auto"`` measures (``SENSORQUANT_TUNING`` is not ``0``)."""
+  return os.environ.get(ENV, "1") != "0"
+
+
+def _machine() -> dict[str, str]:
+  dev = jax.devices()[0]
+  here = Path(__file__).parent
+  kernels = hashlib.sha256()
+  for src in (here / "ops.py", here / "pallas.py", here.parent / "csrc" / "dense.cc"):
+    kernels.update(src.read_bytes())
+  import sensorquant_jax  # the package's version (this module is imported by it lazily)
+
+  return {
+    "backend": dev.platform,
+    "device": dev.device_kind,
+    "cpu": hashlib.sha256(native.cpu_signature().encode()).hexdigest()[:16],
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "sensorquant_jax": sensorquant_jax.__version__,
+    "kernels": kernels.hexdigest()[:16],
+  }
+
+
+def cache_path() -> Path:
+  """This machine's tuning file (under the native build cache folder)."""
+  machine = _machine()
+  digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+  return native.cache_dir() / f"tuning-{machine['backend']}-{digest}.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+  """The file's choices; ``{}`` (with a warning) when it is unreadable or malformed."""
+  try:
+    with open(path, "rb") as f:
+      data = json.loads(f.read(1 << 24))
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError) as e:
+    warnings.warn(f"ignoring the tuning cache {path}: {e}", TuningCacheWarning, stacklevel=4)
+    return {}
+  choices = data.get("choices") if isinstance(data, dict) else None
+  if (
+    not isinstance(data, dict)
+    or data.get("format") != FORMAT
+    or not isinstance(choices, dict)
+    or not all(isinstance(v, dict) and isinstance(v.get("impl"), str) for v in choices.values())
+  ):
+    warnings.warn(
+      f"ignoring the tuning cache {path}: not a format-{FORMAT} tuning file",
+      TuningCacheWarning,
+      stacklevel=4,
+    )
+    return {}
+  return choices
+
+
+def _entries(path: Path) -> dict[str, Any]:
+  if path.name not in _MEMORY:
+    _MEMORY[path.name] = _read(path)
+  return _MEMORY[path.name]
+
+
+def _store(path: Path, key: str, entry: dict[str, Any]) -> None:
+  """Adds one choice to memory and to the file (merged with other processes' entries)."""
+  _entries(path)[key] = entry
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with native.file_lock(path.parent / ".lock"):
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningCacheWarning)  # already said, or rewritten now
+        merged = {**_read(path), **_MEMORY[path.name]}
+      text = json.dumps(
+        {"format": FORMAT, "machine": _machine(), "choices": merged}, indent=1, sort_keys=True
+      )
+      fileio.write_file_atomic(str(path), lambda f: f.write(text.encode()), fsync=False)
+    _MEMORY[path.name] = merged
+  except OSError as e:
+    warnings.warn(f"could not write the tuning cache {path}: {e}", TuningCacheWarning, stacklevel=4)
+
+
+def _random_like(x: Any, seed: int) -> Any:
+  rng = np.random.default_rng(seed)
+  dtype = np.dtype(x.dtype)
+  if np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -16), min(info.max, 16)
+    return jnp.asarray(rng.integers(lo, hi, x.shape, endpoint=True).astype(dtype))
+  return jnp.asarray(rng.uniform(0.5, 1.0, x.shape).astype(np.float32)).astype(dtype)
+
+
+def _time(fn: Callable, copies: list[tuple]) -> float:
+  """Median seconds of one call over distinct copies of the inputs (after a warm-up)."""
+  run = jax.jit(lambda all_args: [fn(*args) for args in all_args])
+  jax.block_until_ready(run(copies))
+  times: list[float] = []
+  start = time.perf_counter()
+  while len(times) < REPEATS and (len(times) < 2 or time.perf_counter() - start < SECONDS):
+    t = time.perf_counter()
+    jax.block_until_ready(run(copies))
+    times.append((time.perf_counter() - t) / len(copies))
+  return statistics.median(times)
+
+
+def measure(
+  candidates: Mapping[str, Callable], example: Callable[[int], tuple]
+) -> dict[str, float]:
+  """Seconds per call of each candidate (``inf`` where it fails to run).
+
+  Args:
+    candidates: name -> function of the example's arguments.
+    example: ``seed -> arguments`` (concrete arrays; the same shapes for every seed).
+  """
+  with jax.ensure_compile_time_eval():  # run now, even while an outer jit traces
+    first = example(0)
+    nbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(first))
+    n_copies = max(1, min(MAX_COPIES, -(-WORKING_SET // max(nbytes, 1))))
+    copies = [first] + [example(i) for i in range(1, n_copies)]
+    out = {}
+    for name, fn in candidates.items():
+      try:
+        out[name] = _time(fn, copies)
+      except Exception:  # a candidate that cannot run here is not chosen
+        out[name] = math.inf
+    return out
+
+
+def example_like(*args: Any) -> Callable[[int], tuple]:
+  """``seed -> arguments`` with the structure, shapes and dtypes of ``args``
+  (tracers included) filled with small random values."""
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  structs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+
+  def make(seed: int) -> tuple:
+    filled = [_random_like(s, seed * 1000 + i) for i, s in enumerate(structs)]
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+  return make
+
+
+def choose(
+  problem: Problem,
+  candidates: Mapping[str, Callable],
+  example: Callable[[int], tuple],
+) -> str:
+  """The candidate to run for ``problem`` on this machine.
+
+  Args:
+    problem: what the choice depends on.
+    candidates: name -> implementation, the shipped fallback first.
+    example: ``seed -> arguments`` of the problem's shapes, for timing.
+
+  Returns:
+    A name from ``candidates``: the cached or measured fastest; the first when
+    only one runs here or tuning is off.
+  """
+  name = _choose(problem, candidates, example)
+  record = getattr(_RECORD, "choices", None)
+  if record is not None:
+    record[problem.key] = name
+  return name
+
+
+def _choose(problem: Problem, candidates: Mapping[str, Callable], example: Callable) -> str:
+  names = list(candidates)
+  if len(names) == 1 or not enabled():
+    return names[0]
+  with _LOCK:
+    path = cache_path()
+    hit = _entries(path).get(problem.key)
+    if (
+      hit is not None
+      and hit.get("impl") in candidates
+      and set(hit.get("seconds", ())) >= set(names)
+    ):
+      return hit["impl"]
+    seconds = measure(candidates, example)
+    best = min(names, key=lambda name: seconds[name])  # ties: the fallback's order
+    _store(
+      path,
+      problem.key,
+      {"impl": best, "seconds": {k: (v if math.isfinite(v) else None) for k, v in seconds.items()}},
+    )
+    return best
+
+
+def clear_memory() -> None:
+  """Forgets the in-memory choices (the file stays); the next lookup rereads it."""
+  with _LOCK:
+    _MEMORY.clear()
+
+
+def tune(
+  qparams_or_model: Any,
+  batch_sizes: Sequence[int] = (1,),
+  *,
+  modes: Sequence[Mode] = ("weight_only",),
+  dtype: Any = jnp.float32,
+) -> dict[str, str]:
+  """Times ``impl="auto"``'s candidates for every quantized kernel now, not while serving.
+
+  Every quantized leaf of rank >= 2 is traced (not run) through
+  :func:`sensorquant_jax.dense_general` as a Dense kernel (first axis
+  contracted) and, for rank >= 3, as the out-projection of attention (all but
+  the last axis contracted), at each batch size: each problem not yet in this
+  machine's cache is timed once and cached on disk, so later processes start
+  with the choices. With ``SENSORQUANT_TUNING=0`` nothing is timed and the
+  result lists the shipped fallbacks.
+
+  Args:
+    qparams_or_model: a tree with :class:`QArray` / :class:`PackedQArray`
+      leaves (e.g. from :func:`sensorquant_jax.quantize`), or an NNX module
+      holding them.
+    batch_sizes: activation rows per call to tune for (tokens: batch x
+      sequence); rounded up to powers of two as the cache is.
+    modes: ``"weight_only"`` and/or ``"w8a8"``.
+    dtype: the activations' dtype (e.g. ``jnp.bfloat16`` on GPU).
+
+  Returns:
+    ``{problem: implementation}`` for every distinct problem met.
+
+  Example:
+    >>> qparams = sq.quantize(params)
+    >>> sq.tune(qparams, batch_sizes=(1, 16, 256), dtype=jnp.bfloat16)
+  """
+  from sensorquant_jax._src import ops, packed  # ops imports this module
+
+  for mode in modes:
+    options.check("mode", mode, options.MODES)
+  tree = qparams_or_model
+  try:
+    from flax import nnx
+
+    if isinstance(tree, nnx.Module):
+      tree = nnx.state(tree)
+  except ImportError:  # pragma: no cover - flax is a dependency
+    pass
+  leaves = [
+    x
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=packed.is_quantized)
+    if packed.is_quantized(x) and len(x.shape) >= 2
+  ]
+  _RECORD.choices = {}
+  try:
+    for w in leaves:
+      for n_in in sorted({1, len(w.shape) - 1}):
+        for rows in sorted({rows_bucket(b) for b in batch_sizes}):
+          x = jax.ShapeDtypeStruct((rows, *w.shape[:n_in]), dtype)
+          for mode in modes:
+            jax.eval_shape(
+              lambda x, w, n_in=n_in, mode=mode: ops.dense_general(x, w, n_in=n_in, mode=mode),
+              x,
+              w,
+            )
+    return dict(_RECORD.choices)
+  finally:
+    _RECORD.choices = None
