@@ -1,26 +1,23 @@
-"""Int8 dense layers vs float on CPU: float32, bf16, naive dequantize-then-dot, ours.
+"""Int8 dense layers: every implementation against float, and what ``impl="auto"`` picks.
 
 For each layer size and batch, a stack of ``--layers`` distinct layers (so the
-weights stream from memory, not cache) is applied to one input; the printed
-ratio is float32 time / variant time (higher is faster), medians of
-``--repeats`` runs measured in the same process.
+weights stream from memory, not cache) is applied to one input; each ratio is
+baseline time / variant time (higher is faster), medians of ``--repeats`` runs
+measured in the same process, alternating variants. The baseline is float32
+on CPU and bf16 on GPU (the activation dtype there).
 
-Variants: ``f32`` (x @ W), ``bf16`` (bf16 weights and activations), ``naive``
-(x @ (q.astype(f32) * s), what a literal port does), ``w-only`` (our
-weight-only op, native kernel, on a :func:`sensorquant_jax.pack`-ed kernel),
-``w-only/unpacked`` (the same on the canonical QArray), ``w-only/xla`` (our
-XLA-only path, 512-column tiles: what runs without a C++ compiler), ``w8a8``
-(int8 x int8 -> int32 with per-token dynamic activation scales, native VNNI
-kernel, packed), ``w8a8/xla`` (XLA's int8 dot), ``int4`` (``--int4-scheme``,
-group 128, weight-only, ``--impl``: the native int4 kernel up to 16 rows) and
-``int4/xla``. ``int4/int8`` is ``w-only`` time / ``int4`` time, and the last
-column the GB/s of int4 weights (values and scales) streamed by ``int4``. Timing: two alternating
-rounds over all variants, each a warm-up and consecutive timed calls
-(``_timing.median_times``); medians.
+Columns, int8 weight-only (``wo``), W8A8 (``w8``) and int4 weight-only
+(``i4``, ``--int4-scheme``, group 128): ``xla`` (``impl="xla"``),
+``native`` (the C++ CPU kernels on a packed kernel) or ``pallas`` (GPU), and
+``auto`` (the choice measured on this machine, printed after the ratios:
+``n`` native, ``x`` XLA, ``d`` XLA one dot, ``t`` XLA tiles, ``g`` XLA int4
+per-group products, ``q`` XLA int4 dequantized, ``p`` Pallas).
+``best`` is auto's time over the fastest other column of its mode (the
+acceptance target is >= 0.9). ``GB/s`` is the int8 weight bytes streamed
+per second by the fastest weight-only column at batch 1.
 
-Targets on a 2-core CPU: weight-only >= 3x float32 at batch 1 and 4, >= 1.5x
-at 16-64; W8A8 >= 1.5x at 64-256; int4 >= 5x float32 at batch 1 and >= 1.3x
-int8 weight-only at 1-4.
+Run with ``SENSORQUANT_TUNING=0`` to see the shipped fallbacks instead of the
+measured choices (``auto`` then equals ``native`` on CPU, ``xla`` on GPU).
 """
 
 from __future__ import annotations
@@ -33,79 +30,104 @@ import numpy as np
 from _timing import machine, median_times
 
 import sensorquant_jax as sq
-from sensorquant_jax._src.packed import DEFAULT_TILE  # the XLA path's tile (internal)
+from sensorquant_jax._src import tuning
+
+LETTERS = {
+  "native": "n",
+  "xla": "x",
+  "xla_dot": "d",
+  "xla_tiles": "t",
+  "xla_groups": "g",
+  "xla_dequantize": "q",
+  "pallas": "p",
+}
+TAGS = {"weight_only": "wo", "w8a8": "w8", "int4": "i4"}
 
 
 def _stack(layer_fn):
   @jax.jit
   def run(x, weights):
-    return sum(jnp.tanh(layer_fn(x, w))[:, :8].sum() for w in weights)
+    return sum(jnp.tanh(layer_fn(x, w).astype(jnp.float32))[:, :8].sum() for w in weights)
 
   return run
 
 
 def main():
+  gpu = jax.default_backend() == "gpu"
   ap = argparse.ArgumentParser()
-  ap.add_argument("--sizes", default="4096x4096,4096x16384")
-  ap.add_argument("--batches", default="1,4,16,64,256")
+  ap.add_argument("--sizes", default="4096x4096,4096x14336,14336x4096")
+  ap.add_argument("--batches", default="1,4,16,64,256,1024,4096" if gpu else "1,4,16,64,256")
   ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=6)
   ap.add_argument("--scheme", default="symmetric_per_channel_int8")
-  ap.add_argument("--impl", default="auto", choices=sq.IMPLS)
+  ap.add_argument("--modes", default="weight_only,w8a8,int4")
   ap.add_argument("--int4-scheme", default="symmetric_per_group_int4", choices=sq.INT4_SCHEMES)
   args = ap.parse_args()
+  dtype = jnp.bfloat16 if gpu else jnp.float32
+  kernel = "pallas" if gpu else "native"
+  base = "bf16" if gpu else "f32"
+  modes = args.modes.split(",")
   print(machine())
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, {args.layers} layers per stack, "
-    f"scheme {args.scheme}, median of {args.repeats}; ratio = f32 time / variant time"
+    f"scheme {args.scheme}, {jnp.dtype(dtype).name} activations, median of {args.repeats}; "
+    f"ratio = {base} time / variant time; tuning {'on' if tuning.enabled() else 'off'}"
   )
   rng = np.random.default_rng(0)
-  variants = {
-    "f32": _stack(lambda x, w: x @ w),
-    "bf16": _stack(lambda x, w: (x.astype(jnp.bfloat16) @ w).astype(jnp.float32)),
-    "naive": _stack(lambda x, w: x @ (w.values.astype(jnp.float32) * w.scale)),
-    "w-only": _stack(lambda x, w: sq.dense(x, w, impl=args.impl)),
-    "w-only/unpacked": _stack(lambda x, w: sq.dense(x, w, impl=args.impl)),
-    "w-only/xla": _stack(lambda x, w: sq.dense(x, w, impl="xla")),
-    "w8a8": _stack(lambda x, w: sq.dense(x, w, mode="w8a8", impl=args.impl)),
-    "w8a8/xla": _stack(lambda x, w: sq.dense(x, w, mode="w8a8", impl="xla")),
-    "int4": _stack(lambda x, w: sq.dense(x, w, impl=args.impl)),
-    "int4/xla": _stack(lambda x, w: sq.dense(x, w, impl="xla")),
-  }
+  tag = TAGS
+  variants = {"f32": _stack(lambda x, w: x.astype(jnp.float32) @ w)}
+  if gpu:
+    variants = {"bf16": _stack(lambda x, w: x @ w)}
+  else:
+    variants["bf16"] = _stack(lambda x, w: x.astype(jnp.bfloat16) @ w)
+  for mode in modes:
+    for impl in ("xla", kernel, "auto"):
+      variants[f"{tag[mode]}/{impl}"] = _stack(
+        lambda x, w, mode=mode, impl=impl: sq.dense(
+          x, w, mode="w8a8" if mode == "w8a8" else "weight_only", impl=impl
+        )
+      )
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))
     floats = [
       jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02) for _ in range(args.layers)
     ]
     q = [sq.quantize_array(w, args.scheme) for w in floats]
-    weights = {
-      "f32": floats,
-      "bf16": [w.astype(jnp.bfloat16) for w in floats],
-      "naive": q,
-      "w-only": [sq.pack(w) for w in q],
-      "w-only/unpacked": q,
-      "w-only/xla": [sq.pack(w, tile=DEFAULT_TILE) for w in q],
-      "w8a8": [sq.pack(w) for w in q],
-      "w8a8/xla": q,
-      "int4": [sq.quantize_array(w, args.int4_scheme) for w in floats],
-    }
-    weights["int4/xla"] = weights["int4"]
-    mb = {name: sum(sq.nbytes(w) for w in ws) / 2**20 for name, ws in weights.items()}
+    packed = [sq.pack(w) for w in q] if not gpu else q
+    weights = {"f32": floats, "bf16": [w.astype(jnp.bfloat16) for w in floats]}
+    int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if "int4" in modes else []
+    for name in variants:
+      if name.startswith("i4/"):
+        weights[name] = int4
+      elif "/" in name:
+        weights[name] = packed if name.endswith("native") else q
+    int8_bytes = sum(sq.nbytes(w) for w in q)
     print(
-      f"\n{size}: weights per stack "
-      + ", ".join(f"{k} {v:.0f} MiB" for k, v in mb.items() if k in ("f32", "bf16", "w-only"))
+      f"\n{size}: weights per stack {sum(w.nbytes for w in floats) / 2**20:.0f} MiB float32, "
+      f"{int8_bytes / 2**20:.0f} MiB int8"
     )
-    cols = " ".join(f"{name:>15s}" for name in variants)
-    print(f"{'batch':>5s} {'f32 ms':>8s} {cols} {'int4/int8':>9s} {'int4 GB/s':>9s}")
+    cols = " ".join(f"{name:>10s}" for name in variants if name != base)
+    best_cols = " ".join(f"{'best ' + tag[m]:>8s}" for m in modes)
+    print(f"{'batch':>5s} {base + ' ms':>8s} {cols} {best_cols} {'picks':>6s} {'GB/s':>6s}")
     for b in (int(v) for v in args.batches.split(",")):
-      x = jnp.asarray(rng.standard_normal((b, k), np.float32))
+      x = jnp.asarray(rng.standard_normal((b, k), np.float32), dtype)
       reps = args.repeats if b <= 64 else max(3, args.repeats // 2)
       times = median_times({name: (fn, (x, weights[name])) for name, fn in variants.items()}, reps)
-      base = times["f32"]
-      ratios = " ".join(f"{base / t:15.2f}x" for t in times.values())
-      gbs = sum(sq.nbytes(w) for w in weights["int4"]) / times["int4"] / 1e9
+      t0 = times[base]
+      ratios = " ".join(f"{t0 / t:9.2f}x" for name, t in times.items() if name != base)
+      bests = []
+      for m in modes:
+        others = min(times[f"{tag[m]}/xla"], times[f"{tag[m]}/{kernel}"])
+        bests.append(f"{others / times[f'{tag[m]}/auto']:7.2f}x")
+      int8_modes = [m for m in modes if m != "int4"]
+      picks = list(sq.tune(q[0], batch_sizes=(b,), modes=int8_modes, dtype=dtype).values())
+      if int4:
+        picks += list(sq.tune(int4[0], batch_sizes=(b,), dtype=dtype).values())
+      letters = "".join(LETTERS.get(v, "?") for v in picks)
+      fastest_wo = min(times.get("wo/xla", np.inf), times.get(f"wo/{kernel}", np.inf))
+      gbs = int8_bytes / fastest_wo / 1e9 if b == 1 and np.isfinite(fastest_wo) else float("nan")
       print(
-        f"{b:5d} {base * 1e3:8.1f} {ratios} {times['w-only'] / times['int4']:8.2f}x {gbs:9.1f}",
+        f"{b:5d} {t0 * 1e3:8.1f} {ratios} {' '.join(bests)} {letters:>6s} {gbs:6.1f}",
         flush=True,
       )
 

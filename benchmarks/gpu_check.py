@@ -1,22 +1,25 @@
 """GPU check for the int8 ops: does XLA fuse the int8 convert into the GEMM, and timings.
 
-Prints, for a 4096x4096 weight-only layer, the compiled temporaries against the
+Prints how many Rust-oracle per-tensor cases are bit-identical on the GPU
+and, for a 4096x4096 weight-only layer, the compiled temporaries against the
 float32 weight size and whether a single fusion holds both the convert and the
-dot; then stacks of 8 distinct layers (4096x4096, 4096x16384) at several
-batches: float32, bf16, ours weight-only (bf16 activations), ours W8A8, and
-int4 weight-only (group 128) through XLA and through the Pallas kernel
-(``impl="pallas"``, whose results are first checked against XLA's), each as
-bf16 time / variant time (higher is faster). Run on a GPU machine.
+dot. Then, each step under a timeout: the Pallas and dispatcher tests compiled for
+the GPU (``tests/test_pallas.py``, ``tests/test_tuning.py``),
+``bench_dense.py`` (bf16, XLA int8, Pallas int8 and ``auto`` at batches 1 to
+4096, GB/s at batch 1) and ``bench_decode.py`` (the ~1B Llama-style decoder).
+Run from the repository root with the project on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_time
 
 import sensorquant_jax as sq
 
@@ -45,43 +48,13 @@ def fusion_report(k=4096, n=4096, rows=1):
     )
 
 
-def timings(layers=8, batches=(1, 16, 64, 256, 1024)):
-  rng = np.random.default_rng(0)
-
-  def stack(f):
-    return jax.jit(
-      lambda x, ws: sum(jnp.tanh(f(x, w).astype(jnp.float32))[:, :8].sum() for w in ws)
-    )
-
-  variants = {
-    "f32": stack(lambda x, w: x.astype(jnp.float32) @ w),
-    "bf16": stack(lambda x, w: x @ w),
-    "w-only": stack(lambda x, w: sq.dense(x, w)),
-    "w8a8": stack(lambda x, w: sq.dense(x, w, mode="w8a8")),
-    "int4": stack(lambda x, w: sq.dense(x, w, impl="xla")),
-    "int4/pl": stack(lambda x, w: sq.dense(x, w, impl="pallas")),
-  }
-  for k, n in ((4096, 4096), (4096, 16384)):
-    f = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02) for _ in range(layers)]
-    q = [sq.quantize_array(w, "symmetric_per_channel_int8") for w in f]
-    q4 = [sq.quantize_array(w, "symmetric_per_group_int4") for w in f]
-    weights = {"f32": f, "bf16": [w.astype(jnp.bfloat16) for w in f], "w-only": q, "w8a8": q}
-    weights["int4"] = weights["int4/pl"] = q4
-    x1 = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
-    ref = sq.dense(x1, q4[0], impl="xla").astype(jnp.float32)
-    got = sq.dense(x1, q4[0], impl="pallas").astype(jnp.float32)
-    err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
-    print(f"pallas int4 vs XLA, {k}x{n}, 16 rows: max relative error {err:.2e}")
-    print(f"\n{k}x{n} x{layers} layers; ratio = bf16 time / variant time")
-    print(f"{'batch':>6s} {'bf16 us':>9s} " + " ".join(f"{v:>8s}" for v in variants))
-    for b in batches:
-      x = jnp.asarray(rng.standard_normal((b, k)), jnp.bfloat16)
-      t = {name: median_time(fn, x, weights[name], repeats=20) for name, fn in variants.items()}
-      print(
-        f"{b:6d} {t['bf16'] * 1e6:9.1f} " + " ".join(f"{t['bf16'] / v:7.2f}x" for v in t.values()),
-        flush=True,
-      )
-    del f, q, q4, weights
+def run(cmd: list[str], timeout: int) -> None:
+  """One step of the check, cut off after ``timeout`` seconds (the lease is short)."""
+  print(f"\n$ {' '.join(cmd)}", flush=True)
+  try:
+    subprocess.run(cmd, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"(stopped after {timeout} s)", flush=True)
 
 
 def exactness_report(fixture="tests/fixtures/oracle/per_tensor_cases.npz"):
@@ -111,4 +84,8 @@ if __name__ == "__main__":
   exactness_report()
   for rows in (1, 64):
     fusion_report(rows=rows)
-  timings()
+  py, here = sys.executable, os.path.dirname(os.path.abspath(__file__))
+  # The Pallas kernels compiled for the GPU against XLA, then the dispatcher.
+  run([py, "-m", "pytest", "-q", "-x", "tests/test_pallas.py", "tests/test_tuning.py"], 240)
+  run([py, os.path.join(here, "bench_dense.py"), "--layers", "8", "--repeats", "10"], 420)
+  run([py, os.path.join(here, "bench_decode.py"), "--repeats", "3"], 240)
