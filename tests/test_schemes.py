@@ -125,11 +125,24 @@ def fresh_jit_cache():
   jax.clear_caches()
 
 
+def _quantize_all_cases(division_fix):
+  """Every oracle case in one vmapped call (one compilation, not one per shape):
+  zero padding changes neither ``max|w|`` nor any other value's code."""
+  padded = np.zeros((len(CASES), max(w.size for _, w, _, _ in CASES)), np.float32)
+  for i, (_, w, _, _) in enumerate(CASES):
+    padded[i, : w.size] = w.ravel()
+  qa = jax.vmap(lambda w: sq.quantize_array(w, division_fix=division_fix))(padded)
+  values, scales = np.asarray(qa.values), np.asarray(qa.scale)
+  return [
+    (values[i, : w.size].reshape(w.shape), scales[i].reshape(()))
+    for i, (_, w, _, _) in enumerate(CASES)
+  ]
+
+
 def _check_all_cases(division_fix=None):
-  for name, w, q, s in CASES:
-    qa = sq.quantize_array(w, division_fix=division_fix)
-    np.testing.assert_array_equal(np.asarray(qa.values), q, err_msg=name)
-    assert _bits(np.asarray(qa.scale).reshape(())) == _bits(s), name
+  for (name, _, q, s), (values, scale) in zip(CASES, _quantize_all_cases(division_fix)):
+    np.testing.assert_array_equal(values, q, err_msg=name)
+    assert _bits(scale) == _bits(s), name
 
 
 def test_division_fix_is_exact_with_exact_division():
@@ -163,8 +176,8 @@ def test_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cache, monkeyp
   _check_all_cases(division_fix=True)
   # Without the fix the same division gets values wrong.
   wrong = sum(
-    int(np.sum(np.asarray(sq.quantize_array(w, division_fix=False).values) != q))
-    for _, w, q, _ in CASES
+    int(np.sum(values != q))
+    for (_, _, q, _), (values, _) in zip(CASES, _quantize_all_cases(division_fix=False))
   )
   assert wrong > 0
 
