@@ -7,13 +7,14 @@ measured in the same process, alternating variants. The baseline is float32
 on CPU and bf16 on GPU (the activation dtype there).
 
 Columns, int8 weight-only (``wo``), W8A8 (``w8``) and int4 weight-only
-(``i4``, ``--int4-scheme``, group 128): ``xla`` (``impl="xla"``),
-``native`` (the C++ CPU kernels on a packed kernel) or ``pallas`` (GPU), and
-``auto`` (the choice measured on this machine, printed after the ratios:
+(``i4``, ``--int4-scheme``, group 128), all on the QArrays ``sq.quantize``
+makes: ``xla`` (``impl="xla"``), ``native`` (the C++ CPU kernels) or
+``pallas`` (GPU), and ``auto`` (the choice measured on this machine, printed after the ratios:
 ``n`` native, ``x`` XLA, ``d`` XLA one dot, ``t`` XLA tiles, ``g`` XLA int4
 per-group products, ``q`` XLA int4 dequantized, ``p`` Pallas).
 ``best`` is auto's time over the fastest other column of its mode (the
-acceptance target is >= 0.9). ``GB/s`` is the int8 weight bytes streamed
+acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
+``sq.pack``-ed kernels, the native kernel's streaming layout. ``GB/s`` is the int8 weight bytes streamed
 per second by the fastest weight-only column at batch 1.
 
 Run with ``SENSORQUANT_TUNING=0`` to see the shipped fallbacks instead of the
@@ -87,20 +88,23 @@ def main():
           x, w, mode="w8a8" if mode == "w8a8" else "weight_only", impl=impl
         )
       )
+  if not gpu and "weight_only" in modes:  # sq.pack's layout, for the native kernel
+    variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))
     floats = [
       jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02) for _ in range(args.layers)
     ]
     q = [sq.quantize_array(w, args.scheme) for w in floats]
-    packed = [sq.pack(w) for w in q] if not gpu else q
     weights = {"f32": floats, "bf16": [w.astype(jnp.bfloat16) for w in floats]}
     int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if "int4" in modes else []
     for name in variants:
       if name.startswith("i4/"):
         weights[name] = int4
+      elif name == "wo/packed":
+        weights[name] = [sq.pack(w) for w in q]
       elif "/" in name:
-        weights[name] = packed if name.endswith("native") else q
+        weights[name] = q
     int8_bytes = sum(sq.nbytes(w) for w in q)
     print(
       f"\n{size}: weights per stack {sum(w.nbytes for w in floats) / 2**20:.0f} MiB float32, "
@@ -124,7 +128,7 @@ def main():
       if int4:
         picks += list(sq.tune(int4[0], batch_sizes=(b,), dtype=dtype).values())
       letters = "".join(LETTERS.get(v, "?") for v in picks)
-      fastest_wo = min(times.get("wo/xla", np.inf), times.get(f"wo/{kernel}", np.inf))
+      fastest_wo = min(times.get(f"wo/{v}", np.inf) for v in ("xla", kernel, "packed"))
       gbs = int8_bytes / fastest_wo / 1e9 if b == 1 and np.isfinite(fastest_wo) else float("nan")
       print(
         f"{b:5d} {t0 * 1e3:8.1f} {ratios} {' '.join(bests)} {letters:>6s} {gbs:6.1f}",

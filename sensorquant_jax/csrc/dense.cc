@@ -78,6 +78,70 @@ inline void pin(f32x16& v) {
 }
 
 constexpr int kLanes = 16;
+
+// The few-rows kernels (int4; int8 on AVX2) work on the machine's own vector
+// width: GCC does not keep 64-byte generic vectors in registers on AVX2, and
+// there every spilled accumulator costs a load and a store per weight.
+#if defined(__AVX512F__)
+typedef __m512 Vf;
+constexpr int kVL = 16;
+inline Vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+inline Vf vset(float s) { return _mm512_set1_ps(s); }
+inline Vf vzero() { return _mm512_setzero_ps(); }
+inline Vf vfma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vf vmul(Vf a, Vf b) { return _mm512_mul_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm512_sub_ps(a, b); }
+inline Vf vadd(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+  *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+inline Vf vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 Vf;
+constexpr int kVL = 8;
+inline Vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vf v) { _mm256_storeu_ps(p, v); }
+inline Vf vset(float s) { return _mm256_set1_ps(s); }
+inline Vf vzero() { return _mm256_setzero_ps(); }
+inline Vf vfma(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vf vmul(Vf a, Vf b) { return _mm256_mul_ps(a, b); }
+inline Vf vsub(Vf a, Vf b) { return _mm256_sub_ps(a, b); }
+inline Vf vadd(Vf a, Vf b) { return _mm256_add_ps(a, b); }
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+  *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+inline Vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+typedef f32x16 Vf;
+constexpr int kVL = kLanes;
+inline Vf vload(const float* p) { return load_f32(p); }
+inline void vstore(float* p, Vf v) { store_f32(p, v); }
+inline Vf vset(float s) { return splat(s); }
+inline Vf vzero() { return f32x16{}; }
+inline Vf vfma(Vf a, Vf b, Vf c) { return a * b + c; }
+inline Vf vmul(Vf a, Vf b) { return a * b; }
+inline Vf vsub(Vf a, Vf b) { return a - b; }
+inline Vf vadd(Vf a, Vf b) { return a + b; }
+// 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
+inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  u8x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
+  *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
+}
+inline Vf vload_i8(const int8_t* p) { return load_i8(p); }
+#endif
+
 constexpr int kPanel = 64;     // columns per register panel: one int8 cache line per row
 constexpr int kRows = 6;       // rows per register block when many rows share a panel
 constexpr int kSmallRows = 4;  // up to this many rows, weights convert in registers
@@ -145,10 +209,46 @@ void int8_panel(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// float_panel on 8-lane registers, NVF * 8 columns at a time (see int8_panel_ymm).
+template <int M, int NVF>
+void float_panel_ymm(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y,
+                     int64_t ldy, bool first, const float* scale) {
+  Vf acc[M][NVF];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NVF; ++v) acc[m][v] = first ? vzero() : vload(y + m * ldy + v * kVL);
+  for (int64_t k = 0; k < kc; ++k, bp += kPanel) {
+    Vf wv[NVF];
+    for (int v = 0; v < NVF; ++v) wv[v] = vload(bp + v * kVL);
+    for (int m = 0; m < M; ++m) {
+      const Vf xb = vset(x[m * ldx + k]);
+      for (int v = 0; v < NVF; ++v) acc[m][v] = vfma(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int v = 0; v < NVF; ++v) {
+    const Vf sc = scale ? vload(scale + v * kVL) : vset(1.0f);
+    for (int m = 0; m < M; ++m) vstore(y + m * ldy + v * kVL, vmul(acc[m][v], sc));
+  }
+}
+#endif
+
 // The same against a converted float block bp[kc][kPanel] (first NV * 16 used).
 template <int M, int NV>
 void float_panel(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y,
                  int64_t ldy, bool first, const float* scale) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  constexpr int kStrip = M <= 2 ? 4 : 2;
+  for (int v0 = 0; v0 < NV * (kLanes / kVL); v0 += kStrip) {
+    const int64_t off = int64_t(v0) * kVL;
+    const float* sc = scale ? scale + off : nullptr;
+    if (NV * (kLanes / kVL) - v0 >= kStrip) {
+      float_panel_ymm<M, kStrip>(x, ldx, bp + off, kc, y + off, ldy, first, sc);
+    } else {
+      float_panel_ymm<M, 2>(x, ldx, bp + off, kc, y + off, ldy, first, sc);
+    }
+  }
+  return;
+#endif
   constexpr int64_t ldb = kPanel;  // blocks keep the full panel stride
   f32x16 acc[M][NV];
   for (int m = 0; m < M; ++m)
@@ -168,10 +268,85 @@ void float_panel(const float* x, int64_t ldx, const float* bp, int64_t kc, float
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// int8_panel_impl on 8-lane registers: M rows x NVF * 8 columns, all of
+// whose accumulators and converted weights fit the 16 ymm registers.
+template <int M, int NVF, bool kBlocked>
+void int8_panel_ymm(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                    int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy,
+                    bool first, bool last) {
+  Vf acc[M][NVF];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NVF; ++v) acc[m][v] = first ? vzero() : vload(y + m * ldy + v * kVL);
+  Vf s[NVF];
+  for (int v = 0; v < NVF; ++v) s[v] = vset(1.0f);
+  for (int64_t k = 0; k < kc; ++k, w += ldw) {
+    if (kBlocked && (k == 0 || (k0 + k) % wt.block == 0)) {
+      const float* srow = wt.scale + ((k0 + k) / wt.block) * wt.n + col;
+      for (int v = 0; v < NVF; ++v) s[v] = vload(srow + v * kVL);
+    }
+    Vf wv[NVF];
+    for (int v = 0; v < NVF; ++v) {
+      wv[v] = vload_i8(w + v * kVL);
+      if (kBlocked) wv[v] = vmul(wv[v], s[v]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const Vf xb = vset(x[m * ldx + k]);
+      for (int v = 0; v < NVF; ++v) acc[m][v] = vfma(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int v = 0; v < NVF; ++v) {
+    const Vf sc = (last && !kBlocked) ? vload(wt.scale + col + v * kVL) : vset(1.0f);
+    for (int m = 0; m < M; ++m) vstore(y + m * ldy + v * kVL, vmul(acc[m][v], sc));
+  }
+}
+
+template <int M, int NVF>
+void int8_panel_ymm_b(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                      int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy,
+                      bool first, bool last) {
+  if (wt.block) {
+    int8_panel_ymm<M, NVF, true>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last);
+  } else {
+    int8_panel_ymm<M, NVF, false>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last);
+  }
+}
+
+// A panel of nv * 16 columns as strips of kStrip ymm vectors, K in chunks that
+// stay in L1 while every strip reads them (partial sums wait in y, unscaled).
+constexpr int64_t kStripK = 128;
+template <int M>
+void int8_panel_avx2(int nv, const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                     int64_t k0, int64_t kc, const Weights& wt, int64_t col, float* y,
+                     int64_t ldy, bool first, bool last) {
+  constexpr int kStrip = M <= 2 ? 4 : 2;  // M * kStrip + kStrip registers <= 15
+  const int nvf = nv * (kLanes / kVL);
+  for (int64_t kb = 0; kb < kc; kb += kStripK) {
+    const int64_t kcc = std::min(kStripK, kc - kb);
+    const bool f = first && kb == 0, l = last && kb + kcc == kc;
+    for (int v0 = 0; v0 < nvf; v0 += kStrip) {
+      const int64_t off = int64_t(v0) * kVL;
+      const int8_t* wp = w + kb * ldw + off;
+      if (nvf - v0 >= kStrip) {
+        int8_panel_ymm_b<M, kStrip>(x + kb, ldx, wp, ldw, k0 + kb, kcc, wt, col + off, y + off,
+                                    ldy, f, l);
+      } else {  // kStrip == 4 and 2 vectors left
+        int8_panel_ymm_b<M, 2>(x + kb, ldx, wp, ldw, k0 + kb, kcc, wt, col + off, y + off, ldy,
+                               f, l);
+      }
+    }
+  }
+}
+#endif
+
 template <int M>
 void int8_panel_n(int nv, const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
                   int64_t kc, const Weights& wt, int64_t col, float* y, int64_t ldy, bool first,
                   bool last) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  int8_panel_avx2<M>(nv, x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last);
+  return;
+#endif
   switch (nv) {
     case 4: int8_panel<M, 4>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
     case 3: int8_panel<M, 3>(x, ldx, w, ldw, k0, kc, wt, col, y, ldy, first, last); break;
@@ -440,68 +615,6 @@ struct Int4Weights {
   int64_t groups() const { return (k + block - 1) / block; }
 };
 
-// The few-rows int4 kernel works on the machine's own vector width: GCC does
-// not keep 64-byte generic vectors in registers on AVX2, and here every
-// spilled accumulator costs a load and a store per weight pair.
-#if defined(__AVX512F__)
-typedef __m512 Vf;
-constexpr int kVL = 16;
-inline Vf vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, Vf v) { _mm512_storeu_ps(p, v); }
-inline Vf vset(float s) { return _mm512_set1_ps(s); }
-inline Vf vzero() { return _mm512_setzero_ps(); }
-inline Vf vfma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vf vmul(Vf a, Vf b) { return _mm512_mul_ps(a, b); }
-inline Vf vsub(Vf a, Vf b) { return _mm512_sub_ps(a, b); }
-inline Vf vadd(Vf a, Vf b) { return _mm512_add_ps(a, b); }
-inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
-  *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-inline Vf vload_i8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-typedef __m256 Vf;
-constexpr int kVL = 8;
-inline Vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, Vf v) { _mm256_storeu_ps(p, v); }
-inline Vf vset(float s) { return _mm256_set1_ps(s); }
-inline Vf vzero() { return _mm256_setzero_ps(); }
-inline Vf vfma(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vf vmul(Vf a, Vf b) { return _mm256_mul_ps(a, b); }
-inline Vf vsub(Vf a, Vf b) { return _mm256_sub_ps(a, b); }
-inline Vf vadd(Vf a, Vf b) { return _mm256_add_ps(a, b); }
-inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
-  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-  *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-}
-inline Vf vload_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-#else
-typedef f32x16 Vf;
-constexpr int kVL = kLanes;
-inline Vf vload(const float* p) { return load_f32(p); }
-inline void vstore(float* p, Vf v) { store_f32(p, v); }
-inline Vf vset(float s) { return splat(s); }
-inline Vf vzero() { return f32x16{}; }
-inline Vf vfma(Vf a, Vf b, Vf c) { return a * b + c; }
-inline Vf vmul(Vf a, Vf b) { return a * b; }
-inline Vf vsub(Vf a, Vf b) { return a - b; }
-inline Vf vadd(Vf a, Vf b) { return a + b; }
-// 16 bytes (16 columns x 2 k) -> codes of k = 2r and 2r + 1 as floats.
-inline void vnibbles(const uint8_t* p, Vf* lo, Vf* hi) {
-  typedef uint8_t u8x16 __attribute__((vector_size(16)));
-  u8x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  *lo = __builtin_convertvector(__builtin_convertvector(v & 0xF, i32x16), f32x16);
-  *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, i32x16), f32x16);
-}
-inline Vf vload_i8(const int8_t* p) { return load_i8(p); }
-#endif
 
 // M rows x NV * kVL columns of one group: codes convert in registers, the
 // group's sums stay in registers, and y gets s * (sum - z * sum(x)) once.
