@@ -12,10 +12,11 @@ makes: ``xla`` (``impl="xla"``), ``native`` (the C++ CPU kernels) or
 ``pallas`` (GPU), and ``auto`` (the choice measured on this machine, printed after the ratios:
 ``n`` native, ``x`` XLA, ``d`` XLA one dot, ``t`` XLA tiles, ``g`` XLA int4
 per-group products, ``q`` XLA int4 dequantized, ``p`` Pallas).
-``best`` is auto's time over the fastest other column of its mode (the
+``best`` is the fastest other column of its mode over auto (time ratio; the
 acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
-``sq.pack``-ed kernels, the native kernel's streaming layout. ``GB/s`` is the int8 weight bytes streamed
-per second by the fastest weight-only column at batch 1.
+``sq.pack``-ed kernels, the native kernel's streaming layout. ``GB/s`` is the
+int8 weight bytes streamed per second by the fastest weight-only column at
+batch 1.
 
 Run with ``SENSORQUANT_TUNING=0`` to see the shipped fallbacks instead of the
 measured choices (``auto`` then equals ``native`` on CPU, ``xla`` on GPU).

@@ -33,7 +33,7 @@ def test_kernels_equal_the_xla_path(scheme, mode, dtype):
   got = jax.jit(jax.vmap(run("pallas")))(xs)
   assert got.dtype == dtype and got.shape == (2, m, n)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  for one, x1 in zip(got, xs):
+  for one, x1 in zip(got, xs, strict=True):
     ref = np.asarray(run("xla")(x1), np.float64)
     scale = np.abs(ref).max()
     np.testing.assert_allclose(np.asarray(one, np.float64), ref, atol=tol * scale, rtol=0)

@@ -140,7 +140,9 @@ def _quantize_all_cases(division_fix):
 
 
 def _check_all_cases(division_fix=None):
-  for (name, _, q, s), (values, scale) in zip(CASES, _quantize_all_cases(division_fix)):
+  for (name, _, q, s), (values, scale) in zip(
+    CASES, _quantize_all_cases(division_fix), strict=True
+  ):
     np.testing.assert_array_equal(values, q, err_msg=name)
     assert _bits(scale) == _bits(s), name
 
@@ -177,7 +179,9 @@ def test_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cache, monkeyp
   # Without the fix the same division gets values wrong.
   wrong = sum(
     int(np.sum(values != q))
-    for (_, _, q, _), (values, _) in zip(CASES, _quantize_all_cases(division_fix=False))
+    for (_, _, q, _), (values, _) in zip(
+      CASES, _quantize_all_cases(division_fix=False), strict=True
+    )
   )
   assert wrong > 0
 
