@@ -9,9 +9,11 @@ on CPU and bf16 on GPU (the activation dtype there).
 Columns, int8 weight-only (``wo``), W8A8 (``w8``) and int4 weight-only
 (``i4``, ``--int4-scheme``, group 128), all on the QArrays ``sq.quantize``
 makes: ``xla`` (``impl="xla"``), ``native`` (the C++ CPU kernels) or
-``pallas`` (GPU), and ``auto`` (the choice measured on this machine, printed after the ratios:
-``n`` native, ``x`` XLA, ``d`` XLA one dot, ``t`` XLA tiles, ``g`` XLA int4
-per-group products, ``q`` XLA int4 dequantized, ``p`` Pallas).
+``pallas`` (GPU; a column is left out where its kernel is not built, as
+W8A8 without AVX-512 VNNI), and ``auto`` (the choice measured on this
+machine, printed after the ratios: ``n`` native, ``x`` XLA, ``d`` XLA one
+dot, ``t`` XLA tiles, ``g`` XLA int4 per-group products, ``q`` XLA int4
+dequantized, ``p`` Pallas).
 ``best`` is the fastest other column of its mode over auto (time ratio; the
 acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
 ``sq.pack``-ed kernels, the native kernel's streaming layout. ``GB/s`` is the
@@ -32,7 +34,7 @@ import numpy as np
 from _timing import machine, median_times
 
 import sensorquant_jax as sq
-from sensorquant_jax._src import tuning
+from sensorquant_jax._src import native, tuning
 
 LETTERS = {
   "native": "n",
@@ -82,8 +84,11 @@ def main():
     variants = {"bf16": _stack(lambda x, w: x @ w)}
   else:
     variants["bf16"] = _stack(lambda x, w: x.astype(jnp.bfloat16) @ w)
+  targets = native.ffi_targets()
+  have = {"weight_only": native.WO_TARGET, "w8a8": native.W8_TARGET, "int4": native.INT4_TARGET}
   for mode in modes:
-    for impl in ("xla", kernel, "auto"):
+    impls = ("xla", kernel, "auto") if gpu or have[mode] in targets else ("xla", "auto")
+    for impl in impls:
       variants[f"{tag[mode]}/{impl}"] = _stack(
         lambda x, w, mode=mode, impl=impl: sq.dense(
           x, w, mode="w8a8" if mode == "w8a8" else "weight_only", impl=impl
@@ -122,7 +127,7 @@ def main():
       ratios = " ".join(f"{t0 / t:9.2f}x" for name, t in times.items() if name != base)
       bests = []
       for m in modes:
-        others = min(times[f"{tag[m]}/xla"], times[f"{tag[m]}/{kernel}"])
+        others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel))
         bests.append(f"{others / times[f'{tag[m]}/auto']:7.2f}x")
       int8_modes = [m for m in modes if m != "int4"]
       picks = list(sq.tune(q[0], batch_sizes=(b,), modes=int8_modes, dtype=dtype).values())
