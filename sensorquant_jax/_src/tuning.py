@@ -18,6 +18,7 @@ then gets its shipped fallback, the first candidate its op lists, which makes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -95,7 +96,9 @@ def enabled() -> bool:
   return os.environ.get(ENV, "1") != "0"
 
 
+@functools.cache
 def _machine() -> dict[str, str]:
+  """What the choices depend on besides the problem (read once per process)."""
   dev = jax.devices()[0]
   here = Path(__file__).parent
   kernels = hashlib.sha256()
