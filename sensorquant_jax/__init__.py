@@ -39,6 +39,7 @@ _HOMES = {
   "sensorquant_jax._src.scaled": "InputScaled",
   "sensorquant_jax._src.smoothquant": "smoothquant",
   "sensorquant_jax._src.schemes": "DEFAULT_BLOCK_SIZE DEFAULT_GROUP_SIZE",
+  "sensorquant_jax._src.transform": "DequantizedWarning Explanation Use explain quantized",
   "sensorquant_jax._src.tree_paths": "path_str",
   "sensorquant_jax._src.tuning": "TuningCacheWarning tune",
 }

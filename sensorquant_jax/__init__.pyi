@@ -66,6 +66,11 @@ from sensorquant_jax._src.scaled import InputScaled as InputScaled
 from sensorquant_jax._src.schemes import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
 from sensorquant_jax._src.schemes import DEFAULT_GROUP_SIZE as DEFAULT_GROUP_SIZE
 from sensorquant_jax._src.smoothquant import smoothquant as smoothquant
+from sensorquant_jax._src.transform import DequantizedWarning as DequantizedWarning
+from sensorquant_jax._src.transform import Explanation as Explanation
+from sensorquant_jax._src.transform import Use as Use
+from sensorquant_jax._src.transform import explain as explain
+from sensorquant_jax._src.transform import quantized as quantized
 from sensorquant_jax._src.tree_paths import path_str as path_str
 from sensorquant_jax._src.tuning import TuningCacheWarning as TuningCacheWarning
 from sensorquant_jax._src.tuning import tune as tune

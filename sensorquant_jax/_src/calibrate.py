@@ -16,7 +16,6 @@ from sensorquant_jax._src import capture, options
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.convert import default_layer_name
-from sensorquant_jax._src.linen import handled
 from sensorquant_jax._src.options import OBSERVERS
 from sensorquant_jax._src.quantize import dequantize
 from sensorquant_jax._src.scaled import is_input_scaled
@@ -65,7 +64,7 @@ def _capture(
 
   def record(next_fun, a, k, context):
     module = context.module
-    if handled(module, context.method_name) and a:
+    if capture.act_layer(module, context.method_name) and a:
       key = join("params", *module.path)
       x = a[0]
       if jnp.issubdtype(x.dtype, jnp.floating) and key not in seen:

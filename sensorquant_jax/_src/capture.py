@@ -44,6 +44,14 @@ def _weight_layer(module: nn.Module, method: str) -> bool:
   return kind is nn.DenseGeneral and method == "__call__" and not module.batch_dims
 
 
+def act_layer(module: nn.Module, method: str) -> bool:
+  """Modules whose input :func:`sensorquant_jax.calibrate` records (Dense,
+  DenseGeneral, Embed.attend)."""
+  if type(module) is nn.Embed:
+    return method == "attend"
+  return _weight_layer(module, method)
+
+
 def input_axes(module: nn.Module) -> tuple[int, ...]:
   """The input axes a Dense or DenseGeneral module contracts, in kernel order."""
   if type(module) is nn.Dense:

@@ -17,6 +17,7 @@ then gets its shipped fallback, the first candidate its op lists, which makes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,7 +28,7 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,23 @@ def example_like(*args: Any) -> Callable[[int], tuple]:
     return jax.tree_util.tree_unflatten(treedef, filled)
 
   return make
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, str]]:
+  """Collects ``{problem key: implementation}`` for the choices made inside the block.
+
+  Nested blocks see their own choices; an outer block sees them too.
+  """
+  outer = getattr(_RECORD, "choices", None)
+  inner: dict[str, str] = {}
+  _RECORD.choices = inner
+  try:
+    yield inner
+  finally:
+    _RECORD.choices = outer
+    if outer is not None:
+      outer.update(inner)
 
 
 def choose(

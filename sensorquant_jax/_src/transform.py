@@ -1,0 +1,632 @@
+"""Any JAX function on quantized params: quantized matmuls found at the op.
+
+:func:`quantized` traces the user's function to a jaxpr with every quantized
+leaf standing in as an abstract float array, then evaluates that jaxpr with an
+interpreter that follows each quantized leaf through layout-only ops
+(:mod:`sensorquant_jax._src.qlayout`) and inside ``jit``, ``remat``,
+``custom_jvp`` / ``custom_vjp``, ``scan``, ``cond`` and ``while`` bodies. A
+``dot_general`` with a quantized operand runs on the int8 / int4 ops
+(:func:`sensorquant_jax.dense_general` and its measured dispatcher); a
+``gather`` from a quantized table reads int8 rows; any other use gets the
+dequantized value, and is recorded (see :func:`explain`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from sensorquant_jax._src import ops, options, qlayout, tuning
+from sensorquant_jax._src.options import Mode
+from sensorquant_jax._src.packed import PackedQArray, as_matrix, is_quantized
+from sensorquant_jax._src.qarray import QArray
+from sensorquant_jax._src.scaled import is_input_scaled
+from sensorquant_jax._src.tree_paths import path_str
+
+
+class DequantizedWarning(UserWarning):
+  """A quantized leaf was dequantized in full because no quantized op consumes it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One use of a quantized leaf in a traced computation.
+
+  Attributes:
+    leaf: the leaf's path, e.g. ``"params/layer_0/attn/q_einsum/w"``.
+    kind: ``"dot"`` (an int8 / int4 op), ``"gather"`` (int8 rows read),
+      ``"dequantized"`` (the whole leaf converted to float) or ``"slice
+      dequantized"`` (a slice of it, e.g. one layer of a stack).
+    detail: the dot's equation (``"btd,ndh->btnh"``), or why the leaf was
+      dequantized.
+    impl: the implementation that runs the dot (``"native"``, ``"xla"``,
+      ``"pallas"``...), when known.
+    shape: the leaf's logical shape.
+    nbytes: bytes the leaf occupies as stored.
+    float_nbytes: bytes of its float copy.
+  """
+
+  leaf: str
+  kind: str
+  detail: str
+  impl: str
+  shape: tuple[int, ...]
+  nbytes: int
+  float_nbytes: int
+
+
+class Explanation(tuple):
+  """The uses of every quantized leaf (a tuple of :class:`Use`), printable as a table."""
+
+  @property
+  def dequantized(self) -> tuple[str, ...]:
+    """Leaves that are dequantized in full somewhere."""
+    return tuple(sorted({u.leaf for u in self if u.kind == "dequantized"}))
+
+  def __str__(self) -> str:
+    rows = [("leaf", "use", "detail", "impl", "bytes", "float bytes")]
+    for u in self:
+      rows.append((u.leaf, u.kind, u.detail, u.impl, str(u.nbytes), str(u.float_nbytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """A quantized leaf (after layout-only ops) standing in for a float array."""
+
+  q: QArray | PackedQArray
+  leaf: str
+  source: QArray | PackedQArray  # the leaf as given, for its sizes
+  part: str = ""  # "slice" or "gather": dequantizing it is not a full copy
+
+
+class _Context:
+  def __init__(self, mode: Mode, act_scales: Mapping[str, Any] | None):
+    self.mode = mode
+    self.act_scales = act_scales or {}
+    self.uses: list[Use] = []
+
+  def record(self, view: _View, kind: str, detail: str, impl: str = "") -> None:
+    src = view.source
+    float_nbytes = math.prod(src.shape) * np.dtype(src.dtype).itemsize
+    self.uses.append(
+      Use(view.leaf, kind, detail, impl, tuple(src.shape), int(src.nbytes), float_nbytes)
+    )
+
+  def act_scale(self, leaf: str) -> Any:
+    if leaf in self.act_scales:
+      return self.act_scales[leaf]
+    module = leaf.rsplit("/", 1)[0]  # Linen-style keys name the module
+    return self.act_scales.get(module)
+
+  def materialize(self, x: Any, why: str) -> Any:
+    if not isinstance(x, _View):
+      return x
+    if x.part != "gather":  # the gather's row says it: its rows come out in float
+      self.record(x, "slice dequantized" if x.part else "dequantized", why)
+    return x.q.dequantize()
+
+
+_STATE = threading.local()  # .seen: warning texts already given in this thread
+
+
+def _is_special(x: Any) -> bool:
+  return is_quantized(x) or is_input_scaled(x)
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _leaf_name(path: tuple) -> str:
+  """``"params/Dense_0/kernel"`` for the first argument, ``"argN/..."`` / ``"name/..."`` else."""
+  (where, *rest) = path
+  if getattr(where, "idx", None) == 0 and rest:  # args, first positional
+    (first, *rest) = rest
+    if getattr(first, "idx", None) == 0:
+      return path_str(rest) or "arg0"
+    return "/".join(x for x in (f"arg{first.idx}", path_str(rest)) if x)
+  return path_str(rest)
+
+
+def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> Any:
+  leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_special)
+  static: list[Any] = []
+  dynamic: list[Any] = []
+  abstract: list[Any] = []
+  where: list[int] = []
+  for i, (path, x) in enumerate(leaves):
+    if is_input_scaled(x):  # a smoothed float kernel: the folded one computes the same
+      x = x.fold()
+    if is_quantized(x):
+      dynamic.append(_View(x, _leaf_name(path), x))
+      abstract.append(jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype)))
+    elif _is_array(x):
+      dynamic.append(x)
+      abstract.append(x)
+    else:  # Python scalars, strings, flags: static, as the function's code expects
+      static.append((i, x))
+      continue
+    where.append(i)
+  out_tree: list[Any] = []
+
+  def flat(*dyn):
+    full: list[Any] = [None] * len(leaves)
+    for i, x in static:
+      full[i] = x
+    for i, x in zip(where, dyn, strict=True):
+      full[i] = x
+    a, k = jax.tree_util.tree_unflatten(treedef, full)
+    out = fn(*a, **k)
+    outs, tree = jax.tree_util.tree_flatten(out)
+    out_tree.append(tree)
+    return outs
+
+  closed = jax.make_jaxpr(flat)(*abstract)
+  outs = _eval(closed.jaxpr, closed.consts, dynamic, ctx)
+  return jax.tree_util.tree_unflatten(out_tree[0], outs)
+
+
+def quantized(
+  fn: Callable,
+  *,
+  mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
+  warn: bool = True,
+) -> Callable:
+  """Transforms ``fn`` to run on quantized params, with quantized matmuls found at the op.
+
+  The returned function has ``fn``'s signature and accepts
+  :class:`~sensorquant_jax.QArray` (or packed) leaves wherever ``fn`` took
+  float arrays. Every ``dot_general`` (``@``, ``jnp.einsum``, ``jnp.dot``,
+  Flax's Dense / DenseGeneral / Einsum / Embed.attend...) whose operand comes
+  from a quantized leaf, directly or through transposes, reshapes, squeezes,
+  dtype conversions, slices of a stacked layer axis, ``scan`` over stacked
+  layers and ``jit`` / ``remat`` / ``cond`` / ``while`` bodies, runs on the
+  int8 / int4 ops without a float copy of the kernel; a lookup (``gather``)
+  in a quantized table reads int8 rows. Any other use of a quantized leaf gets
+  its dequantized value (correct, not lean) and is reported by
+  :func:`explain`. Python scalars, strings and flags among the arguments stay
+  static. Composes with ``jax.jit``, ``jax.vmap``, ``jax.grad`` with respect
+  to the activations and shardings.
+
+  Args:
+    fn: any function of arrays and pytrees, e.g. ``model.apply``.
+    mode: ``"weight_only"`` or ``"w8a8"`` (int8 activations, dynamic
+      per-token scales unless ``act_scales`` gives a static one).
+    act_scales: static activation scales for ``w8a8``, keyed by leaf path
+      (``"params/Dense_0/kernel"``) or its module (``"params/Dense_0"``).
+    warn: warn (once per message) with :class:`DequantizedWarning`, naming the
+      leaves, when a quantized leaf is dequantized in full.
+
+  Returns:
+    The transformed function.
+
+  Raises:
+    ValueError: an unknown ``mode``.
+
+  Example:
+    >>> qparams = sq.quantize(params, "symmetric_per_channel_int8", like=(model.apply, x))
+    >>> logits = jax.jit(sq.quantized(model.apply))(qparams, x)
+  """
+  options.check("mode", mode, options.MODES)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    ctx = _Context(mode, act_scales)
+    out = _run(fn, args, kwargs, ctx)
+    if warn:
+      _warn(ctx.uses)
+    return out
+
+  return wrapped
+
+
+def _warn(uses: Sequence[Use]) -> None:
+  full = Explanation(uses).dequantized
+  if not full:
+    return
+  text = (
+    f"{len(full)} quantized {'leaf is' if len(full) == 1 else 'leaves are'} dequantized in full "
+    "(no quantized op consumes them): "
+    + ", ".join(full)
+    + "; sq.explain says why (quantized(..., warn=False) silences this)"
+  )
+  seen = getattr(_STATE, "seen", None)
+  if seen is None:
+    seen = _STATE.seen = set()
+  if text not in seen:
+    seen.add(text)
+    warnings.warn(text, DequantizedWarning, stacklevel=3)
+
+
+def explain(
+  fn: Callable,
+  *args: Any,
+  mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
+  **kwargs: Any,
+) -> Explanation:
+  """How :func:`quantized` runs ``fn(*args, **kwargs)``: one row per use of a quantized leaf.
+
+  Traces only (nothing runs, except timing the dispatcher's candidates once
+  per machine as a first real call would).
+
+  Args:
+    fn: the function, as given to :func:`quantized`.
+    *args: its arguments, with quantized leaves (arrays or ``jax.ShapeDtypeStruct``).
+    mode, act_scales: as for :func:`quantized`.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    An :class:`Explanation`: a tuple of :class:`Use` rows (``str()`` prints a
+    table); ``.dequantized`` lists the leaves converted to float in full.
+
+  Example:
+    >>> print(sq.explain(model.apply, qparams, x))
+  """
+  options.check("mode", mode, options.MODES)
+  ctx = _Context(mode, act_scales)
+  with tuning.recording():
+    jax.eval_shape(lambda a, k: _run(fn, a, k, ctx), args, kwargs)
+  seen: dict[tuple, Use] = {}
+  for u in ctx.uses:
+    seen.setdefault((u.leaf, u.kind, u.detail, u.impl), u)
+  return Explanation(seen.values())
+
+
+# The interpreter.
+
+
+def _read(env: dict, v: Any) -> Any:
+  return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _sub(j: Any) -> tuple[Any, Sequence[Any]]:
+  """``(jaxpr, consts)`` of a ClosedJaxpr or an open Jaxpr."""
+  if isinstance(j, jcore.ClosedJaxpr):
+    return j.jaxpr, j.consts
+  return j, ()
+
+
+def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
+  env: dict = {}
+  for v, x in zip(jaxpr.constvars, consts, strict=True):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args, strict=True):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [_read(env, v) for v in eqn.invars]
+    if any(isinstance(x, _View) for x in invals):
+      handler = _HANDLERS.get(eqn.primitive.name, _materialize_all)
+      outvals = handler(eqn, invals, ctx)
+    else:
+      outvals = _bind(eqn, invals)
+    if not eqn.primitive.multiple_results:
+      outvals = [outvals]
+    for v, x in zip(eqn.outvars, outvals, strict=True):
+      env[v] = x
+  return [ctx.materialize(_read(env, v), "returned by the function") for v in jaxpr.outvars]
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
+  with eqn.ctx.manager:
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def _materialize_all(eqn: Any, invals: Sequence[Any], ctx: _Context) -> Any:
+  why = f"used by {eqn.primitive.name}"
+  return _bind(eqn, [ctx.materialize(x, why) for x in invals])
+
+
+def _layout(op: Callable[..., QArray], part: str = "") -> Callable:
+  """A handler applying a layout-only ``op`` to the quantized operand (first input).
+
+  ``part``: ``"slice"`` when the op keeps only part of the leaf.
+  """
+
+  def handle(eqn, invals, ctx):
+    view, *rest = invals
+    if not isinstance(view, _View) or any(isinstance(x, _View) for x in rest):
+      return _materialize_all(eqn, invals, ctx)
+    try:
+      q = op(qlayout.canonical(view.q), eqn, rest)
+    except qlayout.Unsupported as e:
+      return _materialize_all_because(eqn, invals, ctx, f"{eqn.primitive.name}: {e}")
+    return dataclasses.replace(view, q=q, part=view.part or part)
+
+  return handle
+
+
+def _materialize_all_because(eqn, invals, ctx, why):
+  return _bind(eqn, [ctx.materialize(x, why) for x in invals])
+
+
+def _convert(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  new = np.dtype(eqn.params["new_dtype"])
+  if not jnp.issubdtype(new, jnp.floating):
+    raise qlayout.Unsupported(f"converts to {new.name}")
+  return dataclasses.replace(q, dtype=new)
+
+
+def _broadcast(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  shape = tuple(eqn.params["shape"])
+  dims = tuple(eqn.params["broadcast_dimensions"])
+  if any(q.shape[i] != shape[d] for i, d in enumerate(dims)):
+    raise qlayout.Unsupported("broadcasts a quantized axis")
+  new = [d for d in range(len(shape)) if d not in dims]
+  if any(shape[d] != 1 for d in new) or list(dims) != sorted(dims):
+    raise qlayout.Unsupported("broadcasts to a larger array")
+  return qlayout.expand(q, new, len(shape))
+
+
+def _reshape(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  if eqn.params.get("dimensions") is not None:
+    raise qlayout.Unsupported("reshape with a dimension order")
+  return qlayout.reshape(q, eqn.params["new_sizes"])
+
+
+def _slice(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  p = eqn.params
+  strides = p["strides"] or (1,) * q.ndim
+  sizes = [
+    -(-(hi - lo) // s) for lo, hi, s in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+  ]
+  return qlayout.slice_axes(q, p["start_indices"], sizes, strides)
+
+
+def _dynamic_slice(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  return qlayout.slice_axes(q, rest, eqn.params["slice_sizes"], dynamic=True)
+
+
+def _gather(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  (indices,) = rest
+  return qlayout.gather(q, indices, eqn.params["dimension_numbers"], eqn.params["slice_sizes"])
+
+
+def _identity(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
+  return q
+
+
+def _gather_handler(eqn, invals, ctx):
+  out = _layout(_gather)(eqn, invals, ctx)
+  if isinstance(out, _View):
+    ctx.record(out, "gather", "rows read as int8")
+    out = dataclasses.replace(out, part="gather")
+  return out
+
+
+def _letters(n: int, start: int = 0) -> list[str]:
+  return list(string.ascii_lowercase[start : start + n])
+
+
+def _equation(lhs_ndim: int, rhs_ndim: int, dnums: Any) -> str:
+  """The einsum spelling of a ``dot_general``."""
+  (lc, rc), (lb, rb) = dnums
+  lhs = _letters(lhs_ndim)
+  rhs = _letters(rhs_ndim, lhs_ndim)
+  for a, b in zip(list(lc) + list(lb), list(rc) + list(rb), strict=True):
+    rhs[b] = lhs[a]
+  out = [lhs[a] for a in lb]
+  out += [lhs[a] for a in range(lhs_ndim) if a not in lc and a not in lb]
+  out += [rhs[a] for a in range(rhs_ndim) if a not in rc and a not in rb]
+  return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+def _rank(x: Any) -> int:
+  return len(x.q.shape) if isinstance(x, _View) else x.ndim
+
+
+def _dot(eqn, invals, ctx):
+  lhs, rhs = invals
+  dnums = eqn.params["dimension_numbers"]
+  eq = _equation(_rank(lhs), _rank(rhs), dnums)
+  if isinstance(lhs, _View) and isinstance(rhs, _View):
+    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} of two quantized operands")
+  (lc, rc), (lb, rb) = dnums
+  w_is_rhs = isinstance(rhs, _View)
+  view, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
+  cw, cx = (rc, lc) if w_is_rhs else (lc, rc)
+  if lb or rb:
+    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} with batch dimensions")
+  if not cw:
+    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} contracts nothing")
+  out_dtype = eqn.outvars[0].aval.dtype
+  try:
+    y, impl = _quantized_dot(x, view, tuple(cw), tuple(cx), ctx, out_dtype)
+  except qlayout.Unsupported as e:
+    return _materialize_all_because(eqn, invals, ctx, f"dot {eq}: {e}")
+  ctx.record(view, "dot", eq, impl)
+  if not w_is_rhs:  # dot_general puts lhs free axes first
+    nf = y.ndim - (x.ndim - len(cx))
+    y = jnp.transpose(y, tuple(range(y.ndim - nf, y.ndim)) + tuple(range(y.ndim - nf)))
+    # y was [x free..., w free...]; lhs (w) free axes come first in dot_general
+  return y
+
+
+def _quantized_dot(x, view: _View, cw, cx, ctx: _Context, out_dtype) -> tuple[jax.Array, str]:
+  w = view.q
+  nw = len(w.shape)
+  fw = tuple(a for a in range(nw) if a not in cw)
+  fx = tuple(a for a in range(x.ndim) if a not in cx)
+  n_in = len(cw)
+  packed_fast = isinstance(w, PackedQArray) and cw == (0,)
+  if not packed_fast:
+    w = qlayout.canonical(w)
+    blk = qlayout.block_axis(w)
+    if blk in cw and n_in > 1:  # contract the block axis last: blocks stay whole in K
+      i = cw.index(blk)
+      cw = cw[:i] + cw[i + 1 :] + (blk,)
+      cx = cx[:i] + cx[i + 1 :] + (cx[i],)
+    w = qlayout.transpose(w, cw + fw)
+  if fx + cx != tuple(range(x.ndim)):
+    x = jnp.transpose(x, fx + cx)
+  if not packed_fast and w.block_size is not None and n_in > 1:
+    w = qlayout.merge_leading(w, n_in)
+    x = x.reshape(x.shape[: x.ndim - n_in] + (math.prod(x.shape[x.ndim - n_in :]),))
+    n_in = 1
+  if not packed_fast:
+    if w.input_scale is not None and any(
+      w.input_scale.shape[a] != 1 for a in range(n_in, w.ndim)
+    ):
+      raise qlayout.Unsupported("its input scale varies along output axes")
+    if as_matrix(dataclasses.replace(w, input_scale=None), n_in) is None:
+      raise qlayout.Unsupported("its scales vary along the contracted axes")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise qlayout.Unsupported(f"the other operand is {np.dtype(x.dtype).name}")
+  dt = jnp.result_type(x.dtype, w.dtype)
+  act = ctx.act_scale(view.leaf) if ctx.mode == "w8a8" else None
+  with tuning.recording() as picks:
+    y = ops.dense_general(x.astype(dt), w, n_in=n_in, mode=ctx.mode, act_scale=act, dtype=out_dtype)
+  impl = ",".join(sorted(set(picks.values()))) if picks else ""
+  return y, impl
+
+
+def _pack_views(vals: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+  """Views as their QArray pytrees (to cross a JAX transform) plus what rebuilds them."""
+  meta = [(v.leaf, v.source, v.part) if isinstance(v, _View) else None for v in vals]
+  return [v.q if isinstance(v, _View) else v for v in vals], meta
+
+
+def _unpack_views(vals: Sequence[Any], meta: Sequence[Any]) -> list[Any]:
+  return [x if m is None else _View(x, *m) for x, m in zip(vals, meta, strict=True)]
+
+
+def _inline(key: str) -> Callable:
+  """A handler that evaluates a call-like primitive's body in place."""
+
+  def handle(eqn, invals, ctx):
+    jaxpr, consts = _sub(eqn.params[key])
+    n = len(jaxpr.invars)
+    return _eval(jaxpr, consts, invals[len(invals) - n :], ctx)
+
+  return handle
+
+
+def _remat(eqn, invals, ctx):
+  jaxpr, consts = _sub(eqn.params["jaxpr"])
+  packed, meta = _pack_views(invals)
+
+  def body(*xs):
+    return _eval(jaxpr, consts, _unpack_views(xs, meta), ctx)
+
+  p = eqn.params
+  return jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
+    *packed
+  )
+
+
+def _scan(eqn, invals, ctx):
+  p = eqn.params
+  jaxpr, consts = _sub(p["jaxpr"])
+  nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+  const_vals = invals[:nc]
+  carry = [ctx.materialize(x, "carried through a scan") for x in invals[nc : nc + ncar]]
+  xs = list(invals[nc + ncar :])
+  for i, x in enumerate(xs):
+    if isinstance(x, _View):
+      try:
+        xs[i] = _stackable(x, length)
+      except qlayout.Unsupported as e:
+        xs[i] = ctx.materialize(x, f"scanned over: {e}")
+  packed_xs, meta = _pack_views(xs)
+
+  def body(c, sl):
+    per_layer = [_layer_view(s, m) if m is not None else s for s, m in zip(sl, meta, strict=True)]
+    outs = _eval(jaxpr, consts, [*const_vals, *c, *per_layer], ctx)
+    return outs[:ncar], outs[ncar:]
+
+  c, ys = lax.scan(
+    body, carry, packed_xs, length=length, reverse=p["reverse"], unroll=p["unroll"]
+  )
+  return [*c, *ys]
+
+
+def _stackable(view: _View, length: int) -> _View:
+  """The view with every array's leading axis of size ``length`` (scan slices it)."""
+  q = qlayout.canonical(view.q)
+  if qlayout.block_axis(q) == 0:
+    raise qlayout.Unsupported("the stacked axis is the block axis")
+
+  def full(a):
+    return None if a is None else jnp.broadcast_to(a, (length, *a.shape[1:]))
+
+  q = dataclasses.replace(
+    q, scale=full(q.scale), zero_point=full(q.zero_point), input_scale=full(q.input_scale)
+  )
+  return dataclasses.replace(view, q=q)
+
+
+def _layer_view(q: QArray, meta: tuple[str, Any, str]) -> _View:
+  """One layer of a stacked QArray (its leading axis sliced away by scan)."""
+  ndim = q.values.ndim
+  axes = tuple(a for a in q.axes if a >= -ndim)  # drops the stacked axis
+  return _View(dataclasses.replace(q, axes=axes), meta[0], meta[1], "slice")
+
+
+def _cond(eqn, invals, ctx):
+  index, *operands = invals
+  packed, meta = _pack_views(operands)
+
+  def branch(closed):
+    jaxpr, consts = _sub(closed)
+    return lambda *xs: _eval(jaxpr, consts, _unpack_views(xs, meta), ctx)
+
+  return lax.switch(index, [branch(b) for b in eqn.params["branches"]], *packed)
+
+
+def _while(eqn, invals, ctx):
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
+  init = [ctx.materialize(x, "carried through a while loop") for x in invals[cn + bn :]]
+  cj, cc = _sub(p["cond_jaxpr"])
+  bj, bc = _sub(p["body_jaxpr"])
+  out = lax.while_loop(
+    lambda c: _eval(cj, cc, [*cconsts, *c], ctx)[0],
+    lambda c: _eval(bj, bc, [*bconsts, *c], ctx),
+    init,
+  )
+  return list(out)
+
+
+_HANDLERS: dict[str, Callable] = {
+  "dot_general": _dot,
+  "transpose": _layout(lambda q, eqn, rest: qlayout.transpose(q, eqn.params["permutation"])),
+  "squeeze": _layout(lambda q, eqn, rest: qlayout.squeeze(q, eqn.params["dimensions"])),
+  "reshape": _layout(_reshape),
+  "broadcast_in_dim": _layout(_broadcast),
+  "convert_element_type": _layout(_convert),
+  "slice": _layout(_slice, part="slice"),
+  "dynamic_slice": _layout(_dynamic_slice, part="slice"),
+  "gather": _gather_handler,
+  "copy": _layout(_identity),
+  "copy_p": _layout(_identity),
+  "sharding_constraint": _layout(_identity),
+  "optimization_barrier": _materialize_all,
+  "pjit": _inline("jaxpr"),
+  "jit": _inline("jaxpr"),
+  "closed_call": _inline("call_jaxpr"),
+  "core_call": _inline("call_jaxpr"),
+  "custom_jvp_call": _inline("call_jaxpr"),
+  "custom_vjp_call": _inline("call_jaxpr"),
+  "custom_vjp_call_jaxpr": _inline("fun_jaxpr"),
+  "remat2": _remat,
+  "checkpoint": _remat,
+  "scan": _scan,
+  "cond": _cond,
+  "while": _while,
+}
