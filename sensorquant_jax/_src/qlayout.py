@@ -93,7 +93,7 @@ def expand(q: QArray, positions: Sequence[int], ndim: int) -> QArray:
   return _replace(q, arrays, axes, ndim)
 
 
-def _groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+def groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
   """Pairs runs of axes of equal total size (no size-1 axes on either side)."""
   out, i, j = [], 0, 0
   while i < len(old) and j < len(new):
@@ -132,7 +132,7 @@ def reshape(q: QArray, shape: Sequence[int]) -> QArray:
   arrays = _arrays(q)
   new_axes: list[int] = []
   shapes: dict[str, list[int]] = {k: [] for k in arrays}
-  for gi, gj in _groups(q.shape, core):
+  for gi, gj in groups(q.shape, core):
     if len(gi) == 1 and len(gj) == 1:
       for k, v in arrays.items():
         shapes[k].append(v.shape[gi[0]])

@@ -114,11 +114,29 @@ def is_float_array(x: Any) -> bool:
   return hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def select_spec(path: str, x: Any, default: schemes.Spec, rules: tuple[Rule, ...], min_size: int):
-  """Returns the resolved Spec for a leaf, or None to leave it as it is."""
+Uses = Mapping[str, Sequence[tuple[str, tuple[int, ...]]]]
+"""``{leaf path: [(kind, axes), ...]}``: how a traced computation reads each
+leaf (see :func:`sensorquant_jax._src.transform.consumers`)."""
+
+
+def select_spec(
+  path: str,
+  x: Any,
+  default: schemes.Spec,
+  rules: tuple[Rule, ...],
+  min_size: int,
+  uses: Uses | None = None,
+):
+  """Returns the resolved Spec for a leaf, or None to leave it as it is.
+
+  With ``uses`` (from ``like=``), default axes come from how the leaf is
+  read, and leaves that no matmul or lookup reads stay float unless a rule
+  names them.
+  """
   if not is_float_array(x) or int(np.prod(x.shape)) == 0:
     return None  # nothing to quantize in an empty array: it stays as it is
   leaf = path.rsplit("/", 1)[-1]
+  mine = None if uses is None else uses.get(path)
   for rule in rules:
     if re.search(rule.pattern, path):
       if rule.scheme is None:
@@ -128,11 +146,50 @@ def select_spec(path: str, x: Any, default: schemes.Spec, rules: tuple[Rule, ...
   else:
     if x.ndim < 2 or int(np.prod(x.shape)) < min_size:
       return None
+    if uses is not None and not mine:
+      return None
     spec = default
+  if spec.axes is None and mine:
+    spec = dataclasses.replace(spec, axes=axes_from_uses(spec.scheme, tuple(x.shape), mine))
   try:
-    return schemes.resolve(spec, x.ndim, leaf)
+    resolved = schemes.resolve(spec, x.ndim, leaf)
   except ValueError as e:
     raise ValueError(f"{path or '<root>'}: {e} (shape {tuple(x.shape)})") from None
+  if spec.axes is None and resolved.scheme in schemes.BLOCK_SCHEMES:
+    (axis,) = resolved.axes or (0,)
+    if x.shape[axis] < int(resolved.block_size or 0):
+      raise ValueError(
+        f"{path or '<root>'}: the default block axis {axis} of shape {tuple(x.shape)} holds "
+        f"{x.shape[axis]} values, fewer than one block of {resolved.block_size}: pass "
+        "like=(fn, *example_args) to read the contracted axes from the model, or a Rule "
+        "with axes"
+      )
+  return resolved
+
+
+def axes_from_uses(
+  scheme: str, shape: tuple[int, ...], uses: Sequence[tuple[str, tuple[int, ...]]]
+) -> tuple[int, ...] | None:
+  """Channel axes (per-channel) or block axis (per-block, int4) for a leaf read by ``uses``.
+
+  Per-channel scales go over the axes no matmul contracts (for a lookup
+  table, its rows); blocks and groups along the largest contracted axis (for a
+  table only looked up, its largest other axis).
+  """
+  ndim = len(shape)
+  contracted = {a for kind, axes in uses if kind == "dot" for a in axes}
+  indexed = {a for kind, axes in uses if kind == "gather" for a in axes}
+  if scheme in schemes.BLOCK_SCHEMES:
+    pool = contracted - indexed if contracted else set(range(ndim)) - indexed
+    if not pool:
+      return None
+    return (max(sorted(pool), key=lambda a: shape[a]),)
+  if scheme == schemes.PER_TENSOR:
+    return None
+  keep = [a for a in range(ndim) if a not in contracted]
+  if indexed:
+    keep = [a for a in keep if a in indexed]
+  return tuple(keep) if keep else None
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -201,6 +258,7 @@ def quantize(
   min_size: int = MIN_SIZE,
   check_finite: bool = True,
   division_fix: bool | None = None,
+  like: tuple | None = None,
 ) -> Any:
   """Quantizes the floating kernels and embedding tables of a param pytree.
 
@@ -236,6 +294,14 @@ def quantize(
     division_fix: correct float32 divisions with exact residuals. ``None``
       (default): on every backend but XLA:CPU, whose division is IEEE;
       ``True``/``False`` force it (e.g. to check the correction on CPU).
+    like: ``(fn, *example_args)``: read each leaf's axes from the
+      computation ``fn(params, *example_args)`` (traced, not run): per-channel
+      scales over the axes that no matmul contracts (per row for lookup
+      tables), int8 blocks and int4 groups along the contracted axis; leaves
+      that no matmul or lookup reads (biases, norm scales, convolution
+      filters) stay float unless a rule names them. Without it, axes follow
+      :func:`sensorquant_jax.schemes.default_axes`, and a default block
+      axis shorter than one block is refused.
 
   Returns:
     The quantized pytree.
@@ -251,6 +317,13 @@ def quantize(
   """
   default = schemes.Spec(scheme, division_fix=division_fix)
   rule_list = as_rules(rules)
+  uses = None
+  if like is not None:
+    from sensorquant_jax._src import transform  # the tracer imports the ops
+
+    if not isinstance(like, (tuple, list)) or not like or not callable(like[0]):
+      raise ValueError("like must be a tuple (fn, *example_args) with fn(params, *example_args)")
+    uses = transform.consumers(like[0], _floats(params), *like[1:])
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_special)
   out, pending = [], []
   for path, x in leaves:
@@ -261,7 +334,7 @@ def quantize(
     scaled = x if is_input_scaled(x) else None
     if scaled is not None:
       x = scaled.kernel
-    spec = select_spec(name, x, default, rule_list, min_size)
+    spec = select_spec(name, x, default, rule_list, min_size, uses)
     if spec is None:
       out.append(x if scaled is None else scaled)
       continue
@@ -286,6 +359,17 @@ def quantize(
     if bad:
       raise NonFiniteError("non-finite weights: " + "; ".join(bad))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _floats(params: Any) -> Any:
+  """The float tree ``like`` traces: quantized and smoothed leaves as their float shapes."""
+
+  def one(x):
+    if is_qarray(x) or is_input_scaled(x):
+      return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+    return x
+
+  return jax.tree_util.tree_map(one, params, is_leaf=_is_special)
 
 
 def _is_special(x: Any) -> bool:

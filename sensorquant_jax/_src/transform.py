@@ -91,13 +91,21 @@ class _View:
   leaf: str
   source: QArray | PackedQArray  # the leaf as given, for its sizes
   part: str = ""  # "slice" or "gather": dequantizing it is not a full copy
+  origin: tuple[tuple[int, ...], ...] = ()  # the leaf's axes each axis came from
 
 
 class _Context:
-  def __init__(self, mode: Mode, act_scales: Mapping[str, Any] | None):
+  def __init__(self, mode: Mode, act_scales: Mapping[str, Any] | None, analyze: bool = False):
     self.mode = mode
     self.act_scales = act_scales or {}
     self.uses: list[Use] = []
+    self.analyze = analyze  # only find the consumers' axes (see `consumers`)
+    self.axes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+
+  def consumed(self, view: _View, kind: str, axes: Sequence[int]) -> None:
+    """Notes that ``kind`` ("dot", "gather") reads ``view`` along its ``axes``."""
+    leaf_axes = tuple(sorted({o for a in axes for o in view.origin[a]}))
+    self.axes.setdefault(view.leaf, []).append((kind, leaf_axes))
 
   def record(self, view: _View, kind: str, detail: str, impl: str = "") -> None:
     src = view.source
@@ -142,6 +150,10 @@ def _leaf_name(path: tuple) -> str:
   return path_str(rest)
 
 
+def _origin(ndim: int) -> tuple[tuple[int, ...], ...]:
+  return tuple((a,) for a in range(ndim))
+
+
 def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> Any:
   leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_special)
   static: list[Any] = []
@@ -152,7 +164,7 @@ def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> Any:
     if is_input_scaled(x):  # a smoothed float kernel: the folded one computes the same
       x = x.fold()
     if is_quantized(x):
-      dynamic.append(_View(x, _leaf_name(path), x))
+      dynamic.append(_View(x, _leaf_name(path), x, "", _origin(len(x.shape))))
       abstract.append(jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype)))
     elif _is_array(x):
       dynamic.append(x)
@@ -332,10 +344,14 @@ def _materialize_all(eqn: Any, invals: Sequence[Any], ctx: _Context) -> Any:
   return _bind(eqn, [ctx.materialize(x, why) for x in invals])
 
 
-def _layout(op: Callable[..., QArray], part: str = "") -> Callable:
+def _layout(
+  op: Callable[..., QArray], origin: Callable[..., tuple] | None = None, part: str = ""
+) -> Callable:
   """A handler applying a layout-only ``op`` to the quantized operand (first input).
 
-  ``part``: ``"slice"`` when the op keeps only part of the leaf.
+  ``origin(view.origin, eqn)`` maps the leaf axes each axis came from
+  (default: unchanged); ``part``: ``"slice"`` when the op keeps only part of
+  the leaf.
   """
 
   def handle(eqn, invals, ctx):
@@ -346,9 +362,48 @@ def _layout(op: Callable[..., QArray], part: str = "") -> Callable:
       q = op(qlayout.canonical(view.q), eqn, rest)
     except qlayout.Unsupported as e:
       return _materialize_all_because(eqn, invals, ctx, f"{eqn.primitive.name}: {e}")
-    return dataclasses.replace(view, q=q, part=view.part or part)
+    new = view.origin if origin is None else origin(view.origin, eqn)
+    return dataclasses.replace(view, q=q, part=view.part or part, origin=tuple(new))
 
   return handle
+
+
+def _origin_transpose(o, eqn):
+  return [o[p] for p in eqn.params["permutation"]]
+
+
+def _origin_squeeze(o, eqn):
+  dims = {d % len(o) for d in eqn.params["dimensions"]}
+  return [x for a, x in enumerate(o) if a not in dims]
+
+
+def _origin_broadcast(o, eqn):
+  out: list[tuple[int, ...]] = [()] * len(eqn.params["shape"])
+  for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+    out[d] = o[i]
+  return out
+
+
+def _origin_reshape(o, eqn):
+  old = eqn.invars[0].aval.shape
+  new = tuple(eqn.params["new_sizes"])
+  keep_old = [a for a, d in enumerate(old) if d != 1]
+  keep_new = [a for a, d in enumerate(new) if d != 1]
+  out: list[tuple[int, ...]] = [()] * len(new)
+  for gi, gj in qlayout.groups([old[a] for a in keep_old], [new[a] for a in keep_new]):
+    merged = tuple(sorted({x for i in gi for x in o[keep_old[i]]}))
+    for j in gj:
+      out[keep_new[j]] = merged
+  return out
+
+
+def _origin_gather(o, eqn):
+  dnums = eqn.params["dimension_numbers"]
+  out: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
+  kept = [a for a in range(len(o)) if a not in dnums.collapsed_slice_dims]
+  for k, a in enumerate(kept):
+    out[dnums.offset_dims[k]] = o[a]
+  return out
 
 
 def _materialize_all_because(eqn, invals, ctx, why):
@@ -402,8 +457,10 @@ def _identity(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
 
 
 def _gather_handler(eqn, invals, ctx):
-  out = _layout(_gather)(eqn, invals, ctx)
+  out = _layout(_gather, _origin_gather)(eqn, invals, ctx)
   if isinstance(out, _View):
+    view = invals[0]
+    ctx.consumed(view, "gather", eqn.params["dimension_numbers"].start_index_map)
     ctx.record(out, "gather", "rows read as int8")
     out = dataclasses.replace(out, part="gather")
   return out
@@ -445,6 +502,9 @@ def _dot(eqn, invals, ctx):
   if not cw:
     return _materialize_all_because(eqn, invals, ctx, f"dot {eq} contracts nothing")
   out_dtype = eqn.outvars[0].aval.dtype
+  ctx.consumed(view, "dot", cw)
+  if ctx.analyze:
+    return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
   try:
     y, impl = _quantized_dot(x, view, tuple(cw), tuple(cx), ctx, out_dtype)
   except qlayout.Unsupported as e:
@@ -497,7 +557,7 @@ def _quantized_dot(x, view: _View, cw, cx, ctx: _Context, out_dtype) -> tuple[ja
 
 def _pack_views(vals: Sequence[Any]) -> tuple[list[Any], list[Any]]:
   """Views as their QArray pytrees (to cross a JAX transform) plus what rebuilds them."""
-  meta = [(v.leaf, v.source, v.part) if isinstance(v, _View) else None for v in vals]
+  meta = [(v.leaf, v.source, v.part, v.origin) if isinstance(v, _View) else None for v in vals]
   return [v.q if isinstance(v, _View) else v for v in vals], meta
 
 
@@ -570,11 +630,11 @@ def _stackable(view: _View, length: int) -> _View:
   return dataclasses.replace(view, q=q)
 
 
-def _layer_view(q: QArray, meta: tuple[str, Any, str]) -> _View:
+def _layer_view(q: QArray, meta: tuple[str, Any, str, tuple]) -> _View:
   """One layer of a stacked QArray (its leading axis sliced away by scan)."""
   ndim = q.values.ndim
   axes = tuple(a for a in q.axes if a >= -ndim)  # drops the stacked axis
-  return _View(dataclasses.replace(q, axes=axes), meta[0], meta[1], "slice")
+  return _View(dataclasses.replace(q, axes=axes), meta[0], meta[1], "slice", meta[3][1:])
 
 
 def _cond(eqn, invals, ctx):
@@ -605,10 +665,14 @@ def _while(eqn, invals, ctx):
 
 _HANDLERS: dict[str, Callable] = {
   "dot_general": _dot,
-  "transpose": _layout(lambda q, eqn, rest: qlayout.transpose(q, eqn.params["permutation"])),
-  "squeeze": _layout(lambda q, eqn, rest: qlayout.squeeze(q, eqn.params["dimensions"])),
-  "reshape": _layout(_reshape),
-  "broadcast_in_dim": _layout(_broadcast),
+  "transpose": _layout(
+    lambda q, eqn, rest: qlayout.transpose(q, eqn.params["permutation"]), _origin_transpose
+  ),
+  "squeeze": _layout(
+    lambda q, eqn, rest: qlayout.squeeze(q, eqn.params["dimensions"]), _origin_squeeze
+  ),
+  "reshape": _layout(_reshape, _origin_reshape),
+  "broadcast_in_dim": _layout(_broadcast, _origin_broadcast),
   "convert_element_type": _layout(_convert),
   "slice": _layout(_slice, part="slice"),
   "dynamic_slice": _layout(_dynamic_slice, part="slice"),
@@ -630,3 +694,36 @@ _HANDLERS: dict[str, Callable] = {
   "cond": _cond,
   "while": _while,
 }
+
+
+def consumers(fn: Callable, params: Any, *args: Any, **kwargs: Any) -> dict[str, list]:
+  """Which ops read each floating leaf of ``params`` in ``fn(params, *args, **kwargs)``.
+
+  Traces only. Every floating array leaf stands in as a quantized leaf, so
+  it is followed through the same layout-only ops and bodies as in
+  :func:`quantized`.
+
+  Returns:
+    ``{leaf path: [(kind, axes), ...]}`` with ``kind`` ``"dot"`` (``axes``:
+    the leaf's contracted axes) or ``"gather"`` (its indexed axes); leaves
+    that no dot or gather reads are absent.
+  """
+  ctx = _Context("weight_only", None, analyze=True)
+
+  def probe(x):
+    if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and np.ndim(x) >= 1):
+      return x
+    nd = len(x.shape)
+    return QArray(
+      jnp.zeros(x.shape, jnp.int8),
+      jnp.ones((1,) * nd, jnp.float32),
+      scheme=options.PER_TENSOR,
+      axes=tuple(range(-nd, 0)),
+      dtype=np.dtype(x.dtype),
+    )
+
+  def run(p, a, k):
+    _run(fn, (jax.tree_util.tree_map(probe, p), *a), k, ctx)
+
+  jax.eval_shape(run, params, args, kwargs)
+  return ctx.axes
