@@ -26,6 +26,7 @@ class Config:
   head_dim: int = 128
   hidden: int = 512
   layers: int = 2
+  fq: bool = False  # test reference only: fake-quantize every weight matmul's input per token
 
 
 def fake_quant_tokens(x: jax.Array, n_axes: int = 1) -> jax.Array:
@@ -39,10 +40,15 @@ class Einsum(nn.Module):
   """Gemma's layer: one kernel, the equation given at call time."""
 
   shape: tuple[int, ...]
+  fq: bool = False
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
     w = self.param("w", nn.initializers.normal(0.05), self.shape)
+    if self.fq:  # the contracted axes are the input's last ones in every equation here
+      ins, out = eqn.replace("...", "").split("->")
+      xs, ws = ins.split(",")
+      x = fake_quant_tokens(x, sum(1 for a in xs if a in ws and a not in out))
     return jnp.einsum(eqn, x, w)
 
 
@@ -59,9 +65,9 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.q_einsum = Einsum((c.heads, c.embed, c.head_dim))
-    self.kv_einsum = Einsum((2, c.kv_heads, c.embed, c.head_dim))
-    self.attn_vec_einsum = Einsum((c.heads, c.head_dim, c.embed))
+    self.q_einsum = Einsum((c.heads, c.embed, c.head_dim), c.fq)
+    self.kv_einsum = Einsum((2, c.kv_heads, c.embed, c.head_dim), c.fq)
+    self.attn_vec_einsum = Einsum((c.heads, c.head_dim, c.embed), c.fq)
 
   def __call__(self, x):
     c = self.cfg
@@ -82,9 +88,9 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
-    gate = Einsum((2, c.hidden, c.embed), name="gating_einsum")("...F,NHF->...NH", x)
+    gate = Einsum((2, c.hidden, c.embed), c.fq, name="gating_einsum")("...F,NHF->...NH", x)
     h = jax.nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
-    return Einsum((c.hidden, c.embed), name="linear")("...H,HF->...F", h)
+    return Einsum((c.hidden, c.embed), c.fq, name="linear")("...H,HF->...F", h)
 
 
 class Block(nn.Module):
@@ -116,6 +122,7 @@ class Embedder(nn.Module):
     return self.input_embedding[(tokens,)] * jnp.sqrt(self.cfg.embed).astype(jnp.float32)
 
   def decode(self, x):
+    x = fake_quant_tokens(x) if self.cfg.fq else x
     return jnp.dot(x, self.input_embedding.T)
 
 

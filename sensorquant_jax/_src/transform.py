@@ -461,7 +461,7 @@ def _gather_handler(eqn, invals, ctx):
   if isinstance(out, _View):
     view = invals[0]
     ctx.consumed(view, "gather", eqn.params["dimension_numbers"].start_index_map)
-    ctx.record(out, "gather", "rows read as int8")
+    ctx.record(out, "gather", f"rows read as int{out.q.bits}")
     out = dataclasses.replace(out, part="gather")
   return out
 
