@@ -41,7 +41,8 @@ _HOMES = {
   "sensorquant_jax._src.schemes": "DEFAULT_BLOCK_SIZE DEFAULT_GROUP_SIZE",
   "sensorquant_jax._src.transform": "DequantizedWarning Explanation Use explain quantized",
   "sensorquant_jax._src.tree_paths": "path_str",
-  "sensorquant_jax._src.tuning": "TuningCacheWarning tune",
+  "sensorquant_jax._src.tuning": "TuningCacheWarning",
+  "sensorquant_jax._src.autotune": "tune",
 }
 _SUBMODULES = ("checkpoint", "example_model", "manifest", "nnx", "stream")
 __all__ = _reexport.public_names(_HOMES, _SUBMODULES)

@@ -5,6 +5,7 @@ from sensorquant_jax import example_model as example_model
 from sensorquant_jax import manifest as manifest
 from sensorquant_jax import nnx as nnx
 from sensorquant_jax import stream as stream
+from sensorquant_jax._src.autotune import tune as tune
 from sensorquant_jax._src.awq import awq as awq
 from sensorquant_jax._src.calibrate import ObserverConfig as ObserverConfig
 from sensorquant_jax._src.calibrate import calibrate as calibrate
@@ -73,7 +74,6 @@ from sensorquant_jax._src.transform import explain as explain
 from sensorquant_jax._src.transform import quantized as quantized
 from sensorquant_jax._src.tree_paths import path_str as path_str
 from sensorquant_jax._src.tuning import TuningCacheWarning as TuningCacheWarning
-from sensorquant_jax._src.tuning import tune as tune
 
 __version__: str
 __all__: list[str]

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import types
-import warnings
 
 import pytest
 
@@ -24,16 +23,6 @@ PUBLIC = [
   "sensorquant_jax.example_model",
   "sensorquant_jax.cli",
 ]
-DEPRECATED = {
-  "sensorquant_jax.schemes": ["SCHEMES", "PER_TENSOR", "Spec", "default_axes", "resolve"],
-  "sensorquant_jax.quantize": ["Rule", "NonFiniteError", "MIN_SIZE", "quantize_array"],
-  "sensorquant_jax.ops": ["PackedQArray", "dense", "dense_general", "pack", "MODES", "IMPLS"],
-  "sensorquant_jax.linen": ["apply", "QuantizedDense", "transpose_2d"],
-  "sensorquant_jax.qarray": ["QArray", "is_qarray"],
-  "sensorquant_jax.calibrate": ["calibrate", "ObserverConfig", "OBSERVERS", "save_calibration"],
-  "sensorquant_jax.report": ["report", "auto_policy", "Budget", "Policy", "CANDIDATES"],
-  "sensorquant_jax.convert": ["to_manifest", "from_manifest", "RequantizationWarning"],
-}
 
 
 def test_public_namespaces_match_the_checked_in_list():
@@ -109,32 +98,14 @@ def test_import_is_cheap_and_builds_nothing(tmp_path):
   assert not (tmp_path / "cache").exists()  # no native build on import
 
 
-@pytest.mark.parametrize("module", sorted(DEPRECATED))
-def test_old_module_names_still_work_with_a_deprecation_warning(module):
-  mod = importlib.import_module(module)
-  for name in DEPRECATED[module]:
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      value = getattr(mod, name)
-    assert value is not None
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught), (module, name)
-  with pytest.raises(AttributeError):
-    mod.no_such_name  # noqa: B018
-
-
-def test_functions_stay_callable_after_importing_their_old_modules():
-  import jax.numpy as jnp
-
-  # Importing these rebinds sq.quantize / sq.calibrate / sq.report to the modules.
-  import sensorquant_jax.calibrate
-  import sensorquant_jax.quantize
-  import sensorquant_jax.report  # noqa: F401
-
-  q = sq.quantize({"w": jnp.ones((64, 64))})
-  assert sq.is_qarray(q["w"])
-  result = sq.report({"w": jnp.ones((64, 64))}, q, show=False)
-  assert result["layers"][0]["name"] == "w"
-  assert callable(sq.calibrate)
+@pytest.mark.parametrize(
+  "module", ["schemes", "quantize", "ops", "linen", "qarray", "calibrate", "report", "convert"]
+)
+def test_no_alias_modules(module):
+  """Every implementation module is private; nothing was released under these names."""
+  with pytest.raises(ModuleNotFoundError):
+    importlib.import_module(f"sensorquant_jax.{module}")
+  assert callable(sq.quantize) and callable(sq.report) and callable(sq.calibrate)
 
 
 def test_every_private_module_has_a_home_in_the_readme_table():

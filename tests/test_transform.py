@@ -117,7 +117,9 @@ def test_axes_read_from_the_computation(gemma_like):
 
 def test_default_block_axis_shorter_than_a_block_is_refused(gemma_like):
   model, params = gemma_like["loop"]
-  with pytest.raises(ValueError, match=r"params/layer_0/attn/\w+/w: the default block axis 0 .*like="):
+  with pytest.raises(
+    ValueError, match=r"params/layer_0/attn/\w+/w: the default block axis 0 .*like="
+  ):
     sq.quantize(params, sq.INT4)
 
 
@@ -126,7 +128,10 @@ def test_plain_function_scan_remat_nested_jit(scheme):
   params = M.init_plain(CFG, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, CFG.vocab)
   q = sq.quantize(params, scheme, like=(M.plain_forward, tokens))
-  assert set(_qleaves(q)) == {"embedding", *(f"layers/{k}" for k in ("wqkv", "wo", "w_up", "w_down"))}
+  assert set(_qleaves(q)) == {
+    "embedding",
+    *(f"layers/{k}" for k in ("wqkv", "wo", "w_up", "w_down")),
+  }
   ref = M.plain_forward(sq.dequantize(q), tokens)
   f = sq.quantized(M.plain_forward)
   y = jax.jit(f)(q, tokens)

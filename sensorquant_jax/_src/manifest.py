@@ -28,24 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from sensorquant_jax._src import fileio
+from sensorquant_jax._src import fileio, manifest_parser, manifest_writer
 from sensorquant_jax._src.calibration import LayerCalibration
+from sensorquant_jax._src.manifest_format import MAX_RANK, U64_MAX, ManifestError
 from sensorquant_jax._src.options import MIN_SCALE, PER_TENSOR
 
 SCHEME = PER_TENSOR
-MAX_DEPTH = 128  # serde_json's recursion limit
-U64_MAX = 2**64 - 1
 _MMAP_MIN = 1 << 24
-MAX_RANK = 64  # shape entries per layer (Rust has no limit; real layers use <= 8)
-
-
-class ManifestError(ValueError):
-  """A manifest is malformed, inconsistent, or cannot be written exactly."""
-
-
-def first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -226,8 +215,6 @@ class QuantizedModel:
       user_path, overwrite=overwrite, is_ours=is_manifest_file, kind="manifest"
     )
     try:
-      from sensorquant_jax._src import manifest_writer
-
       fileio.write_file_atomic(
         target, lambda f: manifest_writer.write_pipelined(f, self._pieces()), fsync=fsync
       )
@@ -240,8 +227,6 @@ class QuantizedModel:
     return b"".join(self._pieces())
 
   def _pieces(self) -> Iterable[bytes]:
-    from sensorquant_jax._src import manifest_writer  # it imports this module
-
     return manifest_writer.pieces(self)
 
   @classmethod
@@ -297,9 +282,15 @@ class QuantizedModel:
       except UnicodeEncodeError as e:
         raise ManifestError(f"invalid text: {e}") from None
     try:
-      from sensorquant_jax._src import manifest_parser  # it imports this module
-
-      model = manifest_parser.Parser(data).parse_model()
+      parsed = manifest_parser.Parser(data).parse_model()
+      layers = [QuantizedWeights(*layer) for layer in parsed["layers"]]
+      model = cls(
+        parsed["config_json"],
+        layers,
+        parsed["scheme"],
+        parsed["total_quantized_bytes"],
+        parsed["total_fp32_bytes"],
+      )
     except ManifestError:
       raise
     except RecursionError:

@@ -10,13 +10,11 @@ from typing import Any
 import numpy as np
 
 from sensorquant_jax._src import intparse
-from sensorquant_jax._src.manifest import (
+from sensorquant_jax._src.manifest_format import (
   MAX_DEPTH,
   MAX_RANK,
   U64_MAX,
   ManifestError,
-  QuantizedModel,
-  QuantizedWeights,
   first_line,
 )
 
@@ -223,7 +221,8 @@ class Parser:
     self.i = stop + 1
     return values
 
-  def layer(self, index: int) -> QuantizedWeights:
+  def layer(self, index: int) -> tuple:
+    """``(name, weights_i8, shape, scale, bias)`` of one layer."""
     self.context = f"layer {index}"
     got: dict[str, Any] = {}
 
@@ -251,9 +250,7 @@ class Parser:
     for key in ("name", "weights_i8", "shape", "scale"):
       if key not in got:
         raise self.fail(f"missing field {key!r}")
-    return QuantizedWeights(
-      got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias")
-    )
+    return (got["name"], got["weights_i8"], tuple(got["shape"]), got["scale"], got.get("bias"))
 
   def _shape_entry(self, k: int) -> int:
     if k >= MAX_RANK:
@@ -265,7 +262,8 @@ class Parser:
     self.context = f"{self.context} ({s!r})"
     return s
 
-  def parse_model(self) -> QuantizedModel:
+  def parse_model(self) -> dict[str, Any]:
+    """The manifest's fields (``layers`` as :meth:`layer` tuples)."""
     got: dict[str, Any] = {}
 
     def top(key, fn):
@@ -295,10 +293,4 @@ class Parser:
     for key in ("config_json", "layers", "scheme", "total_quantized_bytes", "total_fp32_bytes"):
       if key not in got:
         raise self.fail(f"missing field {key!r}")
-    return QuantizedModel(
-      got["config_json"],
-      got["layers"],
-      got["scheme"],
-      got["total_quantized_bytes"],
-      got["total_fp32_bytes"],
-    )
+    return got

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from sensorquant_jax._src.jsonfmt import format_f32, format_str, int8_lines
-from sensorquant_jax._src.manifest import ManifestError
+from sensorquant_jax._src.manifest_format import ManifestError
 
 if TYPE_CHECKING:
   from sensorquant_jax._src.manifest import QuantizedModel

@@ -1,83 +1,84 @@
-"""Quantizing Flax NNX models in place of their Linear, LinearGeneral, Einsum and Embed layers."""
+"""Any Flax NNX model on quantized params, through the op-level transform."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from flax import nnx
 
-from sensorquant_jax._src import flax_common, options, schemes
+from sensorquant_jax._src import options, schemes, transform
 from sensorquant_jax._src.options import Mode, Scheme
-from sensorquant_jax._src.qarray import QArray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike
 from sensorquant_jax._src.quantize import quantize as _quantize_tree
-from sensorquant_jax._src.tree_paths import join, path_str
-from sensorquant_jax._src.tree_paths import nest as _nest
 
 
-class QuantizedLinear(nnx.Module):
-  """``nnx.Linear``/``nnx.LinearGeneral`` with an int8 :class:`QArray` kernel."""
+class QuantizedModel(nnx.Module):
+  """An NNX module whose params hold QArrays, run through :func:`sensorquant_jax.quantized`.
 
-  def __init__(self, kernel: QArray, bias, *, axis=(-1,), mode: Mode = "weight_only", dtype=None):
-    self.kernel = nnx.Param(kernel)
-    self.bias = None if bias is None else nnx.Param(bias)
-    self.axis = tuple(axis)
+  Calling it calls the wrapped module; its other methods are reached with
+  :meth:`call` (or as attributes: ``qmodel.attend(x)``). Every matmul on a
+  quantized param runs on the int8 / int4 ops, whatever the layer type.
+  State other than params (caches, batch statistics, RNG counters) is updated
+  as the wrapped module updates it.
+
+  Attributes:
+    model: the wrapped module (its ``nnx.Param`` values are QArrays where
+      quantized).
+    mode: ``"weight_only"`` or ``"w8a8"``.
+  """
+
+  def __init__(
+    self,
+    model: nnx.Module,
+    *,
+    mode: Mode = "weight_only",
+    act_scales: Mapping[str, Any] | None = None,
+    warn: bool = True,
+  ):
+    options.check("mode", mode, options.MODES)
+    self.model = model
     self.mode = mode
-    self.dtype = dtype
+    self.act_scales = None if act_scales is None else dict(act_scales)
+    self.warn = warn
 
-  def __call__(self, x, out_sharding=None):
-    kernel = self.kernel.get_value()
-    bias = None if self.bias is None else self.bias.get_value()
-    y = flax_common.dense_general_axes(x, kernel, bias, self.axis, mode=self.mode, dtype=self.dtype)
-    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+  def __call__(self, *args, **kwargs) -> Any:
+    return self.call("__call__", *args, **kwargs)
 
+  def call(self, method: str | Callable, *args, **kwargs) -> Any:
+    """Runs ``method`` (a name, or ``f(module, *args, **kwargs)``) of the wrapped module."""
+    graphdef, params, rest = _split(self.model)
 
-class QuantizedEmbed(nnx.Module):
-  """``nnx.Embed`` with an int8 table: lookups gather int8 rows, ``attend`` uses the int8 op."""
+    def run(pure, rest, *a, **k):
+      state = nnx.State(params)
+      nnx.replace_by_pure_dict(state, pure)
+      module = nnx.merge(graphdef, state, rest)
+      fn = (
+        getattr(module, method)
+        if isinstance(method, str)
+        else lambda *a, **k: method(module, *a, **k)
+      )
+      out = fn(*a, **k)
+      return out, nnx.state(module, nnx.Not(nnx.Param))
 
-  def __init__(self, embedding: QArray, *, mode: Mode = "weight_only", dtype=None):
-    self.embedding = nnx.Param(embedding)
-    self.mode = mode
-    self.dtype = dtype
+    fn = transform.quantized(run, mode=self.mode, act_scales=self.act_scales, warn=self.warn)
+    out, new_rest = fn(nnx.to_pure_dict(params), rest, *args, **kwargs)
+    nnx.update(self.model, new_rest)
+    return out
 
-  def __call__(self, inputs):
-    return flax_common.embed_lookup(self.embedding.get_value(), inputs, self.dtype)
-
-  def attend(self, query):
-    return flax_common.embed_attend(
-      self.embedding.get_value(), query, mode=self.mode, dtype=self.dtype
-    )
-
-
-class QuantizedEinsum(nnx.Module):
-  """``nnx.Einsum`` with an int8 kernel, dequantized per call (arbitrary equations)."""
-
-  def __init__(self, einsum_str: str, kernel: QArray, bias, *, dtype=None):
-    self.einsum_str = einsum_str
-    self.kernel = nnx.Param(kernel)
-    self.bias = None if bias is None else nnx.Param(bias)
-    self.dtype = dtype
-
-  def __call__(self, x, out_sharding=None):
-    kernel = self.kernel.get_value()
-    dt = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
-    y = jnp.einsum(self.einsum_str, x.astype(dt), kernel.dequantize(dt))
-    if self.bias is not None:
-      y = y + self.bias.get_value().astype(dt)
-    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("_") or name in ("model", "mode", "act_scales", "warn"):
+      raise AttributeError(name)
+    attr = getattr(self.model, name)
+    if callable(attr) and not isinstance(attr, nnx.Module):
+      return lambda *a, **k: self.call(name, *a, **k)
+    return attr
 
 
-def _get(parent, key):
-  return (
-    parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
-  )
-
-
-def _set(parent, key, value):
-  if isinstance(key, int) or isinstance(parent, (list, dict)):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
+def _split(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+  """``(graphdef, params, everything else)``."""
+  graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest[0]
 
 
 def quantize(
@@ -87,15 +88,27 @@ def quantize(
   *,
   min_size: int = MIN_SIZE,
   mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
+  like: tuple | None = None,
   check_finite: bool = True,
-) -> nnx.Module:
-  """Returns a copy of ``model`` whose big Linear/LinearGeneral/Einsum/Embed layers are int8.
+  warn: bool = True,
+) -> QuantizedModel:
+  """Returns a :class:`QuantizedModel` holding a quantized copy of any NNX ``model``.
 
-  Leaves are chosen exactly as :func:`sensorquant_jax.quantize` chooses them,
-  on paths such as ``"blocks/0/attn/query/kernel"``; chosen layers are replaced
-  by :class:`QuantizedLinear`, :class:`QuantizedEmbed` or
-  :class:`QuantizedEinsum`, which call the int8 ops (``mode`` selects
-  weight-only or W8A8). The input model is left unchanged.
+  Params are chosen exactly as :func:`sensorquant_jax.quantize` chooses them,
+  on paths such as ``"blocks/0/attn/query/kernel"``. Works for every module
+  type (``nnx.Linear``, ``nnx.Einsum``, ``nnx.Embed``, custom modules,
+  ``nnx.bridge.ToNNX`` around Linen code). The input model is left unchanged.
+
+  Args:
+    model: any NNX module.
+    scheme, rules, min_size, check_finite: as for :func:`sensorquant_jax.quantize`.
+    mode: ``"weight_only"`` or ``"w8a8"``.
+    act_scales: static W8A8 activation scales keyed by param path.
+    like: ``(fn, *example_args)`` with ``fn(model, *example_args)`` (e.g.
+      ``(lambda m, x: m(x), x)``): read each param's axes from that
+      computation (see :func:`sensorquant_jax.quantize`).
+    warn: warn when a quantized param is dequantized in full.
 
   Example:
     >>> qmodel = sq.nnx.quantize(model, "symmetric_per_channel_int8")
@@ -103,46 +116,23 @@ def quantize(
   """
   options.check("mode", mode, options.MODES)
   model = nnx.clone(model)
-  targets = []
-  for path, node in nnx.iter_graph(model):
-    if not path:
-      continue
-    kind = type(node)
-    if kind is nnx.Linear or kind is nnx.LinearGeneral:
-      if kind is nnx.LinearGeneral and node.batch_axis:
-        continue
-      targets.append((path, node, "kernel"))
-    elif kind is nnx.Einsum:
-      targets.append((path, node, "kernel"))
-    elif kind is nnx.Embed:
-      targets.append((path, node, "embedding"))
-  tree = {join(*path, leaf): getattr(node, leaf).get_value() for path, node, leaf in targets}
-  # Flatten to one level so that rules see the full path, as in `quantize`.
-  nested = _nest(list(tree), list(tree.values()))
-  qtree = _quantize_tree(nested, scheme, rules, min_size=min_size, check_finite=check_finite)
-  flat = dict(
-    (path_str(p), x)
-    for p, x in jax.tree_util.tree_flatten_with_path(
-      qtree, is_leaf=lambda x: isinstance(x, QArray)
-    )[0]
+  graphdef, params, rest = _split(model)
+  pure = nnx.to_pure_dict(params)
+  like_tree = None
+  if like is not None:
+    if not isinstance(like, (tuple, list)) or not like or not callable(like[0]):
+      raise ValueError("like must be a tuple (fn, *example_args) with fn(model, *example_args)")
+    fn = like[0]
+
+    def on_params(p, r, *a):  # the other state is traced too: NNX mutates RNG counts
+      state = nnx.State(params)
+      nnx.replace_by_pure_dict(state, p)
+      return fn(nnx.merge(graphdef, state, r), *a)
+
+    like_tree = (on_params, rest, *like[1:])
+  qpure = _quantize_tree(
+    pure, scheme, rules, min_size=min_size, check_finite=check_finite, like=like_tree
   )
-  for path, node, leaf in targets:
-    q = flat[join(*path, leaf)]
-    if not isinstance(q, QArray):
-      continue
-    kind = type(node)
-    bias = getattr(node, "bias", None)
-    bias = None if bias is None else bias.get_value()
-    if kind is nnx.Embed:
-      new: nnx.Module = QuantizedEmbed(q, mode=mode, dtype=node.dtype)
-    elif kind is nnx.Einsum:
-      new = QuantizedEinsum(node.einsum_str, q, bias, dtype=node.dtype)
-    else:
-      axis = node.axis if kind is nnx.LinearGeneral else -1
-      axis = axis if isinstance(axis, tuple) else (axis,)
-      new = QuantizedLinear(q, bias, axis=axis, mode=mode, dtype=node.dtype)
-    parent = model
-    for key in path[:-1]:
-      parent = _get(parent, key)
-    _set(parent, path[-1], new)
-  return model
+  nnx.replace_by_pure_dict(params, qpure)
+  nnx.update(model, params)
+  return QuantizedModel(model, mode=mode, act_scales=act_scales, warn=warn)

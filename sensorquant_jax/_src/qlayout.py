@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -50,9 +50,16 @@ def _arrays(q: QArray) -> dict[str, jax.Array]:
   return out
 
 
-def _replace(q: QArray, arrays: dict[str, jax.Array], axes: Sequence[int], ndim: int) -> QArray:
+def _replace(q: QArray, arrays: dict[str, jax.Array], axes: Iterable[int], ndim: int) -> QArray:
   neg = tuple(sorted(a - ndim if a >= 0 else a for a in axes))
-  return dataclasses.replace(q, **arrays, axes=neg)
+  return dataclasses.replace(
+    q,
+    values=arrays["values"],
+    scale=arrays["scale"],
+    zero_point=arrays.get("zero_point"),
+    input_scale=arrays.get("input_scale"),
+    axes=neg,
+  )
 
 
 def _reduced(q: QArray) -> set[int]:
@@ -170,10 +177,14 @@ def slice_axes(
   shape = q.shape
   blk = block_axis(q)
   strides = tuple(strides) if strides else (1,) * q.ndim
-  whole = [
-    not dynamic and int(st) == 0 and sz == d and s == 1
-    for st, sz, d, s in zip(starts, sizes, shape, strides, strict=True)
-  ] if not dynamic else [sz == d for sz, d in zip(sizes, shape, strict=True)]
+  whole = (
+    [
+      not dynamic and int(st) == 0 and sz == d and s == 1
+      for st, sz, d, s in zip(starts, sizes, shape, strides, strict=True)
+    ]
+    if not dynamic
+    else [sz == d for sz, d in zip(sizes, shape, strict=True)]
+  )
   if blk is not None and not whole[blk]:
     raise Unsupported("slices the block axis")
   arrays = {}
@@ -217,9 +228,7 @@ def gather(q: QArray, indices: jax.Array, dnums: Any, slice_sizes: Sequence[int]
         sizes.append(slice_sizes[a])
       else:
         sizes.append(v.shape[a])
-    arrays[k] = lax.gather(
-      v, indices, dnums, tuple(sizes), mode=lax.GatherScatterMode.CLIP
-    )
+    arrays[k] = lax.gather(v, indices, dnums, tuple(sizes), mode=lax.GatherScatterMode.CLIP)
   kept = [a for a in range(q.ndim) if a not in dnums.collapsed_slice_dims]
   out_ndim = arrays["values"].ndim
   axes = [dnums.offset_dims[kept.index(a)] for a in _reduced(q) if a in kept]
@@ -238,14 +247,15 @@ def merge_leading(q: QArray, n: int) -> QArray:
   blk = block_axis(q)
   if blk is None:
     return reshape(q, (math.prod(q.shape[:n]),) + tuple(q.shape[n:]))
-  assert q.block_size is not None
   size = q.shape[blk]
-  if q.scale.shape[blk] == 1 and size < q.block_size:  # one partial block: as wide as the axis
+  block = int(q.block_size or 1)
+  if q.scale.shape[blk] == 1 and size < block:  # one partial block: as wide as the axis
     q = dataclasses.replace(q, block_size=size)
-  if blk != n - 1 or size % q.block_size or q.pad:
+    block = size
+  if blk != n - 1 or size % block or q.pad:
     raise Unsupported(
       f"the block axis {blk} with {q.shape[blk]} values is not the innermost contracted "
-      f"axis in whole blocks of {q.block_size}"
+      f"axis in whole blocks of {block}"
     )
   arrays = {}
   for k, v in _arrays(q).items():

@@ -155,7 +155,9 @@ def select_spec(
     resolved = schemes.resolve(spec, x.ndim, leaf)
   except ValueError as e:
     raise ValueError(f"{path or '<root>'}: {e} (shape {tuple(x.shape)})") from None
-  if spec.axes is None and resolved.scheme in schemes.BLOCK_SCHEMES:
+  if spec.axes is None and resolved.scheme in schemes.BLOCK_SCHEMES and x.ndim >= 3:
+    # A 2-D kernel's axis 0 is Flax's contraction axis (a short one is a small
+    # layer); for higher ranks the default is a guess (heads or features).
     (axis,) = resolved.axes or (0,)
     if x.shape[axis] < int(resolved.block_size or 0):
       raise ValueError(

@@ -438,7 +438,8 @@ def _slice(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
   p = eqn.params
   strides = p["strides"] or (1,) * q.ndim
   sizes = [
-    -(-(hi - lo) // s) for lo, hi, s in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+    -(-(hi - lo) // s)
+    for lo, hi, s in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
   ]
   return qlayout.slice_axes(q, p["start_indices"], sizes, strides)
 
@@ -523,34 +524,38 @@ def _quantized_dot(x, view: _View, cw, cx, ctx: _Context, out_dtype) -> tuple[ja
   fw = tuple(a for a in range(nw) if a not in cw)
   fx = tuple(a for a in range(x.ndim) if a not in cx)
   n_in = len(cw)
-  packed_fast = isinstance(w, PackedQArray) and cw == (0,)
-  if not packed_fast:
-    w = qlayout.canonical(w)
-    blk = qlayout.block_axis(w)
+  kernel: QArray | PackedQArray = w
+  if not (isinstance(w, PackedQArray) and cw == (0,)):  # packed: its fast layout as it is
+    q = qlayout.canonical(w)
+    blk = qlayout.block_axis(q)
     if blk in cw and n_in > 1:  # contract the block axis last: blocks stay whole in K
       i = cw.index(blk)
       cw = cw[:i] + cw[i + 1 :] + (blk,)
       cx = cx[:i] + cx[i + 1 :] + (cx[i],)
-    w = qlayout.transpose(w, cw + fw)
-  if fx + cx != tuple(range(x.ndim)):
-    x = jnp.transpose(x, fx + cx)
-  if not packed_fast and w.block_size is not None and n_in > 1:
-    w = qlayout.merge_leading(w, n_in)
-    x = x.reshape(x.shape[: x.ndim - n_in] + (math.prod(x.shape[x.ndim - n_in :]),))
-    n_in = 1
-  if not packed_fast:
-    if w.input_scale is not None and any(
-      w.input_scale.shape[a] != 1 for a in range(n_in, w.ndim)
+    q = qlayout.transpose(q, cw + fw)
+    if q.block_size is not None and n_in > 1:
+      q = qlayout.merge_leading(q, n_in)
+    if q.input_scale is not None and any(
+      q.input_scale.shape[a] != 1 for a in range(q.ndim - len(fw), q.ndim)
     ):
       raise qlayout.Unsupported("its input scale varies along output axes")
-    if as_matrix(dataclasses.replace(w, input_scale=None), n_in) is None:
+    if as_matrix(dataclasses.replace(q, input_scale=None), q.ndim - len(fw)) is None:
       raise qlayout.Unsupported("its scales vary along the contracted axes")
+    kernel = q
+  if fx + cx != tuple(range(x.ndim)):
+    x = jnp.transpose(x, fx + cx)
+  k_axes = len(kernel.shape) - len(fw)
+  if k_axes != n_in:  # contracted axes merged into one
+    x = x.reshape(x.shape[: x.ndim - n_in] + (math.prod(x.shape[x.ndim - n_in :]),))
+    n_in = k_axes
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise qlayout.Unsupported(f"the other operand is {np.dtype(x.dtype).name}")
-  dt = jnp.result_type(x.dtype, w.dtype)
+  dt = jnp.result_type(x.dtype, kernel.dtype)
   act = ctx.act_scale(view.leaf) if ctx.mode == "w8a8" else None
   with tuning.recording() as picks:
-    y = ops.dense_general(x.astype(dt), w, n_in=n_in, mode=ctx.mode, act_scale=act, dtype=out_dtype)
+    y = ops.dense_general(
+      x.astype(dt), kernel, n_in=n_in, mode=ctx.mode, act_scale=act, dtype=out_dtype
+    )
   impl = ",".join(sorted(set(picks.values()))) if picks else ""
   return y, impl
 
@@ -609,9 +614,7 @@ def _scan(eqn, invals, ctx):
     outs = _eval(jaxpr, consts, [*const_vals, *c, *per_layer], ctx)
     return outs[:ncar], outs[ncar:]
 
-  c, ys = lax.scan(
-    body, carry, packed_xs, length=length, reverse=p["reverse"], unroll=p["unroll"]
-  )
+  c, ys = lax.scan(body, carry, packed_xs, length=length, reverse=p["reverse"], unroll=p["unroll"])
   return [*c, *ys]
 
 

@@ -1,5 +1,0 @@
-"""Deprecated alias: ``QArray``, now in ``sensorquant_jax``."""
-
-from sensorquant_jax._src import reexport as _reexport
-
-__getattr__, __dir__ = _reexport.deprecated_module(__name__)
