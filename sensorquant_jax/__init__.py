@@ -21,7 +21,7 @@ _HOMES = {
   ),
   "sensorquant_jax._src.fileio": "DestinationError",
   "sensorquant_jax._src.gptq": "gptq",
-  "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply",
+  "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply quantized_module",
   "sensorquant_jax._src.manifest": "ManifestError",
   "sensorquant_jax._src.native": "NativeBuildWarning",
   "sensorquant_jax._src.ops": "dense dense_general",

@@ -26,6 +26,7 @@ from sensorquant_jax._src.gptq import gptq as gptq
 from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense
 from sensorquant_jax._src.linen import QuantizedDenseGeneral as QuantizedDenseGeneral
 from sensorquant_jax._src.linen import apply as apply
+from sensorquant_jax._src.linen import quantized_module as quantized_module
 from sensorquant_jax._src.manifest import ManifestError as ManifestError
 from sensorquant_jax._src.native import NativeBuildWarning as NativeBuildWarning
 from sensorquant_jax._src.ops import dense as dense

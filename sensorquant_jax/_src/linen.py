@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,51 @@ def apply(
 
   fn = transform.quantized(run, mode=mode, act_scales=act_scales, warn=warn)
   return fn(qparams, *args, **kwargs)
+
+
+def quantized_module(
+  model: nn.Module,
+  *,
+  mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
+  warn: bool = True,
+) -> nn.Module:
+  """``model`` as a module of its own class whose ``apply`` runs on quantized params.
+
+  For code that calls ``model.apply`` itself (samplers, serving loops): hand
+  it this module and the quantized params; every other attribute and method
+  is the model's. ``init`` and ``bind`` are the float model's.
+
+  Args:
+    model: a Linen module.
+    mode, act_scales, warn: as for :func:`apply`.
+
+  Returns:
+    An instance of a subclass of ``type(model)`` with the same fields.
+
+  Example:
+    >>> qparams = sq.quantize(params, sq.INT4, like=(model.apply, tokens))
+    >>> sampler = Sampler(model=sq.quantized_module(model), params=qparams["params"])
+  """
+  options.check("mode", mode, options.MODES)
+  cls = type(model)
+
+  def quantized_apply(self, variables, *args, method=None, **kwargs):
+    return apply(
+      model, variables, *args, mode=mode, act_scales=act_scales, method=method, warn=warn, **kwargs
+    )
+
+  sub = type(
+    f"Quantized{cls.__name__}",
+    (cls,),
+    {"apply": nn.nowrap(quantized_apply), "__module__": cls.__module__},
+  )
+  fields = {
+    f.name: getattr(model, f.name)
+    for f in dataclasses.fields(model)
+    if f.init and f.name not in ("parent", "name")
+  }
+  return sub(**fields)
 
 
 class QuantizedDenseGeneral(nn.Module):

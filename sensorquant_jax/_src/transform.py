@@ -498,8 +498,7 @@ def _dot(eqn, invals, ctx):
   w_is_rhs = isinstance(rhs, _View)
   view, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
   cw, cx = (rc, lc) if w_is_rhs else (lc, rc)
-  if lb or rb:
-    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} with batch dimensions")
+  bw, bx = (rb, lb) if w_is_rhs else (lb, rb)
   if not cw:
     return _materialize_all_because(eqn, invals, ctx, f"dot {eq} contracts nothing")
   out_dtype = eqn.outvars[0].aval.dtype
@@ -507,15 +506,54 @@ def _dot(eqn, invals, ctx):
   if ctx.analyze:
     return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
   try:
-    y, impl = _quantized_dot(x, view, tuple(cw), tuple(cx), ctx, out_dtype)
+    if bw:
+      y, impl = _batched_dot(x, view, tuple(cw), tuple(cx), tuple(bw), tuple(bx), ctx, out_dtype)
+    else:
+      y, impl = _quantized_dot(x, view, tuple(cw), tuple(cx), ctx, out_dtype)
   except qlayout.Unsupported as e:
     return _materialize_all_because(eqn, invals, ctx, f"dot {eq}: {e}")
   ctx.record(view, "dot", eq, impl)
-  if not w_is_rhs:  # dot_general puts lhs free axes first
-    nf = y.ndim - (x.ndim - len(cx))
-    y = jnp.transpose(y, tuple(range(y.ndim - nf, y.ndim)) + tuple(range(y.ndim - nf)))
-    # y was [x free..., w free...]; lhs (w) free axes come first in dot_general
+  if not w_is_rhs:  # y is [batch..., x free..., w free...]; dot_general puts lhs (w) free first
+    nb, nfx = len(bw), x.ndim - len(cx) - len(bx)
+    free_x = tuple(range(nb, nb + nfx))
+    y = jnp.transpose(y, tuple(range(nb)) + tuple(range(nb + nfx, y.ndim)) + free_x)
   return y
+
+
+def _batched_dot(x, view: _View, cw, cx, bw, bx, ctx, out_dtype) -> tuple[jax.Array, str]:
+  """A dot with batch axes (e.g. block-diagonal layers): the quantized dot vmapped over them."""
+  q = qlayout.canonical(view.q)
+  if qlayout.block_axis(q) in bw:
+    raise qlayout.Unsupported("a batch axis is the block axis")
+  nb = len(bw)
+  rest_w = [a for a in range(q.ndim) if a not in bw]
+  rest_x = [a for a in range(x.ndim) if a not in bx]
+  q = qlayout.transpose(q, tuple(bw) + tuple(rest_w))
+  x = jnp.transpose(x, tuple(bx) + tuple(rest_x))
+  lead = q.shape[:nb]
+
+  def full(a):  # scales shared along a batch axis, repeated so that vmap can slice them
+    return None if a is None else jnp.broadcast_to(a, lead + a.shape[nb:])
+
+  q = dataclasses.replace(
+    q, scale=full(q.scale), zero_point=full(q.zero_point), input_scale=full(q.input_scale)
+  )
+  cw2 = tuple(rest_w.index(a) for a in cw)
+  cx2 = tuple(rest_x.index(a) for a in cx)
+  impls: list[str] = []
+
+  def one(xs, qs):
+    axes = tuple(a for a in qs.axes if a >= -qs.values.ndim)  # drops the batch axes
+    inner = dataclasses.replace(view, q=dataclasses.replace(qs, axes=axes))
+    y, impl = _quantized_dot(xs, inner, cw2, cx2, ctx, out_dtype)
+    impls.append(impl)
+    return y
+
+  fn = one
+  for _ in range(nb):
+    fn = jax.vmap(fn)
+  y = fn(x, q)
+  return y, ",".join(sorted(set(impls)))
 
 
 def _quantized_dot(x, view: _View, cw, cx, ctx: _Context, out_dtype) -> tuple[jax.Array, str]:
