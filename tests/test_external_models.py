@@ -67,7 +67,9 @@ def test_every_matmul_runs_quantized(griffin, scheme):
   np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
   ex = sq.explain(fwd, q, TOKENS, POS)
   assert ex.dequantized == ()
-  assert {u.leaf for u in ex if u.kind == "dot"} >= set(leaves) - {"params/embedder/input_embedding"}
+  assert {u.leaf for u in ex if u.kind == "dot"} >= set(leaves) - {
+    "params/embedder/input_embedding"
+  }
   # the compiled model holds no float copy of a kernel
   text = (
     jax.jit(lambda q, t, p: sq.apply(model, q, t, p, return_cache=False)[0])

@@ -118,7 +118,7 @@ def test_axes_read_from_the_computation(gemma_like):
 def test_default_block_axis_shorter_than_a_block_is_refused(gemma_like):
   model, params = gemma_like["loop"]
   with pytest.raises(
-    ValueError, match=r"params/layer_0/attn/\w+/w: the default block axis 0 .*like="
+    ValueError, match=r"params/layer_0/attn/\w+/w: the default group axis 0 .*like="
   ):
     sq.quantize(params, sq.INT4)
 

@@ -137,11 +137,13 @@ def select_spec(
     return None  # nothing to quantize in an empty array: it stays as it is
   leaf = path.rsplit("/", 1)[-1]
   mine = None if uses is None else uses.get(path)
+  ruled = False
   for rule in rules:
     if re.search(rule.pattern, path):
       if rule.scheme is None:
         return None
       spec = schemes.Spec(rule.scheme, rule.axes, rule.block_size, default.division_fix)
+      ruled = True
       break
   else:
     if x.ndim < 2 or int(np.prod(x.shape)) < min_size:
@@ -155,14 +157,17 @@ def select_spec(
     resolved = schemes.resolve(spec, x.ndim, leaf)
   except ValueError as e:
     raise ValueError(f"{path or '<root>'}: {e} (shape {tuple(x.shape)})") from None
-  if spec.axes is None and resolved.scheme in schemes.BLOCK_SCHEMES and x.ndim >= 3:
+  guessed = not ruled and spec.axes is None
+  if guessed and resolved.scheme in schemes.INT4_SCHEMES and x.ndim >= 3:
     # A 2-D kernel's axis 0 is Flax's contraction axis (a short one is a small
-    # layer); for higher ranks the default is a guess (heads or features).
+    # layer); for higher ranks the default is a guess (heads or features): a
+    # short axis beside one that holds whole blocks is most likely the wrong one.
     (axis,) = resolved.axes or (0,)
-    if x.shape[axis] < int(resolved.block_size or 0):
+    block = int(resolved.block_size or 0)
+    if x.shape[axis] < block <= max(x.shape):
       raise ValueError(
-        f"{path or '<root>'}: the default block axis {axis} of shape {tuple(x.shape)} holds "
-        f"{x.shape[axis]} values, fewer than one block of {resolved.block_size}: pass "
+        f"{path or '<root>'}: the default group axis {axis} of shape {tuple(x.shape)} holds "
+        f"{x.shape[axis]} values, fewer than one group of {resolved.block_size}: pass "
         "like=(fn, *example_args) to read the contracted axes from the model, or a Rule "
         "with axes"
       )
@@ -302,8 +307,9 @@ def quantize(
       tables), int8 blocks and int4 groups along the contracted axis; leaves
       that no matmul or lookup reads (biases, norm scales, convolution
       filters) stay float unless a rule names them. Without it, axes follow
-      :func:`sensorquant_jax.schemes.default_axes`, and a default block
-      axis shorter than one block is refused.
+      :func:`sensorquant_jax.schemes.default_axes`, and an int4 default
+      group axis shorter than one group (on a kernel of rank >= 3 with an axis
+      that holds one) is refused.
 
   Returns:
     The quantized pytree.
