@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, dequantize, quantize
@@ -136,7 +140,7 @@ def gptq_matrix(
   _, q = lax.fori_loop(0, kp // block, one_block, (w, jnp.zeros((kp, n), jnp.float32)))
   q = q[:k]
   if act_order:
-    q = q[jnp.argsort(perm)]
+    q = q[j[int(a) for a in np.argsort(perm)]]
   return q.astype(jnp.int32), ok
 
 
@@ -181,36 +185,42 @@ def quantize_layer(
 
 
 def gptq(
-  model: nn.Module,
+  model: nn.Module | Callable[..., Any],
   params: Any,
   batches: Batches,
   scheme: Scheme = schemes.PER_TENSOR,
   rules: RulesLike = None,
   *,
   min_size: int = MIN_SIZE,
+  like: tuple | None = None,
   damp: float = 0.01,
   block: int = 128,
   act_order: bool = False,
   sequential: bool = True,
   progress: bool = True,
 ) -> Any:
-  """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, rounding Dense kernels with GPTQ.
+  """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, rounding matmul kernels with GPTQ.
 
   Every leaf is selected and given its scale exactly as ``quantize(params,
-  scheme, rules)`` does; the kernels of ``nn.Dense`` and ``nn.DenseGeneral``
-  layers that the model calls then get their codes from GPTQ, which rounds
-  one input row at a time and compensates the error on the rows left, using
-  ``X^T X`` of the layer's real inputs. Other quantized leaves (embedding
-  tables, convolutions) stay round-to-nearest. The result holds plain
-  :class:`~sensorquant_jax.QArray` leaves: every op, ``sq.apply``, ``sq.save``
-  and ``sq.report`` take it as they take ``quantize``'s.
+  scheme, rules, like=like)`` does; every quantized kernel that a matmul of
+  the model reads then gets its codes from GPTQ, which rounds one input row
+  at a time and compensates the error on the rows left, using ``X^T X`` of
+  the kernel's real inputs. ``nn.Dense`` / ``nn.DenseGeneral`` kernels of a
+  Linen module are measured layer group by layer group (sequentially); every
+  other kernel read by a ``dot_general`` (``Einsum`` layers, ``@`` in custom
+  code, scanned stacks: one Hessian per layer of the stack) is found at the
+  op by the transform of :func:`sensorquant_jax.quantized` and measured in
+  passes on the model as the Dense layers left it. Leaves that no matmul
+  reads as a whole (embedding lookups, convolutions, block-diagonal batched
+  einsums) stay round-to-nearest, with a warning naming them. The result
+  holds plain :class:`~sensorquant_jax.QArray` leaves.
 
   Memory: one pass per group of layers sharing an input (q, k and v
-  together), reducing each batch to ``X^T X`` inside ``jit``; at most one
-  group's ``[K, K]`` sums and one batch's activations are held.
+  together) or per :data:`PASS_BYTES` of op-level ``[K, K]`` sums, reducing
+  each batch inside ``jit``; one batch's activations are held.
 
   Args:
-    model: a Linen module.
+    model: a Linen module, or any function ``f(params, *batch)``.
     params: its float variables (``{"params": ...}``).
     batches: model inputs (a tuple per batch for several arguments), as a
       sequence or a zero-argument callable returning an iterable; read once
@@ -218,6 +228,7 @@ def gptq(
     scheme: default scheme (as in ``quantize``; the int4 schemes included).
     rules: per-leaf rules (as in ``quantize``).
     min_size: as in ``quantize``.
+    like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     damp: Hessian dampening, a fraction of its mean diagonal (the paper's 1%).
     block: rows per lazy batch update.
     act_order: quantize inputs by decreasing ``X^T X`` diagonal (the result
@@ -239,7 +250,7 @@ def gptq(
     >>> logits = sq.apply(model, qparams, x)
   """
   iterate, treedef, current, where, floats, found = begin(
-    model, params, batches, scheme, rules, min_size
+    model, params, batches, scheme, rules, min_size, like
   )
 
   def variables():
@@ -251,6 +262,7 @@ def gptq(
   # Sequential: each group is measured after the ones before it are quantized.
   batched = capture.groups(found) if sequential else capture.passes(found, capture.xtx_bytes)
   for group in batched:
+    assert isinstance(model, nn.Module)  # found is empty for functions
     stats = capture.input_stats(model, variables, iterate(), group)
     for layer in group:
       start = time.perf_counter()
@@ -274,10 +286,186 @@ def gptq(
           f"({time.perf_counter() - start:.1f} s)",
           file=sys.stderr,
         )
+  covered = {layer.kernel for layer in found}
+  rest = [p for p, i in where.items() if is_qarray(current[i]) and p not in covered]
+  if rest:
+    _op_level(
+      model, variables, iterate, rest, floats, current, where, damp, block, act_order, progress
+    )
   return jax.tree_util.tree_unflatten(treedef, current)
 
 
-def begin(model, params, batches, scheme, rules, min_size):
+def as_function(model: Any) -> Callable[..., Any]:
+  """``f(params, *batch)`` for a Linen module or a function."""
+  if isinstance(model, nn.Module):
+    return lambda v, *a: model.apply(v, *a)
+  if not callable(model):
+    raise ValueError(f"model must be a Linen module or a function, got {type(model).__name__}")
+  return model
+
+
+def op_level_stats(
+  model: Any,
+  variables: Any,
+  iterate: Callable[[], Iterable[Any]],
+  leaves: Sequence[str],
+  reduce: Callable[[jax.Array], dict[str, jax.Array]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+  """Reduced inputs of every matmul reading ``leaves``, summed over the batches.
+
+  Returns:
+    ``({dot_inputs key: sums}, {leaf: why not captured})``.
+  """
+  from sensorquant_jax._src import transform  # the tracer imports the ops
+
+  fn = as_function(model)
+  skipped: dict[str, str] = {}
+
+  def stats(v, *a):
+    out, why = transform.dot_inputs(fn, v, a, set(leaves), reduce)
+    skipped.update(why)
+    return out
+
+  jitted = jax.jit(stats)
+  total: dict[str, dict[str, Any]] = {}
+  for batch in iterate():
+    got = jitted(variables, *as_args(batch))
+    for key, s in got.items():
+      if key not in total:
+        total[key] = dict(s)
+      else:
+        t = total[key]
+        for k, val in s.items():
+          t[k] = jnp.maximum(t[k], val) if k == "abs_max" else t[k] + val
+  return total, skipped
+
+
+def _xtx(rows: jax.Array) -> dict[str, jax.Array]:
+  hp = lax.Precision.HIGHEST
+  return {"xtx": lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=hp)}
+
+
+def sub_matrix(a: jax.Array, k_axes: Sequence[int], index: Sequence[tuple[int, int]]):
+  """``a`` at the fixed ``index`` positions, as ``[K, N]`` with ``k_axes`` (leaf axes) first.
+
+  Returns:
+    ``(matrix, put)``: ``put(m)`` writes a ``[K, N]`` matrix back into an array
+    shaped like ``a``.
+  """
+  fixed = dict(index)
+  where = tuple(fixed.get(ax, slice(None)) for ax in range(a.ndim))
+  rest = [ax for ax in range(a.ndim) if ax not in fixed]
+  perm = [rest.index(ax) for ax in k_axes] + [i for i, ax in enumerate(rest) if ax not in k_axes]
+  sub = jnp.transpose(a[where], perm)
+  k = math.prod(sub.shape[: len(k_axes)])
+
+  def put(into: jax.Array, m: jax.Array) -> jax.Array:
+    back = jnp.transpose(m.reshape(sub.shape), [int(a) for a in np.argsort(perm)])
+    return into.at[where].set(back.astype(into.dtype))
+
+  return sub.reshape(k, -1), put
+
+
+def _op_level(
+  model, variables, iterate, leaves, floats, current, where, damp, block, act_order, progress
+):
+  """GPTQ of the kernels found at the op, measured in passes of bounded ``[K, K]`` sums."""
+  from sensorquant_jax._src import transform  # the tracer imports the ops
+
+  first = next(iter(iterate()))
+  uses = transform.consumers(as_function(model), variables(), *as_args(first))
+  k_of = {
+    leaf: max(
+      (
+        math.prod(floats[leaf].shape[a] for a in axes)
+        for kind, axes in uses.get(leaf, ())
+        if kind == "dot"
+      ),
+      default=0,
+    )
+    for leaf in leaves
+  }
+  unread = [leaf for leaf in leaves if not k_of[leaf]]
+  passes: list[list[str]] = [[]]
+  size = 0
+  for leaf in (x for x in leaves if k_of[x]):
+    shape = floats[leaf].shape
+    # one [K, K] sum per layer of a stacked kernel (its leading axis), else one
+    b = 4 * k_of[leaf] ** 2 * (shape[0] if len(shape) > 2 else 1)
+    if passes[-1] and size + b > capture.PASS_BYTES:
+      passes.append([])
+      size = 0
+    passes[-1].append(leaf)
+    size += b
+  skipped: dict[str, str] = {leaf: "no matmul reads it as a whole" for leaf in unread}
+  for group in (g for g in passes if g):
+    stats, why = op_level_stats(model, variables(), iterate, group, _xtx)
+    skipped.update(why)
+    by_leaf: dict[str, list] = {}
+    for key, s in stats.items():
+      leaf, k_axes, index = transform.parse_key(key)
+      by_leaf.setdefault(leaf, []).append((k_axes, index, s["xtx"]))
+    for leaf in group:
+      if leaf in skipped or leaf not in by_leaf:
+        skipped.setdefault(leaf, "no batch reached it")
+        continue
+      _gptq_leaf(leaf, by_leaf[leaf], floats, current, where, damp, block, act_order, progress)
+  if skipped:
+    warnings.warn(
+      "gptq: round-to-nearest kept for "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(skipped.items())),
+      stacklevel=3,
+    )
+
+
+def _gptq_leaf(leaf, entries, floats, current, where, damp, block, act_order, progress):
+  start = time.perf_counter()
+  i = where[leaf]
+  qa = current[i]
+  w = jnp.asarray(floats[leaf], jnp.float32)
+  scale, zero = grid(qa)
+  qmin, qmax = schemes.code_range(qa.scheme)
+  codes = qa.codes().astype(jnp.int32)
+  if len({k for k, _, _ in entries}) != 1:
+    raise ValueError(f"{leaf}: read by matmuls contracting different axes")
+  before = after = 0.0
+  for k_axes, index, h in entries:
+    wm, put = sub_matrix(w, k_axes, index)
+    sm, _ = sub_matrix(scale, k_axes, index)
+    zm, _ = sub_matrix(zero, k_axes, index)
+    k = wm.shape[0]
+    for attempt in range(4):  # a singular Hessian needs more dampening
+      c, ok = gptq_matrix(
+        wm,
+        h,
+        sm,
+        zm,
+        qmin=qmin,
+        qmax=qmax,
+        damp=damp * 10**attempt,
+        block=min(block, max(k, 1)),
+        act_order=act_order,
+      )
+      if bool(ok):
+        break
+    else:
+      raise ValueError(f"{leaf}: the input Hessian is not positive definite")
+    if progress:
+      cm, _ = sub_matrix(codes, k_axes, index)
+      before += output_error(wm, (cm - zm) * sm, h)
+      after += output_error(wm, (c - zm) * sm, h)
+    codes = put(codes, c)
+  current[i] = schemes.with_codes(qa, codes)
+  if progress:
+    n = len(entries)
+    print(
+      f"gptq {leaf} ({n} matri{'ces' if n > 1 else 'x'}): output error {before / n:.3g} -> "
+      f"{after / n:.3g} ({time.perf_counter() - start:.1f} s)",
+      file=sys.stderr,
+    )
+
+
+def begin(model, params, batches, scheme, rules, min_size, like=None):
   """What GPTQ and AWQ begin with: the round-to-nearest tree (flat), and the layers to redo.
 
   Returns:
@@ -287,7 +475,7 @@ def begin(model, params, batches, scheme, rules, min_size):
     and the model's Dense/DenseGeneral layers whose kernel is quantized.
   """
   iterate = reader(batches)
-  rtn = quantize(params, scheme, rules, min_size=min_size)
+  rtn = quantize(params, scheme, rules, min_size=min_size, like=like)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
   current = [x for _, x in leaves]
   where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
@@ -313,6 +501,8 @@ def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]
   first = next(iter(iterate()), None)
   if first is None:
     raise ValueError("no batches")
+  if not isinstance(model, nn.Module):
+    return []  # a function: every kernel is found at the op
   return [
     layer
     for layer in capture.layers(model, params, first)

@@ -92,6 +92,7 @@ class _View:
   source: QArray | PackedQArray  # the leaf as given, for its sizes
   part: str = ""  # "slice" or "gather": dequantizing it is not a full copy
   origin: tuple[tuple[int, ...], ...] = ()  # the leaf's axes each axis came from
+  index: tuple[tuple[int, int], ...] = ()  # (leaf axis, position) fixed by static slices
 
 
 class _Context:
@@ -100,6 +101,9 @@ class _Context:
     self.act_scales = act_scales or {}
     self.uses: list[Use] = []
     self.analyze = analyze  # only find the consumers' axes (see `consumers`)
+    # capture(view, rows, k_axes): a dot's input rows, in capture mode (see `dot_inputs`)
+    self.capture: Callable[[_View, jax.Array, tuple[int, ...]], None] | None = None
+    self.skipped: dict[str, str] = {}  # leaf -> why its inputs could not be captured
     self.axes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
   def consumed(self, view: _View, kind: str, axes: Sequence[int]) -> None:
@@ -444,6 +448,20 @@ def _slice(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
   return qlayout.slice_axes(q, p["start_indices"], sizes, strides)
 
 
+def _slice_handler(eqn, invals, ctx):
+  out = _layout(_slice, part="slice")(eqn, invals, ctx)
+  if isinstance(out, _View):
+    view = invals[0]
+    p = eqn.params
+    fixed = [
+      (view.origin[a][0], int(lo))
+      for a, (lo, hi) in enumerate(zip(p["start_indices"], p["limit_indices"], strict=True))
+      if hi - lo == 1 and view.q.shape[a] > 1 and len(view.origin[a]) == 1
+    ]
+    out = dataclasses.replace(out, index=out.index + tuple(fixed))
+  return out
+
+
 def _dynamic_slice(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
   return qlayout.slice_axes(q, rest, eqn.params["slice_sizes"], dynamic=True)
 
@@ -503,6 +521,9 @@ def _dot(eqn, invals, ctx):
     return _materialize_all_because(eqn, invals, ctx, f"dot {eq} contracts nothing")
   out_dtype = eqn.outvars[0].aval.dtype
   ctx.consumed(view, "dot", cw)
+  if ctx.capture is not None:
+    _capture_rows(x, view, tuple(cw), tuple(cx), tuple(bw), ctx)
+    return _bind(eqn, [v.q.dequantize() if isinstance(v, _View) else v for v in invals])
   if ctx.analyze:
     return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
   try:
@@ -518,6 +539,24 @@ def _dot(eqn, invals, ctx):
     free_x = tuple(range(nb, nb + nfx))
     y = jnp.transpose(y, tuple(range(nb)) + tuple(range(nb + nfx, y.ndim)) + free_x)
   return y
+
+
+def _capture_rows(x, view: _View, cw, cx, bw, ctx: _Context) -> None:
+  """Hands ``x``'s rows ``[tokens, K]`` to ``ctx.capture``, K in the leaf's axis order."""
+  if bw:
+    ctx.skipped[view.leaf] = "a dot with batch axes reads it"
+    return
+  if any(len(view.origin[a]) != 1 for a in cw):
+    ctx.skipped[view.leaf] = "its contracted axes were merged by a reshape"
+    return
+  pairs = sorted(zip(cw, cx, strict=True), key=lambda p: view.origin[p[0]][0])
+  k_axes = tuple(view.origin[a][0] for a, _ in pairs)
+  cx_sorted = tuple(b for _, b in pairs)
+  fx = tuple(a for a in range(x.ndim) if a not in cx)
+  rows = jnp.transpose(x, fx + cx_sorted).astype(jnp.float32)
+  k = math.prod(x.shape[a] for a in cx)
+  assert ctx.capture is not None
+  ctx.capture(view, rows.reshape(-1, k), k_axes)
 
 
 def _batched_dot(x, view: _View, cw, cx, bw, bx, ctx, out_dtype) -> tuple[jax.Array, str]:
@@ -600,7 +639,9 @@ def _quantized_dot(x, view: _View, cw, cx, ctx: _Context, out_dtype) -> tuple[ja
 
 def _pack_views(vals: Sequence[Any]) -> tuple[list[Any], list[Any]]:
   """Views as their QArray pytrees (to cross a JAX transform) plus what rebuilds them."""
-  meta = [(v.leaf, v.source, v.part, v.origin) if isinstance(v, _View) else None for v in vals]
+  meta = [
+    (v.leaf, v.source, v.part, v.origin, v.index) if isinstance(v, _View) else None for v in vals
+  ]
   return [v.q if isinstance(v, _View) else v for v in vals], meta
 
 
@@ -621,6 +662,8 @@ def _inline(key: str) -> Callable:
 
 def _remat(eqn, invals, ctx):
   jaxpr, consts = _sub(eqn.params["jaxpr"])
+  if ctx.capture is not None:  # captured values must not be the body's tracers
+    return _eval(jaxpr, consts, invals, ctx)
   packed, meta = _pack_views(invals)
 
   def body(*xs):
@@ -639,6 +682,15 @@ def _scan(eqn, invals, ctx):
   const_vals = invals[:nc]
   carry = [ctx.materialize(x, "carried through a scan") for x in invals[nc : nc + ncar]]
   xs = list(invals[nc + ncar :])
+  if ctx.capture is not None:  # unrolled: each layer's inputs are captured as its own
+    order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+    ys: dict[int, list[Any]] = {}
+    for i in order:
+      step = [_view_at(x, i) if isinstance(x, _View) else x[i] for x in xs]
+      outs = _eval(jaxpr, consts, [*const_vals, *carry, *step], ctx)
+      carry, ys[i] = outs[:ncar], outs[ncar:]
+    stacked = [jnp.stack([ys[i][j] for i in range(length)]) for j in range(len(eqn.outvars) - ncar)]
+    return [*carry, *stacked]
   for i, x in enumerate(xs):
     if isinstance(x, _View):
       try:
@@ -656,6 +708,15 @@ def _scan(eqn, invals, ctx):
   return [*c, *ys]
 
 
+def _view_at(view: _View, i: int) -> _View:
+  """Layer ``i`` of a view stacked along its first axis (a static slice)."""
+  q = qlayout.canonical(view.q)
+  sizes = (1, *q.shape[1:])
+  q = qlayout.squeeze(qlayout.slice_axes(q, (i,) + (0,) * (q.ndim - 1), sizes), [0])
+  index = view.index + ((view.origin[0][0], i),) if len(view.origin[0]) == 1 else view.index
+  return dataclasses.replace(view, q=q, part="slice", origin=view.origin[1:], index=index)
+
+
 def _stackable(view: _View, length: int) -> _View:
   """The view with every array's leading axis of size ``length`` (scan slices it)."""
   q = qlayout.canonical(view.q)
@@ -671,14 +732,24 @@ def _stackable(view: _View, length: int) -> _View:
   return dataclasses.replace(view, q=q)
 
 
-def _layer_view(q: QArray, meta: tuple[str, Any, str, tuple]) -> _View:
+def _layer_view(q: QArray, meta: tuple[str, Any, str, tuple, tuple]) -> _View:
   """One layer of a stacked QArray (its leading axis sliced away by scan)."""
   ndim = q.values.ndim
   axes = tuple(a for a in q.axes if a >= -ndim)  # drops the stacked axis
-  return _View(dataclasses.replace(q, axes=axes), meta[0], meta[1], "slice", meta[3][1:])
+  return _View(dataclasses.replace(q, axes=axes), meta[0], meta[1], "slice", meta[3][1:], meta[4])
+
+
+def _uncapturable(eqn, invals, ctx) -> list[Any]:
+  """Capture mode: a branch or loop body cannot hand out its values; its leaves are noted."""
+  for x in invals:
+    if isinstance(x, _View):
+      ctx.skipped[x.leaf] = f"read inside a {eqn.primitive.name}"
+  return [x.q.dequantize() if isinstance(x, _View) else x for x in invals]
 
 
 def _cond(eqn, invals, ctx):
+  if ctx.capture is not None:
+    return _bind(eqn, _uncapturable(eqn, invals, ctx))
   index, *operands = invals
   packed, meta = _pack_views(operands)
 
@@ -690,6 +761,8 @@ def _cond(eqn, invals, ctx):
 
 
 def _while(eqn, invals, ctx):
+  if ctx.capture is not None:
+    return _bind(eqn, _uncapturable(eqn, invals, ctx))
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
   cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
@@ -715,7 +788,7 @@ _HANDLERS: dict[str, Callable] = {
   "reshape": _layout(_reshape, _origin_reshape),
   "broadcast_in_dim": _layout(_broadcast, _origin_broadcast),
   "convert_element_type": _layout(_convert),
-  "slice": _layout(_slice, part="slice"),
+  "slice": _slice_handler,
   "dynamic_slice": _layout(_dynamic_slice, part="slice"),
   "gather": _gather_handler,
   "copy": _layout(_identity),
@@ -768,3 +841,68 @@ def consumers(fn: Callable, params: Any, *args: Any, **kwargs: Any) -> dict[str,
 
   jax.eval_shape(run, params, args, kwargs)
   return ctx.axes
+
+
+def _carrier(x: Any) -> QArray:
+  """A float array dressed as a QArray (float values, unit scale): followed like a quantized
+  leaf, and dequantized exactly."""
+  nd = len(x.shape)
+  return QArray(
+    jnp.asarray(x),
+    jnp.ones((1,) * nd, jnp.float32),
+    scheme=options.PER_TENSOR,
+    axes=tuple(range(-nd, 0)),
+    dtype=np.dtype(x.dtype),
+  )
+
+
+def dot_inputs(
+  fn: Callable,
+  params: Any,
+  args: Sequence[Any],
+  leaves: set[str],
+  reduce: Callable[[jax.Array], dict[str, jax.Array]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+  """Reduces the inputs of every matmul that reads one of ``leaves`` in ``fn(params, *args)``.
+
+  Runs ``fn`` on the float ``params`` (traced by the caller's ``jit``); each
+  ``dot_general`` reading a leaf in ``leaves`` hands its other operand's rows
+  ``[tokens, K]`` (K in the leaf's axis order) to ``reduce``, whose outputs are
+  summed over calls (``"abs_max"`` entries take the maximum). Scans over
+  stacked layers are unrolled so that each layer's inputs are its own.
+
+  Returns:
+    ``({key: reduced}, {leaf: why it was not captured})``; ``key`` is
+    ``"leaf|k_axes|index"`` (see :func:`parse_key`).
+  """
+  ctx = _Context("weight_only", None)
+  out: dict[str, dict[str, Any]] = {}
+
+  def capture(view: _View, rows: jax.Array, k_axes: tuple[int, ...]) -> None:
+    if view.leaf not in leaves:
+      return
+    key = f"{view.leaf}|{','.join(map(str, k_axes))}|" + ",".join(
+      f"{a}:{i}" for a, i in sorted(view.index)
+    )
+    got = reduce(rows)
+    if key in out:
+      prev = out[key]
+      got = {k: jnp.maximum(prev[k], v) if k == "abs_max" else prev[k] + v for k, v in got.items()}
+    out[key] = got
+
+  ctx.capture = capture
+
+  def dress(path, x):
+    return _carrier(x) if path_str(path) in leaves else x
+
+  carried = jax.tree_util.tree_map_with_path(dress, params)
+  _run(fn, (carried, *args), {}, ctx)
+  return out, ctx.skipped
+
+
+def parse_key(key: str) -> tuple[str, tuple[int, ...], tuple[tuple[int, int], ...]]:
+  """``(leaf, contracted leaf axes, ((leaf axis, position), ...))`` of a :func:`dot_inputs` key."""
+  leaf, k_axes, index = key.split("|")
+  ks = tuple(int(a) for a in k_axes.split(",") if a)
+  ix = tuple(tuple(int(v) for v in p.split(":")) for p in index.split(",") if p)
+  return leaf, ks, ix  # type: ignore[return-value]
