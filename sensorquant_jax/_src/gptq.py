@@ -140,7 +140,7 @@ def gptq_matrix(
   _, q = lax.fori_loop(0, kp // block, one_block, (w, jnp.zeros((kp, n), jnp.float32)))
   q = q[:k]
   if act_order:
-    q = q[j[int(a) for a in np.argsort(perm)]]
+    q = q[jnp.argsort(perm)]
   return q.astype(jnp.int32), ok
 
 
