@@ -135,3 +135,34 @@ def test_static_w8a8_with_outliers_prefers_percentile_and_mse():
     errs[obs] = float(np.mean((np.asarray(y) - ref) ** 2))
   assert errs["percentile"] < errs["minmax"], errs
   assert errs["mse"] < errs["minmax"], errs
+
+
+def test_calibrate_finds_matmuls_at_the_op():
+  """Einsum layers and plain functions: ranges by leaf path, looked up by sq.quantized."""
+  from tests import llm_models as M
+
+  cfg = M.Config()
+  params = M.init_plain(cfg, jax.random.key(0))
+  batches = [jax.random.randint(jax.random.key(i), (2, 8), 0, cfg.vocab) for i in range(3)]
+  cal = sq.calibrate(M.plain_forward, params, batches)
+  assert set(cal) == {"embedding", "layers/wqkv", "layers/wo", "layers/w_up", "layers/w_down"}
+  # layer 0's wqkv reads embedding rows times the norm; layer 1's too: the range covers both
+  x0 = np.concatenate(
+    [
+      np.asarray(params["embedding"])[np.asarray(t)] * np.asarray(params["layers"]["norm"][0])
+      for t in batches
+    ]
+  )
+  assert cal["layers/wqkv"].act_max >= float(x0.max())
+  assert cal["layers/wqkv"].act_min <= float(x0.min())
+  scales = sq.act_scales(cal)
+  q = sq.quantize(params, sq.PER_CHANNEL, like=(M.plain_forward, batches[0]))
+  dynamic = sq.quantized(M.plain_forward, mode="w8a8")(q, batches[0])
+  static = sq.quantized(M.plain_forward, mode="w8a8", act_scales=scales)(q, batches[0])
+  ref = M.plain_forward(sq.dequantize(q), batches[0])
+  assert float(jnp.max(jnp.abs(static - dynamic))) > 0  # the static scales are used
+  assert float(jnp.max(jnp.abs(static - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+  model = M.Transformer(cfg, "scan")
+  variables = model.init(jax.random.key(0), batches[0])
+  cal = sq.calibrate(model, variables, batches)
+  assert len(cal) == 6 and "params/layers/block/attn/q_einsum/w" in cal

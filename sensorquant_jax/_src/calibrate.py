@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -80,7 +81,7 @@ def _capture(
 
 
 def calibrate(
-  model: nn.Module,
+  model: nn.Module | Callable[..., Any],
   params: Any,
   batches: Iterable[Any] | Callable[[], Iterable[Any]],
   *,
@@ -92,8 +93,16 @@ def calibrate(
   Streaming: each batch runs jitted and is reduced to per-layer statistics
   before the next one; activations are never accumulated.
 
+  Layers are found two ways: the inputs of ``nn.Dense``, ``nn.DenseGeneral``
+  and ``Embed.attend`` modules (by module path), and, at the op, the input
+  of every other matmul that reads a param (``Einsum`` layers, ``@`` in
+  custom code, scanned stacks; by leaf path, e.g.
+  ``"params/layer_0/attn/q_einsum/w"``, with ``minmax`` ranges over every
+  call and layer). :func:`sensorquant_jax.quantized` looks static scales up
+  by either key.
+
   Args:
-    model: a Linen module.
+    model: a Linen module, or any function ``f(params, *batch)``.
     params: its float variables (``{"params": ...}``).
     batches: model inputs, one per batch (a tuple for several positional
       arguments); a sequence or a zero-argument callable returning an iterable
@@ -102,9 +111,9 @@ def calibrate(
     **kwargs: :class:`ObserverConfig` fields (``percentile=99.9``, ...).
 
   Returns:
-    ``{module param path: LayerCalibration}`` for every Dense, DenseGeneral
-    and Embed-attend layer, with the weight range of its kernel and the
-    measured input activation range. Feed it to :func:`act_scales`.
+    ``{module param path or leaf path: LayerCalibration}`` with the weight
+    range of the kernel and the measured input activation range. Feed it to
+    :func:`act_scales`.
   """
   config = observer if isinstance(observer, ObserverConfig) else ObserverConfig(observer, **kwargs)
   if config.kind == "mse" and not (callable(batches) or isinstance(batches, Sequence)):
@@ -130,7 +139,7 @@ def calibrate(
 
   state: dict[str, Any] = {}
   counts: dict[str, int] = {}
-  for batch in iterate():
+  for batch in iterate() if isinstance(model, nn.Module) else ():
     args = as_args(batch)
     stats = jax.device_get(stats_fn(params, *args))
     for key, s in stats.items():
@@ -152,8 +161,9 @@ def calibrate(
           state[key] = (m * state[key][0] + (1 - m) * mn, m * state[key][1] + (1 - m) * mx)
         else:
           state[key] = (min(state[key][0], mn), max(state[key][1], mx))
-  if not state:
-    raise ValueError("no batches, or no Dense/DenseGeneral/Embed layers were called")
+  op_level = _op_level_ranges(model, params, iterate, state, config)
+  if not state and not op_level:
+    raise ValueError("no batches, or no matmul reads a param")
 
   ranges: dict[str, tuple[float, float]] = {}
   for key, s in state.items():
@@ -166,6 +176,7 @@ def calibrate(
       ranges[key] = s
   if config.kind == "mse":
     ranges = _mse_clip(model, params, iterate, ranges, config, scales)
+  ranges.update(op_level)
 
   out = {}
   flat = {
@@ -173,11 +184,55 @@ def calibrate(
     for p, x in jax.tree_util.tree_flatten_with_path(float_params, is_leaf=is_input_scaled)[0]
   }
   for key, (lo, hi) in sorted(ranges.items()):
-    kernel = flat.get(key + "/kernel", flat.get(key + "/embedding"))
+    kernel = flat.get(key, flat.get(key + "/kernel", flat.get(key + "/embedding")))
     w_min = float(np.min(kernel)) if kernel is not None else float("nan")
     w_max = float(np.max(kernel)) if kernel is not None else float("nan")
-    name = default_layer_name(key + "/kernel")
+    name = default_layer_name(key if key in op_level else key + "/kernel")
     out[key] = LayerCalibration(name, w_min, w_max, float(lo), float(hi))
+  return out
+
+
+def _op_level_ranges(model, params, iterate, covered, config) -> dict[str, tuple[float, float]]:
+  """``{leaf path: (min, max)}`` of the inputs of matmuls that the module pass did not see."""
+  from sensorquant_jax._src import gptq, transform  # the tracer imports the ops
+
+  first = next(iter(iterate()), None)
+  if first is None:
+    return {}
+  fn = gptq.as_function(model)
+  uses = transform.consumers(fn, params, *as_args(first))
+  seen = {k + "/kernel" for k in covered} | {k + "/embedding" for k in covered}
+  leaves = sorted(
+    leaf for leaf, u in uses.items() if leaf not in seen and any(kind == "dot" for kind, _ in u)
+  )
+  if not leaves:
+    return {}
+  if config.kind != "minmax":
+    warnings.warn(
+      f"calibrate: the {config.kind} observer runs on Dense/DenseGeneral/Embed modules only; "
+      f"not calibrated (found at the op): {', '.join(leaves)}",
+      stacklevel=3,
+    )
+    return {}
+
+  def minmax(rows):
+    return {"min": jnp.min(rows), "max": jnp.max(rows)}
+
+  stats, skipped = gptq.op_level_stats(model, params, iterate, leaves, minmax)
+  out: dict[str, tuple[float, float]] = {}
+  for key, s in jax.device_get(stats).items():
+    leaf = transform.parse_key(key)[0]
+    lo, hi = float(s["min"]), float(s["max"])
+    if leaf in out:
+      lo, hi = min(lo, out[leaf][0]), max(hi, out[leaf][1])
+    out[leaf] = (lo, hi)
+  missing = sorted(set(leaves) - set(out))
+  if missing:
+    warnings.warn(
+      "calibrate: no inputs captured for "
+      + ", ".join(f"{m} ({skipped.get(m, 'never reached')})" for m in missing),
+      stacklevel=3,
+    )
   return out
 
 

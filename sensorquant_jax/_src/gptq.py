@@ -336,7 +336,7 @@ def op_level_stats(
       else:
         t = total[key]
         for k, val in s.items():
-          t[k] = jnp.maximum(t[k], val) if k == "abs_max" else t[k] + val
+          t[k] = transform.combine(k, t[k], val)
   return total, skipped
 
 

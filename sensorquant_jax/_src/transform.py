@@ -868,7 +868,7 @@ def dot_inputs(
   Runs ``fn`` on the float ``params`` (traced by the caller's ``jit``); each
   ``dot_general`` reading a leaf in ``leaves`` hands its other operand's rows
   ``[tokens, K]`` (K in the leaf's axis order) to ``reduce``, whose outputs are
-  summed over calls (``"abs_max"`` entries take the maximum). Scans over
+  combined over calls (:func:`combine`). Scans over
   stacked layers are unrolled so that each layer's inputs are its own.
 
   Returns:
@@ -887,7 +887,7 @@ def dot_inputs(
     got = reduce(rows)
     if key in out:
       prev = out[key]
-      got = {k: jnp.maximum(prev[k], v) if k == "abs_max" else prev[k] + v for k, v in got.items()}
+      got = {k: combine(k, prev[k], v) for k, v in got.items()}
     out[key] = got
 
   ctx.capture = capture
@@ -898,6 +898,13 @@ def dot_inputs(
   carried = jax.tree_util.tree_map_with_path(dress, params)
   _run(fn, (carried, *args), {}, ctx)
   return out, ctx.skipped
+
+
+def combine(key: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Two calls' (or batches') statistic ``key``: maxima (``*max``), minima (``min``) or sums."""
+  if key.endswith("max"):
+    return jnp.maximum(a, b)
+  return jnp.minimum(a, b) if key == "min" else a + b
 
 
 def parse_key(key: str) -> tuple[str, tuple[int, ...], tuple[tuple[int, int], ...]]:
