@@ -98,3 +98,36 @@ def test_auto_alpha_is_no_worse_than_fixed_or_none(setup):
   assert e_auto <= 1.05 * min(e_fixed, e_none), (e_auto, e_fixed, e_none)
   with pytest.raises(ValueError, match="float params"):
     sq.gptq(model, auto, xs, sq.INT4)
+
+
+def test_smoothquant_on_kernels_found_at_the_op():
+  """A plain function with stacked layers: one smoothing scale per layer, the function kept."""
+  from tests import llm_models as M
+
+  cfg = M.Config()
+  params = M.init_plain(cfg, jax.random.key(0))
+  batches = [jax.random.randint(jax.random.key(i), (2, 8), 0, cfg.vocab) for i in range(2)]
+  smooth = sq.smoothquant(M.plain_forward, params, batches, alpha=0.5, progress=False)
+  wqkv = smooth["layers"]["wqkv"]
+  assert isinstance(wqkv, sq.InputScaled)
+  assert wqkv.input_scale.shape == (cfg.layers, cfg.embed, 1)
+  # layer 0's scale from its real inputs: s = max|x|^a / max|w|^(1-a) per input channel
+  x0 = np.concatenate(
+    [
+      np.asarray(params["embedding"])[np.asarray(t)].reshape(-1, cfg.embed)
+      * np.asarray(params["layers"]["norm"][0])
+      for t in batches
+    ]
+  )
+  w0 = np.asarray(params["layers"]["wqkv"][0])
+  want = np.sqrt(np.abs(x0).max(0)) / np.sqrt(np.abs(w0).max(1))
+  np.testing.assert_allclose(1 / np.asarray(wqkv.input_scale[0, :, 0]), want, rtol=1e-4)
+  ref = M.plain_forward(params, batches[0])
+  np.testing.assert_allclose(
+    M.plain_forward(sq.dequantize(smooth), batches[0]), ref, rtol=1e-4, atol=1e-3
+  )
+  q = sq.quantize(smooth, sq.PER_CHANNEL, like=(M.plain_forward, batches[0]))
+  assert q["layers"]["wqkv"].input_scale is not None
+  y = jax.jit(sq.quantized(M.plain_forward, mode="w8a8"))(q, batches[0])
+  assert float(jnp.max(jnp.abs(y - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+  assert sq.explain(M.plain_forward, q, batches[0]).dequantized == ()

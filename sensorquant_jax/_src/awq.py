@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ from jax import lax
 from sensorquant_jax._src import capture, schemes
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
-from sensorquant_jax._src.qarray import QArray
+from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
 
@@ -111,6 +112,8 @@ def awq(
   Example:
     >>> qparams = sq.awq(model, variables, batches, sq.INT4)
   """
+  if not isinstance(model, nn.Module):
+    raise ValueError("awq takes a Linen module (sq.gptq and sq.smoothquant take functions too)")
   iterate, treedef, current, where, floats, found = begin(
     model, params, batches, scheme, rules, min_size
   )
@@ -140,4 +143,13 @@ def awq(
           f"{before:.3g} -> {after:.3g} ({time.perf_counter() - start:.1f} s)",
           file=sys.stderr,
         )
+  covered = {layer.kernel for layer in found}
+  rest = sorted(p for p, i in where.items() if is_qarray(current[i]) and p not in covered)
+  if rest:
+    warnings.warn(
+      "awq: the scale search runs on nn.Dense / nn.DenseGeneral kernels only; "
+      f"round-to-nearest kept for {', '.join(rest)} (sq.gptq and sq.smoothquant find "
+      "every matmul at the op)",
+      stacklevel=2,
+    )
   return jax.tree_util.tree_unflatten(treedef, current)

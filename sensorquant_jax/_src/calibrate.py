@@ -53,7 +53,7 @@ class ObserverConfig:
 
 
 def _capture(
-  model: nn.Module, variables: Any, args: tuple, kwargs: dict, scales: dict | None = None
+  model: Any, variables: Any, args: tuple, kwargs: dict, scales: dict | None = None
 ) -> dict[str, jax.Array]:
   """Inputs of every module whose kernel the int8 ops consume, by module path.
 
@@ -200,11 +200,24 @@ def _op_level_ranges(model, params, iterate, covered, config) -> dict[str, tuple
   if first is None:
     return {}
   fn = gptq.as_function(model)
+  smoothed = {
+    path_str(p)
+    for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_input_scaled)[0]
+    if is_input_scaled(x)
+  }
+  params = dequantize(params) if smoothed else params
   uses = transform.consumers(fn, params, *as_args(first))
   seen = {k + "/kernel" for k in covered} | {k + "/embedding" for k in covered}
   leaves = sorted(
     leaf for leaf, u in uses.items() if leaf not in seen and any(kind == "dot" for kind, _ in u)
   )
+  if smoothed & set(leaves):
+    warnings.warn(
+      "calibrate: smoothed kernels found at the op are not calibrated (their op scales the "
+      "input first; use dynamic W8A8 there): " + ", ".join(sorted(smoothed & set(leaves))),
+      stacklevel=3,
+    )
+    leaves = [leaf for leaf in leaves if leaf not in smoothed]
   if not leaves:
     return {}
   if config.kind != "minmax":

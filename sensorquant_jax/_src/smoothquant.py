@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ from jax import lax
 
 from sensorquant_jax._src import capture, schemes
 from sensorquant_jax._src.awq import input_scale_shape
+from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.gptq import Batches, reader
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.quantize import MIN_SIZE, is_float_array, select_spec
@@ -56,8 +58,12 @@ def smoothquant(
     >>> q = sq.quantize(smooth, sq.PER_CHANNEL)
     >>> y = sq.apply(model, q, x, mode="w8a8", act_scales=scales)
 
+  Kernels that other matmuls read (``Einsum`` layers, ``@`` in custom code,
+  scanned stacks: one scale per layer) are found at the op and smoothed the
+  same way with a numeric ``alpha``.
+
   Args:
-    model: a Linen module.
+    model: a Linen module, or any function ``f(params, *batch)``.
     params: its float variables.
     batches: model inputs (a sequence or a callable).
     alpha: migration strength, 0 (none) to 1 (all into the weights), or
@@ -86,7 +92,8 @@ def smoothquant(
     x = current[where[layer.kernel]] if layer.kernel in where else None
     return x is not None and is_float_array(x) and x.ndim >= 2 and int(x.size) >= min_size
 
-  found = [layer for layer in capture.layers(model, params, first) if eligible(layer)]
+  modules = capture.layers(model, params, first) if isinstance(model, nn.Module) else []
+  found = [layer for layer in modules if eligible(layer)]
   n_opts = len(AUTO_ALPHAS) if alpha == "auto" else 0
 
   def size(layer):  # the candidate kernels ``alpha="auto"`` simulates
@@ -125,7 +132,77 @@ def smoothquant(
       bshape = input_scale_shape(w.shape, len(layer.axis))
       kernel = (w.astype(jnp.float32) * s.reshape(bshape)).astype(w.dtype)
       current[where[layer.kernel]] = InputScaled(kernel, (1.0 / s).reshape(bshape))
+  covered = {layer.kernel for layer in modules}
+  _op_level(model, params, iterate, first, current, where, covered, alpha, min_size, progress)
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _op_level(model, params, iterate, first, current, where, covered, alpha, min_size, progress):
+  """SmoothQuant of the kernels found at the op (one scale per layer of a stack)."""
+  from sensorquant_jax._src import gptq, transform  # the tracer imports the ops
+
+  uses = transform.consumers(gptq.as_function(model), params, *as_args(first))
+  leaves = sorted(
+    leaf
+    for leaf, u in uses.items()
+    if leaf not in covered
+    and leaf in where
+    and any(kind == "dot" for kind, _ in u)
+    and is_float_array(current[where[leaf]])
+    and current[where[leaf]].ndim >= 2
+    and int(current[where[leaf]].size) >= min_size
+  )
+  if not leaves:
+    return
+  if alpha == "auto":
+    warnings.warn(
+      "smoothquant: alpha='auto' searches Dense/DenseGeneral modules only; give a number to "
+      f"smooth the matmuls found at the op: {', '.join(leaves)}",
+      stacklevel=3,
+    )
+    return
+
+  def abs_max(rows):
+    return {"abs_max": jnp.max(jnp.abs(rows), axis=0)}
+
+  stats, skipped = gptq.op_level_stats(model, params, iterate, leaves, abs_max)
+  by_leaf: dict[str, list] = {}
+  for key, st in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+    by_leaf.setdefault(leaf, []).append((k_axes, index, st["abs_max"]))
+  for leaf in leaves:
+    entries = by_leaf.get(leaf)
+    if not entries or len({k for k, _, _ in entries}) != 1 or leaf in skipped:
+      skipped.setdefault(leaf, "read by matmuls contracting different axes")
+      continue
+    w = jnp.asarray(current[where[leaf]])
+    k_axes = entries[0][0]
+    fixed = {a for _, index, _ in entries for a, _ in index}
+    bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
+    inv = jnp.ones(bshape, jnp.float32)
+    for _, index, act_max in entries:
+      wm, _ = gptq.sub_matrix(w.astype(jnp.float32), k_axes, index)
+      sc = smooth_scale(act_max, jnp.max(jnp.abs(wm), axis=1), float(alpha))
+      at = dict(index)
+      sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
+      inv = inv.at[sel].set((1.0 / sc).reshape(inv[sel].shape))
+      if progress:
+        ratio = float(jnp.max(act_max) / jnp.maximum(jnp.median(act_max), 1e-30))
+        flat = act_max * (1.0 / sc)
+        after = float(jnp.max(flat) / jnp.maximum(jnp.median(flat), 1e-30))
+        print(
+          f"smoothquant {leaf} {index or ''}: alpha {alpha}, input max/median "
+          f"{ratio:.3g} -> {after:.3g}",
+          file=sys.stderr,
+        )
+    kernel = (w.astype(jnp.float32) / inv).astype(w.dtype)
+    current[where[leaf]] = InputScaled(kernel, inv)
+  if skipped:
+    warnings.warn(
+      "smoothquant: not smoothed: "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(skipped.items())),
+      stacklevel=3,
+    )
 
 
 def _search(model, params, iterate, group, stats, kernels, options, scheme):
