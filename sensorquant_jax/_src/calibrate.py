@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import capture, options
+from sensorquant_jax._src import capture, gptq, options, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.convert import default_layer_name
@@ -194,8 +194,6 @@ def calibrate(
 
 def _op_level_ranges(model, params, iterate, covered, config) -> dict[str, tuple[float, float]]:
   """``{leaf path: (min, max)}`` of the inputs of matmuls that the module pass did not see."""
-  from sensorquant_jax._src import gptq, transform  # the tracer imports the ops
-
   first = next(iter(iterate()), None)
   if first is None:
     return {}

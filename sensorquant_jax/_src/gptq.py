@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src import capture, schemes, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
@@ -316,8 +316,6 @@ def op_level_stats(
   Returns:
     ``({dot_inputs key: sums}, {leaf: why not captured})``.
   """
-  from sensorquant_jax._src import transform  # the tracer imports the ops
-
   fn = as_function(model)
   skipped: dict[str, str] = {}
 
@@ -370,8 +368,6 @@ def _op_level(
   model, variables, iterate, leaves, floats, current, where, damp, block, act_order, progress
 ):
   """GPTQ of the kernels found at the op, measured in passes of bounded ``[K, K]`` sums."""
-  from sensorquant_jax._src import transform  # the tracer imports the ops
-
   first = next(iter(iterate()))
   uses = transform.consumers(as_function(model), variables(), *as_args(first))
   k_of = {

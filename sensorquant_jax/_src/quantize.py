@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import schemes
+from sensorquant_jax._src import schemes, transform
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.scaled import is_input_scaled
@@ -327,8 +327,6 @@ def quantize(
   rule_list = as_rules(rules)
   uses = None
   if like is not None:
-    from sensorquant_jax._src import transform  # the tracer imports the ops
-
     if not isinstance(like, (tuple, list)) or not like or not callable(like[0]):
       raise ValueError("like must be a tuple (fn, *example_args) with fn(params, *example_args)")
     uses = transform.consumers(like[0], _floats(params), *like[1:])

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src import capture, gptq, schemes, transform
 from sensorquant_jax._src.awq import input_scale_shape
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.gptq import Batches, reader
@@ -139,8 +139,6 @@ def smoothquant(
 
 def _op_level(model, params, iterate, first, current, where, covered, alpha, min_size, progress):
   """SmoothQuant of the kernels found at the op (one scale per layer of a stack)."""
-  from sensorquant_jax._src import gptq, transform  # the tracer imports the ops
-
   uses = transform.consumers(gptq.as_function(model), params, *as_args(first))
   leaves = sorted(
     leaf
