@@ -127,3 +127,51 @@ def test_the_librarys_own_sampler_runs_on_quantized_params(griffin):
   assert got.text == want.text
   np.testing.assert_array_equal(np.asarray(got.tokens[0]), np.asarray(want.tokens[0]))
   assert len(got.tokens[0]) >= 6
+
+
+def test_gptq_smoothquant_and_calibrate_on_griffin(griffin):
+  from sensorquant_jax._src import gptq as G
+  from sensorquant_jax._src import transform
+
+  model, params = griffin
+  fwd = _forward(model)
+  batches = [
+    (jax.random.randint(jax.random.key(i), (1, 12), 0, CFG["vocab_size"]), POS12) for i in range(2)
+  ]
+  like = (fwd, *batches[0])
+  rtn = sq.quantize(params, sq.INT4, like=like)
+  q = sq.gptq(fwd, params, batches, sq.INT4, like=like, progress=False)
+  leaves = [
+    sq.path_str(p)
+    for p, x in jax.tree_util.tree_leaves_with_path(rtn, is_leaf=sq.is_qarray)
+    if sq.is_qarray(x)
+  ]
+  stats, skipped = G.op_level_stats(
+    fwd, params, lambda: iter(batches), leaves, lambda r: {"xtx": r.T @ r}
+  )
+  assert not skipped
+  flat = {sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  qr = {
+    sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(rtn, is_leaf=sq.is_qarray)
+  }
+  qg = {sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(q, is_leaf=sq.is_qarray)}
+  improved = set()
+  for key, s in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+    w, _ = G.sub_matrix(jnp.asarray(flat[leaf], jnp.float32), k_axes, index)
+    a, _ = G.sub_matrix(qr[leaf].dequantize(jnp.float32), k_axes, index)
+    b, _ = G.sub_matrix(qg[leaf].dequantize(jnp.float32), k_axes, index)
+    assert G.output_error(w, b, s["xtx"]) < G.output_error(w, a, s["xtx"]), key
+    improved.add(leaf)
+  # block-diagonal gates: one Hessian per block
+  assert sum("a_gate" in k for k in stats) == CFG["num_heads"]
+  assert improved == set(leaves)
+  smooth = sq.smoothquant(fwd, params, batches, alpha=0.5, progress=False)
+  np.testing.assert_allclose(
+    fwd(sq.dequantize(smooth), *batches[0]), fwd(params, *batches[0]), rtol=1e-3, atol=1e-3
+  )
+  cal = sq.calibrate(fwd, params, batches)
+  assert "params/blocks.0/recurrent_block/rg_lru/a_gate/w" in cal
+
+
+POS12 = jnp.arange(12)[None]

@@ -522,7 +522,7 @@ def _dot(eqn, invals, ctx):
   out_dtype = eqn.outvars[0].aval.dtype
   ctx.consumed(view, "dot", cw)
   if ctx.capture is not None:
-    _capture_rows(x, view, tuple(cw), tuple(cx), tuple(bw), ctx)
+    _capture_rows(x, view, tuple(cw), tuple(cx), tuple(bw), tuple(bx), ctx)
     return _bind(eqn, [v.q.dequantize() if isinstance(v, _View) else v for v in invals])
   if ctx.analyze:
     return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
@@ -541,10 +541,27 @@ def _dot(eqn, invals, ctx):
   return y
 
 
-def _capture_rows(x, view: _View, cw, cx, bw, ctx: _Context) -> None:
-  """Hands ``x``'s rows ``[tokens, K]`` to ``ctx.capture``, K in the leaf's axis order."""
+def _capture_rows(x, view: _View, cw, cx, bw, bx, ctx: _Context) -> None:
+  """Hands ``x``'s rows ``[tokens, K]`` to ``ctx.capture``, K in the leaf's axis order.
+
+  A batch axis (a block-diagonal layer) is split: each of its positions is
+  captured as its own matrix, like a layer of a stack.
+  """
   if bw:
-    ctx.skipped[view.leaf] = "a dot with batch axes reads it"
+    if len(bw) > 1 or len(view.origin[bw[0]]) != 1:
+      ctx.skipped[view.leaf] = "a dot with several batch axes reads it"
+      return
+    (a_w,), (a_x,) = bw, bx
+    keep = [a for a in range(len(view.origin)) if a != a_w]
+    for b in range(x.shape[a_x]):
+      part = dataclasses.replace(
+        view,
+        origin=tuple(view.origin[a] for a in keep),
+        index=view.index + ((view.origin[a_w][0], b),),
+      )
+      cw_b = tuple(a - (a > a_w) for a in cw)
+      cx_b = tuple(a - (a > a_x) for a in cx)
+      _capture_rows(jnp.take(x, b, axis=a_x), part, cw_b, cx_b, (), (), ctx)
     return
   if any(len(view.origin[a]) != 1 for a in cw):
     ctx.skipped[view.leaf] = "its contracted axes were merged by a reshape"
