@@ -278,3 +278,41 @@ def test_like_keeps_unread_leaves_float():
   assert sq.is_qarray(q["unused"])
   with pytest.raises(ValueError, match="like must be"):
     sq.quantize(params, like=f)
+
+
+def test_shardings_and_shard_map():
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  try:
+    from jax import shard_map
+  except ImportError:  # older jax
+    from jax.experimental.shard_map import shard_map
+
+  mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("data", "model"))
+  w = jax.random.normal(jax.random.key(0), (256, 512))
+  x = jax.random.normal(jax.random.key(1), (8, 256))
+
+  def f(p, x):
+    return jnp.tanh(x @ p["w"])
+
+  q = sq.quantize({"w": w}, sq.PER_CHANNEL)
+  ref = f(sq.dequantize(q), x)
+  qs = jax.device_put(q, NamedSharding(mesh, P(None, "model")))
+  assert qs["w"].values.sharding.spec == P(None, "model")
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  y = jax.jit(sq.quantized(f))(qs, xs)
+  np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
+  specs = (
+    {
+      "w": sq.QArray(
+        P(None, "model"), P(None, "model"), None, q["w"].scheme, q["w"].axes, None, q["w"].dtype
+      )
+    },
+    P("data", None),
+  )
+  sm = shard_map(sq.quantized(f), mesh=mesh, in_specs=specs, out_specs=P("data", "model"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", sq.DequantizedWarning)  # the dot runs quantized per shard
+    jax.jit(sm).lower(qs, xs)
+  np.testing.assert_allclose(jax.jit(sm)(qs, xs), ref, atol=1e-4, rtol=1e-4)

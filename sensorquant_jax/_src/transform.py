@@ -154,6 +154,20 @@ def _leaf_name(path: tuple) -> str:
   return path_str(rest)
 
 
+def _abstract(q: QArray | PackedQArray) -> Any:
+  """What ``q`` stands for while tracing: its float shape and dtype (inside ``shard_map``,
+  a zero array varying over the manual axes its values vary over, never materialized)."""
+  values = q.tiles if isinstance(q, PackedQArray) else q.values
+  manual = getattr(jax.typeof(values), "manual_axis_type", None) if hasattr(jax, "typeof") else None
+  varying = tuple(sorted(getattr(manual, "varying", ()) or ()))
+  if not varying:
+    return jax.ShapeDtypeStruct(tuple(q.shape), np.dtype(q.dtype))
+  zeros = jnp.zeros(tuple(q.shape), np.dtype(q.dtype))
+  if hasattr(lax, "pcast"):
+    return lax.pcast(zeros, varying, to="varying")
+  return getattr(lax, "pvary")(zeros, varying)  # noqa: B009 (jax < 0.8.2 only)
+
+
 def _origin(ndim: int) -> tuple[tuple[int, ...], ...]:
   return tuple((a,) for a in range(ndim))
 
@@ -169,7 +183,7 @@ def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> Any:
       x = x.fold()
     if is_quantized(x):
       dynamic.append(_View(x, _leaf_name(path), x, "", _origin(len(x.shape))))
-      abstract.append(jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype)))
+      abstract.append(_abstract(x))
     elif _is_array(x):
       dynamic.append(x)
       abstract.append(x)
@@ -473,6 +487,33 @@ def _gather(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
 
 def _identity(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
   return q
+
+
+def _each_array(eqn, invals, ctx):
+  """A type-only op (``pvary`` / ``pcast`` inside ``shard_map``) applied to each of the
+  quantized operand's arrays."""
+  view, *rest = invals
+  if not isinstance(view, _View) or rest:
+    return _materialize_all(eqn, invals, ctx)
+  q = qlayout.canonical(view.q)
+
+  multi = eqn.primitive.multiple_results
+
+  def one(a):
+    if a is None:
+      return None
+    out = _bind(eqn, [a])
+    return out[0] if multi else out
+
+  q = dataclasses.replace(
+    q,
+    values=one(q.values),
+    scale=one(q.scale),
+    zero_point=one(q.zero_point),
+    input_scale=one(q.input_scale),
+  )
+  out = dataclasses.replace(view, q=q)
+  return [out] if multi else out
 
 
 def _gather_handler(eqn, invals, ctx):
@@ -812,6 +853,8 @@ _HANDLERS: dict[str, Callable] = {
   "copy_p": _layout(_identity),
   "sharding_constraint": _layout(_identity),
   "optimization_barrier": _materialize_all,
+  "pvary": _each_array,
+  "pcast": _each_array,
   "pjit": _inline("jaxpr"),
   "jit": _inline("jaxpr"),
   "closed_call": _inline("call_jaxpr"),
