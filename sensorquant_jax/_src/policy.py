@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -285,6 +286,13 @@ def bits_policy(
       for layer in group:
         st = stats[layer.path]
         hessians[layer.kernel] = (st.xtx, st.abs_mean, layer)
+    unmeasured = sorted(set(eligible) - set(hessians))
+    if unmeasured:
+      warnings.warn(
+        "auto_policy: the output error is estimated from nn.Dense / nn.DenseGeneral inputs "
+        f"only; weight error (and round-to-nearest) for {', '.join(unmeasured)}",
+        stacklevel=3,
+      )
   options: dict[str, list[_Option]] = {}
   for path, x in eligible.items():
     w = jnp.asarray(x)
