@@ -151,7 +151,7 @@ class CheckpointWriter:
 
   def _clean(self, e: BaseException) -> str:
     """An error's first line, naming the user's path rather than our temporary."""
-    return _first_line(e).replace(self._tmp, self.user_path)
+    return fileio.first_line(e).replace(self._tmp, self.user_path)
 
   def close(self) -> None:
     """Writes the last part and the spec, then swaps the folder into place."""
@@ -306,7 +306,7 @@ def read_spec(path: str | os.PathLike) -> dict:
   except RecursionError:
     raise CheckpointError(f"{spec_path}: JSON nested too deeply") from None
   except (OSError, ValueError) as e:
-    raise CheckpointError(f"{spec_path}: {_first_line(e)}") from None
+    raise CheckpointError(f"{spec_path}: {fileio.first_line(e)}") from None
   if not isinstance(doc, dict) or doc.get("format") != FORMAT:
     got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
     raise CheckpointError(f"{spec_path}: unknown format {str(got)[:80]!r}")
@@ -452,7 +452,9 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         os.path.join(path, "arrays", _part_dir(k)), None if targets is None else targets[k]
       )
     except Exception as e:  # Orbax raises many types for a damaged folder
-      message = _LEAF_RE.sub(lambda m: repr(names.get(m.group(0), m.group(0))), _first_line(e))
+      message = _LEAF_RE.sub(
+        lambda m: repr(names.get(m.group(0), m.group(0))), fileio.first_line(e)
+      )
       raise CheckpointError(f"{user_path}: cannot read arrays: {message}") from None
     if not isinstance(part, dict):
       raise CheckpointError(f"{user_path}: part {k} is not a mapping")
@@ -489,11 +491,6 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
   if like is not None:
     return jax.tree_util.tree_unflatten(like_def, out)
   return tree_paths.nest([e["path"] for e in spec], out)
-
-
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__
 
 
 def _abstract(x):
@@ -558,7 +555,7 @@ def iter_float_leaves(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
   except CheckpointError:
     raise
   except Exception as e:  # corrupt zip, msgpack, Orbax metadata, ...
-    raise CheckpointError(f"{path}: cannot read checkpoint: {_first_line(e)}") from None
+    raise CheckpointError(f"{path}: cannot read checkpoint: {fileio.first_line(e)}") from None
   raise CheckpointError(
     f"{path}: unknown checkpoint format (expected an Orbax folder, .msgpack, .npz or .safetensors)"
   )
@@ -575,7 +572,7 @@ def _read_member(path: str, key: str, read) -> np.ndarray:
   try:
     return read()
   except Exception as e:  # zip, format and decompression errors of every kind
-    raise CheckpointError(f"{path}: cannot read {key!r}: {_first_line(e)}") from None
+    raise CheckpointError(f"{path}: cannot read {key!r}: {fileio.first_line(e)}") from None
 
 
 def load_float(path: str | os.PathLike) -> dict:

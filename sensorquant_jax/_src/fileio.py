@@ -402,3 +402,9 @@ def remove_tree(path: str | None) -> None:
   """Deletes a temporary folder of ours (never raises)."""
   if path:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (at most 200 characters)."""
+  lines = str(e).strip().splitlines()
+  return lines[0][:200] if lines else type(e).__name__

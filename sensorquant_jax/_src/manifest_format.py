@@ -9,9 +9,3 @@ MAX_RANK = 64  # shape entries per layer (Rust has no limit; real layers use <= 
 
 class ManifestError(ValueError):
   """A manifest is malformed, inconsistent, or cannot be written exactly."""
-
-
-def first_line(e: BaseException) -> str:
-  """The first line of an exception's message (at most 200 characters)."""
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__

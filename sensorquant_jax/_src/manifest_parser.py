@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 
 from sensorquant_jax._src import intparse
+from sensorquant_jax._src.fileio import first_line
 from sensorquant_jax._src.manifest_format import (
   MAX_DEPTH,
   MAX_RANK,
   U64_MAX,
   ManifestError,
-  first_line,
 )
 
 _WS_RE = re.compile(rb"[ \t\n\r]*")
