@@ -81,3 +81,47 @@ def test_input_scaled_qarrays_save_restore_pack_and_manifest(setup, tmp_path):
   assert sq.pack(q)["params"]["fc1"]["kernel"] is q["params"]["fc1"]["kernel"]
   with pytest.raises(ValueError, match="input scale"):
     sq.to_manifest(q)
+
+
+@pytest.mark.parametrize("scheme", [sq.INT4, sq.PER_CHANNEL])
+def test_awq_on_kernels_found_at_the_op(scheme):
+  """A plain function with stacked layers: a scale per layer, never worse than RTN."""
+  from sensorquant_jax._src import gptq as G
+  from sensorquant_jax._src import transform
+  from tests import llm_models as M
+
+  cfg = M.Config()
+  params = M.init_plain(cfg, jax.random.key(0))
+  batches = [jax.random.randint(jax.random.key(i), (2, 16), 0, cfg.vocab) for i in range(2)]
+  like = (M.plain_forward, batches[0])
+  rtn = sq.quantize(params, scheme, like=like)
+  q = sq.awq(M.plain_forward, params, batches, scheme, like=like, progress=False)
+  wqkv = q["layers"]["wqkv"]
+  assert wqkv.input_scale.shape == (cfg.layers, cfg.embed, 1)
+  assert wqkv.scheme == scheme and wqkv.axes == rtn["layers"]["wqkv"].axes
+  leaves = ["layers/wqkv", "layers/wo", "layers/w_up", "layers/w_down", "embedding"]
+  stats, _ = G.op_level_stats(
+    M.plain_forward, params, lambda: iter(batches), leaves, lambda r: {"xtx": r.T @ r}
+  )
+
+  def flat(t):
+    pairs = jax.tree_util.tree_leaves_with_path(t, is_leaf=sq.is_qarray)
+    return {sq.path_str(p): x for p, x in pairs}
+
+  f, r, a = flat(params), flat(rtn), flat(q)
+  better = 0
+  for key, s in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+    w, _ = G.sub_matrix(jnp.asarray(f[leaf], jnp.float32), k_axes, index)
+    before = G.output_error(
+      w, G.sub_matrix(r[leaf].dequantize(jnp.float32), k_axes, index)[0], s["xtx"]
+    )
+    after = G.output_error(
+      w, G.sub_matrix(a[leaf].dequantize(jnp.float32), k_axes, index)[0], s["xtx"]
+    )
+    assert after <= before * 1.0001, (key, before, after)
+    better += after < before
+  assert better >= len(stats) // 2
+  y = jax.jit(sq.quantized(M.plain_forward))(q, batches[0])
+  np.testing.assert_allclose(y, M.plain_forward(sq.dequantize(q), batches[0]), atol=5e-4, rtol=1e-4)
+  assert sq.explain(M.plain_forward, q, batches[0]).dequantized == ()

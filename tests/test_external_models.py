@@ -129,7 +129,7 @@ def test_the_librarys_own_sampler_runs_on_quantized_params(griffin):
   assert len(got.tokens[0]) >= 6
 
 
-def test_gptq_smoothquant_and_calibrate_on_griffin(griffin):
+def test_gptq_awq_smoothquant_and_calibrate_on_griffin(griffin):
   from sensorquant_jax._src import gptq as G
   from sensorquant_jax._src import transform
 
@@ -166,6 +166,11 @@ def test_gptq_smoothquant_and_calibrate_on_griffin(griffin):
   # block-diagonal gates: one Hessian per block
   assert sum("a_gate" in k for k in stats) == CFG["num_heads"]
   assert improved == set(leaves)
+  qa = sq.awq(fwd, params, batches, sq.INT4, like=like, progress=False)
+  scaled = [x for x in jax.tree_util.tree_leaves(qa, is_leaf=sq.is_qarray) if sq.is_qarray(x)]
+  assert all(x.input_scale is not None for x in scaled)  # every kernel got AWQ scales
+  ya = jax.jit(sq.quantized(fwd))(qa, *batches[0])
+  np.testing.assert_allclose(ya, fwd(sq.dequantize(qa), *batches[0]), atol=2e-4, rtol=1e-4)
   smooth = sq.smoothquant(fwd, params, batches, alpha=0.5, progress=False)
   np.testing.assert_allclose(
     fwd(sq.dequantize(smooth), *batches[0]), fwd(params, *batches[0]), rtol=1e-3, atol=1e-3

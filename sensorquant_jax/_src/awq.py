@@ -7,14 +7,16 @@ import functools
 import sys
 import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src import capture, schemes, transform
+from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray
@@ -73,13 +75,14 @@ def quantize_layer(
 
 
 def awq(
-  model: nn.Module,
+  model: nn.Module | Callable[..., Any],
   params: Any,
   batches: Batches,
   scheme: Scheme = schemes.PER_TENSOR,
   rules: RulesLike = None,
   *,
   min_size: int = MIN_SIZE,
+  like: tuple | None = None,
   grid: int = 20,
   progress: bool = True,
 ) -> Any:
@@ -95,14 +98,21 @@ def awq(
   (``r = 0``). The scales are not folded into the previous op: the input
   multiply is kept explicit (it is correct for every graph).
 
+  Kernels that other matmuls read (``Einsum`` layers, ``@`` in custom code,
+  scanned stacks, block-diagonal layers) are found at the op: one scale
+  search per matrix (per layer of a stack), the leaf quantized once with its
+  scales; a block layout that does not run along one contracted axis keeps
+  round-to-nearest, with a warning naming it.
+
   Args:
-    model: a Linen module.
+    model: a Linen module, or any function ``f(params, *batch)``.
     params: its float variables.
     batches: model inputs, a sequence or a callable (read once per group of
       layers sharing an input).
     scheme: default scheme (as in ``quantize``).
     rules: per-leaf rules (as in ``quantize``).
     min_size: as in ``quantize``.
+    like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     grid: number of ratios ``r`` tried.
     progress: print one line per layer to stderr.
 
@@ -112,15 +122,14 @@ def awq(
   Example:
     >>> qparams = sq.awq(model, variables, batches, sq.INT4)
   """
-  if not isinstance(model, nn.Module):
-    raise ValueError("awq takes a Linen module (sq.gptq and sq.smoothquant take functions too)")
   iterate, treedef, current, where, floats, found = begin(
-    model, params, batches, scheme, rules, min_size
+    model, params, batches, scheme, rules, min_size, like
   )
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
   done = 0
   for group in capture.passes(found, capture.xtx_bytes):
+    assert isinstance(model, nn.Module)  # found is empty for functions
     stats = capture.input_stats(model, lambda: params, iterate(), group)
     for layer in group:
       start = time.perf_counter()
@@ -146,10 +155,95 @@ def awq(
   covered = {layer.kernel for layer in found}
   rest = sorted(p for p, i in where.items() if is_qarray(current[i]) and p not in covered)
   if rest:
-    warnings.warn(
-      "awq: the scale search runs on nn.Dense / nn.DenseGeneral kernels only; "
-      f"round-to-nearest kept for {', '.join(rest)} (sq.gptq and sq.smoothquant find "
-      "every matmul at the op)",
-      stacklevel=2,
-    )
+    _op_level(model, params, iterate, rest, floats, current, where, grid, progress)
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _scheme(qa: QArray) -> Scheme:
+  return cast(Scheme, qa.scheme)
+
+
+def _leaf_spec(qa: QArray) -> schemes.Spec:
+  """The resolved spec ``qa`` was quantized with."""
+  ndim = qa.ndim
+  reduced = {a % ndim for a in qa.axes}
+  if qa.scheme == schemes.PER_TENSOR:
+    return schemes.Spec(_scheme(qa))
+  if qa.block_size is not None:
+    return schemes.Spec(_scheme(qa), (qa.axes[0] % ndim,), qa.block_size)
+  return schemes.Spec(_scheme(qa), tuple(a for a in range(ndim) if a not in reduced))
+
+
+def _sub_spec(qa: QArray, k_axes: tuple[int, ...]) -> schemes.Spec | None:
+  """The spec of one ``[K, N]`` matrix of ``qa`` (``None``: no such 2-D layout)."""
+  if qa.scheme == schemes.PER_TENSOR:
+    return schemes.Spec(_scheme(qa))
+  if qa.block_size is None:
+    return schemes.Spec(_scheme(qa), (1,))
+  if k_axes == (qa.axes[0] % qa.ndim,):
+    return schemes.Spec(_scheme(qa), (0,), qa.block_size)
+  return None
+
+
+def _op_level(model, params, iterate, leaves, floats, current, where, grid, progress):
+  """AWQ of the kernels found at the op: one scale search per matrix (layer of a stack,
+  block of a block-diagonal layer), the leaf quantized once with its scales."""
+
+  def reduce(rows):
+    hp = lax.Precision.HIGHEST
+    return {
+      "xtx": lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=hp),
+      "abs_sum": jnp.sum(jnp.abs(rows), axis=0),
+      "count": jnp.float32(rows.shape[0]),
+    }
+
+  stats, skipped = gptq_mod.op_level_stats(model, params, iterate, leaves, reduce)
+  by_leaf: dict[str, list] = {}
+  for key, st in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+    by_leaf.setdefault(leaf, []).append((k_axes, index, st))
+  for leaf in leaves:
+    entries = by_leaf.get(leaf)
+    i = where[leaf]
+    qa: QArray = current[i]
+    if leaf in skipped or not entries:
+      skipped.setdefault(leaf, "no matmul reads it as a whole")
+      continue
+    k_axes = entries[0][0]
+    sub = _sub_spec(qa, k_axes)
+    if sub is None or len({k for k, _, _ in entries}) != 1:
+      skipped[leaf] = "its blocks do not run along one contracted axis"
+      continue
+    start = time.perf_counter()
+    w = jnp.asarray(floats[leaf], jnp.float32)
+    fixed = {a for _, index, _ in entries for a, _ in index}
+    bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
+    scale = jnp.ones(bshape, jnp.float32)
+    for _, index, st in entries:
+      wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+      act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
+      sm, _ = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
+      at = dict(index)
+      sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
+      scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
+    new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
+    current[i] = dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+    if progress:
+      before = after = 0.0
+      for _, index, st in entries:
+        wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+        a, _ = gptq_mod.sub_matrix(qa.dequantize(jnp.float32), k_axes, index)
+        b, _ = gptq_mod.sub_matrix(current[i].dequantize(jnp.float32), k_axes, index)
+        before += output_error(wm, a, st["xtx"]) / len(entries)
+        after += output_error(wm, b, st["xtx"]) / len(entries)
+      print(
+        f"awq {leaf} ({len(entries)} matrices): output error {before:.3g} -> {after:.3g} "
+        f"({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+      )
+  if skipped:
+    warnings.warn(
+      "awq: round-to-nearest kept for "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(skipped.items())),
+      stacklevel=3,
+    )
