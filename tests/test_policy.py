@@ -1,5 +1,7 @@
 """``sq.auto_policy`` under SQNR, output-error, accuracy and bits-per-weight budgets."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -159,3 +161,36 @@ def test_bits_budget_with_a_model_and_methods(method):
   got = _stored_bits(params, q)
   assert got <= 5.0 and got == pytest.approx(policy.bits_per_weight, abs=1e-12)
   assert "output error" in policy.reasons["params/fc1/kernel"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_bits_budget_on_kernels_found_at_the_op(method):
+  """A plain function with stacked layers: output errors from each layer's own inputs."""
+  from tests import llm_models as M
+
+  cfg = M.Config(vocab=256, embed=128, heads=1, head_dim=128, hidden=256)
+  params = M.init_plain(cfg, jax.random.key(0))
+  batches = [jax.random.randint(jax.random.key(i), (2, 8), 0, cfg.vocab) for i in range(2)]
+
+  def fn(p, t):
+    return M.plain_forward(p, t, cfg)
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    policy = sq.auto_policy(
+      params, budget=sq.Budget(max_bits_per_weight=6.0), model=fn, batches=batches, method=method
+    )
+  assert not [w for w in caught if "auto_policy" in str(w.message)]  # every leaf measured
+  for leaf in ("layers/wqkv", "layers/w_up", "embedding"):
+    assert "output error" in policy.reasons[leaf], policy.reasons[leaf]
+  q = {
+    "rtn": lambda: sq.quantize(params, rules=policy.rules),
+    "gptq": lambda: sq.gptq(fn, params, batches, rules=policy.rules, progress=False),
+    "awq": lambda: sq.awq(fn, params, batches, rules=policy.rules, progress=False),
+  }[method]()
+  got = _stored_bits(params, q)
+  assert got <= 6.0 and got == pytest.approx(policy.bits_per_weight, abs=1e-12)
+  # the chosen int4 kernels group along the contracted axis, as like= would
+  for leaf, x in q["layers"].items():
+    if sq.is_qarray(x) and x.bits == 4:
+      assert x.axes == (-2,), (leaf, x.axes)

@@ -7,7 +7,7 @@ import functools
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import flax.linen as nn
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes, transform
+from sensorquant_jax._src import capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
@@ -174,7 +174,7 @@ def _leaf_spec(qa: QArray) -> schemes.Spec:
   return schemes.Spec(_scheme(qa), tuple(a for a in range(ndim) if a not in reduced))
 
 
-def _sub_spec(qa: QArray, k_axes: tuple[int, ...]) -> schemes.Spec | None:
+def matrix_spec(qa: QArray, k_axes: tuple[int, ...]) -> schemes.Spec | None:
   """The spec of one ``[K, N]`` matrix of ``qa`` (``None``: no such 2-D layout)."""
   if qa.scheme == schemes.PER_TENSOR:
     return schemes.Spec(_scheme(qa))
@@ -185,23 +185,62 @@ def _sub_spec(qa: QArray, k_axes: tuple[int, ...]) -> schemes.Spec | None:
   return None
 
 
+def moments(rows: jax.Array) -> dict[str, jax.Array]:
+  """What AWQ (and the bits policy) keep of a matmul's input rows ``[tokens, K]``."""
+  hp = lax.Precision.HIGHEST
+  return {
+    "xtx": lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=hp),
+    "abs_sum": jnp.sum(jnp.abs(rows), axis=0),
+    "count": jnp.float32(rows.shape[0]),
+  }
+
+
+def awq_entries(
+  w: jax.Array, qa: QArray, entries: Sequence[tuple], sub: schemes.Spec, grid: int = 20
+) -> tuple[QArray, float, float]:
+  """AWQ of one leaf found at the op: a scale search per matrix, then the leaf quantized
+  once as ``qa`` was, with its scales.
+
+  Args:
+    w: the float leaf.
+    qa: its round-to-nearest quantization (the scheme and axes kept).
+    entries: ``(contracted leaf axes, fixed (axis, position)s, stats)`` per matrix,
+      stats with ``xtx``, ``abs_sum`` and ``count``.
+    sub: the scheme of one ``[K, N]`` matrix (:func:`matrix_spec`).
+    grid: ratios tried.
+
+  Returns:
+    ``(new QArray, mean output error before, after)``.
+  """
+  k_axes = entries[0][0]
+  fixed = {a for _, index, _ in entries for a, _ in index}
+  bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
+  scale = jnp.ones(bshape, jnp.float32)
+  for _, index, st in entries:
+    wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+    act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
+    sm, _ = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
+    at = dict(index)
+    sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
+    scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
+  new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
+  new = dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+  before = after = 0.0
+  for _, index, st in entries:
+    wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+    a, _ = gptq_mod.sub_matrix(qa.dequantize(jnp.float32), k_axes, index)
+    b, _ = gptq_mod.sub_matrix(new.dequantize(jnp.float32), k_axes, index)
+    before += output_error(wm, a, st["xtx"]) / len(entries)
+    after += output_error(wm, b, st["xtx"]) / len(entries)
+  return new, before, after
+
+
 def _op_level(model, params, iterate, leaves, floats, current, where, grid, progress):
   """AWQ of the kernels found at the op: one scale search per matrix (layer of a stack,
   block of a block-diagonal layer), the leaf quantized once with its scales."""
 
-  def reduce(rows):
-    hp = lax.Precision.HIGHEST
-    return {
-      "xtx": lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=hp),
-      "abs_sum": jnp.sum(jnp.abs(rows), axis=0),
-      "count": jnp.float32(rows.shape[0]),
-    }
-
-  stats, skipped = gptq_mod.op_level_stats(model, params, iterate, leaves, reduce)
-  by_leaf: dict[str, list] = {}
-  for key, st in stats.items():
-    leaf, k_axes, index = transform.parse_key(key)
-    by_leaf.setdefault(leaf, []).append((k_axes, index, st))
+  stats, skipped = gptq_mod.op_level_stats(model, params, iterate, leaves, moments)
+  by_leaf = gptq_mod.by_leaf_of(stats)
   for leaf in leaves:
     entries = by_leaf.get(leaf)
     i = where[leaf]
@@ -210,32 +249,14 @@ def _op_level(model, params, iterate, leaves, floats, current, where, grid, prog
       skipped.setdefault(leaf, "no matmul reads it as a whole")
       continue
     k_axes = entries[0][0]
-    sub = _sub_spec(qa, k_axes)
+    sub = matrix_spec(qa, k_axes)
     if sub is None or len({k for k, _, _ in entries}) != 1:
       skipped[leaf] = "its blocks do not run along one contracted axis"
       continue
     start = time.perf_counter()
     w = jnp.asarray(floats[leaf], jnp.float32)
-    fixed = {a for _, index, _ in entries for a, _ in index}
-    bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
-    scale = jnp.ones(bshape, jnp.float32)
-    for _, index, st in entries:
-      wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
-      act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
-      sm, _ = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
-      at = dict(index)
-      sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
-      scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
-    new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
-    current[i] = dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+    current[i], before, after = awq_entries(w, qa, entries, sub, grid)
     if progress:
-      before = after = 0.0
-      for _, index, st in entries:
-        wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
-        a, _ = gptq_mod.sub_matrix(qa.dequantize(jnp.float32), k_axes, index)
-        b, _ = gptq_mod.sub_matrix(current[i].dequantize(jnp.float32), k_axes, index)
-        before += output_error(wm, a, st["xtx"]) / len(entries)
-        after += output_error(wm, b, st["xtx"]) / len(entries)
       print(
         f"awq {leaf} ({len(entries)} matrices): output error {before:.3g} -> {after:.3g} "
         f"({time.perf_counter() - start:.1f} s)",

@@ -338,6 +338,15 @@ def op_level_stats(
   return total, skipped
 
 
+def by_leaf_of(stats: dict[str, Any]) -> dict[str, list[tuple]]:
+  """:func:`op_level_stats` by leaf: ``[(contracted axes, fixed positions, stats), ...]``."""
+  out: dict[str, list[tuple]] = {}
+  for key, st in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+    out.setdefault(leaf, []).append((k_axes, index, st))
+  return out
+
+
 def _xtx(rows: jax.Array) -> dict[str, jax.Array]:
   hp = lax.Precision.HIGHEST
   return {"xtx": lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=hp)}
@@ -397,10 +406,9 @@ def _op_level(
   for group in (g for g in passes if g):
     stats, why = op_level_stats(model, variables(), iterate, group, _xtx)
     skipped.update(why)
-    by_leaf: dict[str, list] = {}
-    for key, s in stats.items():
-      leaf, k_axes, index = transform.parse_key(key)
-      by_leaf.setdefault(leaf, []).append((k_axes, index, s["xtx"]))
+    by_leaf = {
+      leaf: [(k, ix, st["xtx"]) for k, ix, st in got] for leaf, got in by_leaf_of(stats).items()
+    }
     for leaf in group:
       if leaf in skipped or leaf not in by_leaf:
         skipped.setdefault(leaf, "no batch reached it")
@@ -417,13 +425,44 @@ def _op_level(
 def _gptq_leaf(leaf, entries, floats, current, where, damp, block, act_order, progress):
   start = time.perf_counter()
   i = where[leaf]
-  qa = current[i]
-  w = jnp.asarray(floats[leaf], jnp.float32)
+  try:
+    current[i], before, after = gptq_entries(
+      jnp.asarray(floats[leaf], jnp.float32), current[i], entries, damp, block, act_order
+    )
+  except ValueError as e:
+    raise ValueError(f"{leaf}: {e}") from None
+  if progress:
+    n = len(entries)
+    print(
+      f"gptq {leaf} ({n} matri{'ces' if n > 1 else 'x'}): output error {before:.3g} -> "
+      f"{after:.3g} ({time.perf_counter() - start:.1f} s)",
+      file=sys.stderr,
+    )
+
+
+def gptq_entries(
+  w: jax.Array,
+  qa: QArray,
+  entries: Sequence[tuple[tuple[int, ...], tuple[tuple[int, int], ...], jax.Array]],
+  damp: float = 0.01,
+  block: int = 128,
+  act_order: bool = False,
+) -> tuple[QArray, float, float]:
+  """GPTQ of the matrices of one leaf found at the op, on ``qa``'s grid.
+
+  Args:
+    w: the float leaf.
+    qa: its round-to-nearest quantization.
+    entries: ``(contracted leaf axes, fixed (axis, position)s, X^T X)`` per matrix.
+
+  Returns:
+    ``(new QArray, mean output error before, after)``.
+  """
   scale, zero = grid(qa)
   qmin, qmax = schemes.code_range(qa.scheme)
   codes = qa.codes().astype(jnp.int32)
   if len({k for k, _, _ in entries}) != 1:
-    raise ValueError(f"{leaf}: read by matmuls contracting different axes")
+    raise ValueError("read by matmuls contracting different axes")
   before = after = 0.0
   for k_axes, index, h in entries:
     wm, put = sub_matrix(w, k_axes, index)
@@ -445,20 +484,12 @@ def _gptq_leaf(leaf, entries, floats, current, where, damp, block, act_order, pr
       if bool(ok):
         break
     else:
-      raise ValueError(f"{leaf}: the input Hessian is not positive definite")
-    if progress:
-      cm, _ = sub_matrix(codes, k_axes, index)
-      before += output_error(wm, (cm - zm) * sm, h)
-      after += output_error(wm, (c - zm) * sm, h)
+      raise ValueError("the input Hessian is not positive definite")
+    cm, _ = sub_matrix(codes, k_axes, index)
+    before += output_error(wm, (cm - zm) * sm, h) / len(entries)
+    after += output_error(wm, (c - zm) * sm, h) / len(entries)
     codes = put(codes, c)
-  current[i] = schemes.with_codes(qa, codes)
-  if progress:
-    n = len(entries)
-    print(
-      f"gptq {leaf} ({n} matri{'ces' if n > 1 else 'x'}): output error {before / n:.3g} -> "
-      f"{after / n:.3g} ({time.perf_counter() - start:.1f} s)",
-      file=sys.stderr,
-    )
+  return schemes.with_codes(qa, codes), before, after
 
 
 def begin(model, params, batches, scheme, rules, min_size, like=None):

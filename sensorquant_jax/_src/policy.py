@@ -8,14 +8,24 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import options, schemes
+from sensorquant_jax._src import awq as awq_mod
+from sensorquant_jax._src import capture, options, schemes, transform
+from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
-from sensorquant_jax._src.quantize import MIN_SIZE, Rule, dequantize, is_float_array, quantize
+from sensorquant_jax._src.quantize import (
+  MIN_SIZE,
+  Rule,
+  axes_from_uses,
+  dequantize,
+  is_float_array,
+  quantize,
+)
 from sensorquant_jax._src.report import error_stats
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -88,7 +98,8 @@ def auto_policy(
   Args:
     params: the float tree.
     budget: a :class:`Budget`, or a number meaning ``min_sqnr_db``.
-    model: Linen model (for the output-error budget).
+    model: a Linen model or a function ``f(params, *batch)`` (for the output budgets;
+      kernels other than Dense / DenseGeneral are found at the op).
     batches: model inputs (for the output budgets).
     labels: integer labels per batch (for the accuracy budget).
     min_size: as in ``quantize``.
@@ -250,6 +261,26 @@ def _candidates(ndim: int, leaf: str):
           yield scheme, block, (a,)
 
 
+def _op_level_error(w, qa, entries, method) -> tuple[Any, float] | None:
+  """``qa`` after GPTQ or AWQ, and its mean output error over the matrices found at the op."""
+  wf = w.astype(jnp.float32)
+  if method == "gptq":
+    new, _, err = gptq_mod.gptq_entries(wf, qa, [(k, ix, st["xtx"]) for k, ix, st in entries])
+    return new, float(err)
+  if method == "awq":
+    sub = awq_mod.matrix_spec(qa, entries[0][0])
+    if sub is None:
+      return None
+    new, _, err = awq_mod.awq_entries(wf, qa, entries, sub)
+    return new, float(err)
+  total = 0.0
+  for k_axes, index, st in entries:
+    wm, _ = gptq_mod.sub_matrix(wf, k_axes, index)
+    qm, _ = gptq_mod.sub_matrix(qa.dequantize(jnp.float32), k_axes, index)
+    total += gptq_mod.output_error(wm, qm, st["xtx"])
+  return qa, total / len(entries)
+
+
 def bits_policy(
   params: Any,
   max_bits: float,
@@ -260,10 +291,6 @@ def bits_policy(
   method: Method = "rtn",
 ) -> Policy:
   """The least-error choice per leaf within ``max_bits`` stored bits per weight."""
-  from sensorquant_jax._src import awq as awq_mod
-  from sensorquant_jax._src import capture
-  from sensorquant_jax._src import gptq as gptq_mod
-
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
   if method != "rtn" and (model is None or batches is None):
@@ -277,20 +304,33 @@ def bits_policy(
   if not eligible:
     raise ValueError("no leaf to quantize (all are small, 1-D or not floating)")
   hessians: dict[str, tuple[Any, Any, capture.Layer]] = {}
+  op_entries: dict[str, list[tuple]] = {}
+  uses: dict[str, list] = {}
   if model is not None and batches is not None:
-    found = [
-      layer for layer in capture.layers(model, params, batches[0]) if layer.kernel in eligible
-    ]
+    modules = capture.layers(model, params, batches[0]) if isinstance(model, nn.Module) else []
+    found = [layer for layer in modules if layer.kernel in eligible]
     for group in capture.passes(found, capture.xtx_bytes):
       stats = capture.input_stats(model, lambda: params, iter(batches), group)
       for layer in group:
         st = stats[layer.path]
         hessians[layer.kernel] = (st.xtx, st.abs_mean, layer)
-    unmeasured = sorted(set(eligible) - set(hessians))
+    rest = sorted(set(eligible) - set(hessians))
+    if rest:  # kernels found at the op: one set of statistics per matrix
+      fn = gptq_mod.as_function(model)
+      uses = transform.consumers(fn, params, *as_args(batches[0]))
+      op_stats, _ = gptq_mod.op_level_stats(
+        model, params, lambda: iter(batches), rest, awq_mod.moments
+      )
+      op_entries = {
+        leaf: got
+        for leaf, got in gptq_mod.by_leaf_of(op_stats).items()
+        if len({k for k, _, _ in got}) == 1
+      }
+    unmeasured = sorted(set(eligible) - set(hessians) - set(op_entries))
     if unmeasured:
       warnings.warn(
-        "auto_policy: the output error is estimated from nn.Dense / nn.DenseGeneral inputs "
-        f"only; weight error (and round-to-nearest) for {', '.join(unmeasured)}",
+        "auto_policy: no matmul reads these as a whole; weight error (and round-to-nearest) "
+        f"for {', '.join(unmeasured)}",
         stacklevel=3,
       )
   options: dict[str, list[_Option]] = {}
@@ -299,14 +339,26 @@ def bits_policy(
     h_layer = hessians.get(path)
     opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
     leaf = path.rsplit("/", 1)[-1]
-    for scheme, block, axes in _candidates(w.ndim, leaf):
+    entries = op_entries.get(path)
+    candidates = _candidates(w.ndim, leaf)
+    if entries is not None:  # axes read from the computation, as quantize(like=...) does
+      candidates = [
+        (sch, blk, axes_from_uses(sch, tuple(w.shape), uses.get(path, ())))
+        for sch, blk, _ in dict.fromkeys((c[0], c[1], None) for c in candidates)
+      ]
+    for scheme, block, axes in candidates:
       # Rules get the axes resolved for this leaf's real name (embeddings differ).
       try:
         axes = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf).axes
         qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
       except ValueError:  # e.g. a group size that does not fit this leaf
         continue
-      if h_layer is None:
+      if entries is not None:
+        got = _op_level_error(w, qa, entries, method)
+        if got is None:
+          continue
+        qa, err = got
+      elif h_layer is None:
         dq = np.asarray(qa.dequantize(jnp.float32))
         err = error_stats(np.asarray(x), dq)["rel_l2_error"] ** 2
       else:
@@ -346,10 +398,10 @@ def bits_policy(
     used += o.nbytes - chosen[p].nbytes
     chosen[p] = o
   bits = 8 * used / total_values
-  how = "output error" if hessians else "weight error"
+  how = "output error" if hessians or op_entries else "weight error"
   reasons = {}
   for p, o in chosen.items():
-    kind = how if p in hessians else "weight error"
+    kind = how if p in hessians or p in op_entries else "weight error"
     tried = ", ".join(
       f"{x.label} {8 * x.nbytes / eligible[p].size:.2f}b {x.error:.2g}"
       for x in sorted(options[p], key=lambda x: x.nbytes)
