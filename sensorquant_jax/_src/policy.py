@@ -172,7 +172,7 @@ def auto_policy(
     )
   if needs_model:
     assert batches is not None  # checked above
-    ref_fn = jax.jit(lambda v, *a: model.apply(v, *a))
+    ref_fn = jax.jit(gptq_mod.as_function(model))
     refs = [np.asarray(ref_fn(params, *as_args(b))) for b in batches]
     base_acc = _accuracy(refs, labels) if labels is not None else None
 
