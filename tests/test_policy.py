@@ -168,7 +168,7 @@ def test_bits_budget_on_kernels_found_at_the_op(method):
   """A plain function with stacked layers: output errors from each layer's own inputs."""
   from tests import llm_models as M
 
-  cfg = M.Config(vocab=256, embed=128, heads=1, head_dim=128, hidden=256)
+  cfg = M.Config(vocab=256, embed=128, heads=1, head_dim=128, hidden=128, layers=1)
   params = M.init_plain(cfg, jax.random.key(0))
   batches = [jax.random.randint(jax.random.key(i), (2, 8), 0, cfg.vocab) for i in range(2)]
 
