@@ -332,13 +332,31 @@ def _sub(j: Any) -> tuple[Any, Sequence[Any]]:
   return j, ()
 
 
+def _last_uses(jaxpr: Any) -> list[list[Any]]:
+  """Per equation, the variables read for the last time there (freed after it)."""
+  last: dict[Any, int] = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for v in eqn.invars:
+      if not isinstance(v, jcore.Literal):
+        last[v] = i
+  for v in jaxpr.outvars:
+    if not isinstance(v, jcore.Literal):
+      last[v] = len(jaxpr.eqns)
+  out: list[list[Any]] = [[] for _ in jaxpr.eqns]
+  for v, i in last.items():
+    if i < len(jaxpr.eqns):
+      out[i].append(v)
+  return out
+
+
 def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
   env: dict = {}
   for v, x in zip(jaxpr.constvars, consts, strict=True):
     env[v] = x
   for v, x in zip(jaxpr.invars, args, strict=True):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  # Eager calls free each value after its last use, as jax.core.eval_jaxpr does.
+  for eqn, dead in zip(jaxpr.eqns, _last_uses(jaxpr), strict=True):
     invals = [_read(env, v) for v in eqn.invars]
     if any(isinstance(x, _View) for x in invals):
       handler = _HANDLERS.get(eqn.primitive.name, _materialize_all)
@@ -349,6 +367,8 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context)
       outvals = [outvals]
     for v, x in zip(eqn.outvars, outvals, strict=True):
       env[v] = x
+    for v in dead:
+      env.pop(v, None)
   return [ctx.materialize(_read(env, v), "returned by the function") for v in jaxpr.outvars]
 
 
@@ -357,8 +377,9 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
     return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _materialize_all(eqn: Any, invals: Sequence[Any], ctx: _Context) -> Any:
-  why = f"used by {eqn.primitive.name}"
+def _materialize_all(eqn: Any, invals: Sequence[Any], ctx: _Context, why: str = "") -> Any:
+  """Binds ``eqn`` on the dequantized values of its quantized operands, recording ``why``."""
+  why = why or f"used by {eqn.primitive.name}"
   return _bind(eqn, [ctx.materialize(x, why) for x in invals])
 
 
@@ -379,7 +400,7 @@ def _layout(
     try:
       q = op(qlayout.canonical(view.q), eqn, rest)
     except qlayout.Unsupported as e:
-      return _materialize_all_because(eqn, invals, ctx, f"{eqn.primitive.name}: {e}")
+      return _materialize_all(eqn, invals, ctx, f"{eqn.primitive.name}: {e}")
     new = view.origin if origin is None else origin(view.origin, eqn)
     return dataclasses.replace(view, q=q, part=view.part or part, origin=tuple(new))
 
@@ -422,10 +443,6 @@ def _origin_gather(o, eqn):
   for k, a in enumerate(kept):
     out[dnums.offset_dims[k]] = o[a]
   return out
-
-
-def _materialize_all_because(eqn, invals, ctx, why):
-  return _bind(eqn, [ctx.materialize(x, why) for x in invals])
 
 
 def _convert(q: QArray, eqn: Any, rest: Sequence[Any]) -> QArray:
@@ -552,14 +569,14 @@ def _dot(eqn, invals, ctx):
   dnums = eqn.params["dimension_numbers"]
   eq = _equation(_rank(lhs), _rank(rhs), dnums)
   if isinstance(lhs, _View) and isinstance(rhs, _View):
-    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} of two quantized operands")
+    return _materialize_all(eqn, invals, ctx, f"dot {eq} of two quantized operands")
   (lc, rc), (lb, rb) = dnums
   w_is_rhs = isinstance(rhs, _View)
   view, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
   cw, cx = (rc, lc) if w_is_rhs else (lc, rc)
   bw, bx = (rb, lb) if w_is_rhs else (lb, rb)
   if not cw:
-    return _materialize_all_because(eqn, invals, ctx, f"dot {eq} contracts nothing")
+    return _materialize_all(eqn, invals, ctx, f"dot {eq} contracts nothing")
   out_dtype = eqn.outvars[0].aval.dtype
   ctx.consumed(view, "dot", cw)
   if ctx.capture is not None:
@@ -573,7 +590,7 @@ def _dot(eqn, invals, ctx):
     else:
       y, impl = _quantized_dot(x, view, tuple(cw), tuple(cx), ctx, out_dtype)
   except qlayout.Unsupported as e:
-    return _materialize_all_because(eqn, invals, ctx, f"dot {eq}: {e}")
+    return _materialize_all(eqn, invals, ctx, f"dot {eq}: {e}")
   ctx.record(view, "dot", eq, impl)
   if not w_is_rhs:  # y is [batch..., x free..., w free...]; dot_general puts lhs (w) free first
     nb, nfx = len(bw), x.ndim - len(cx) - len(bx)
