@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
+from tests.trees import op_level_errors
 
 
 class TwoDense(nn.Module):
@@ -86,8 +87,6 @@ def test_input_scaled_qarrays_save_restore_pack_and_manifest(setup, tmp_path):
 @pytest.mark.parametrize("scheme", [sq.INT4, sq.PER_CHANNEL])
 def test_awq_on_kernels_found_at_the_op(scheme):
   """A plain function with stacked layers: a scale per layer, never worse than RTN."""
-  from sensorquant_jax._src import gptq as G
-  from sensorquant_jax._src import transform
   from tests import llm_models as M
 
   cfg = M.Config()
@@ -100,28 +99,11 @@ def test_awq_on_kernels_found_at_the_op(scheme):
   assert wqkv.input_scale.shape == (cfg.layers, cfg.embed, 1)
   assert wqkv.scheme == scheme and wqkv.axes == rtn["layers"]["wqkv"].axes
   leaves = ["layers/wqkv", "layers/wo", "layers/w_up", "layers/w_down", "embedding"]
-  stats, _ = G.op_level_stats(
-    M.plain_forward, params, lambda: iter(batches), leaves, lambda r: {"xtx": r.T @ r}
-  )
-
-  def flat(t):
-    pairs = jax.tree_util.tree_leaves_with_path(t, is_leaf=sq.is_qarray)
-    return {sq.path_str(p): x for p, x in pairs}
-
-  f, r, a = flat(params), flat(rtn), flat(q)
-  better = 0
-  for key, s in stats.items():
-    leaf, k_axes, index = transform.parse_key(key)
-    w, _ = G.sub_matrix(jnp.asarray(f[leaf], jnp.float32), k_axes, index)
-    before = G.output_error(
-      w, G.sub_matrix(r[leaf].dequantize(jnp.float32), k_axes, index)[0], s["xtx"]
-    )
-    after = G.output_error(
-      w, G.sub_matrix(a[leaf].dequantize(jnp.float32), k_axes, index)[0], s["xtx"]
-    )
+  errors = op_level_errors(M.plain_forward, params, batches, rtn, q, leaves)
+  assert len(errors) == 2 * 4 + 1  # one search per layer of each stack, one for the table
+  for key, (before, after) in errors.items():
     assert after <= before * 1.0001, (key, before, after)
-    better += after < before
-  assert better >= len(stats) // 2
+  assert sum(after < before for before, after in errors.values()) >= len(errors) // 2
   y = jax.jit(sq.quantized(M.plain_forward))(q, batches[0])
   np.testing.assert_allclose(y, M.plain_forward(sq.dequantize(q), batches[0]), atol=5e-4, rtol=1e-4)
   assert sq.explain(M.plain_forward, q, batches[0]).dequantized == ()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
+from tests.trees import op_level_errors
 
 rg = pytest.importorskip("recurrentgemma.jax")
 spm = pytest.importorskip("sentencepiece")
@@ -130,9 +131,6 @@ def test_the_librarys_own_sampler_runs_on_quantized_params(griffin):
 
 
 def test_gptq_awq_smoothquant_and_calibrate_on_griffin(griffin):
-  from sensorquant_jax._src import gptq as G
-  from sensorquant_jax._src import transform
-
   model, params = griffin
   fwd = _forward(model)
   batches = [
@@ -146,26 +144,12 @@ def test_gptq_awq_smoothquant_and_calibrate_on_griffin(griffin):
     for p, x in jax.tree_util.tree_leaves_with_path(rtn, is_leaf=sq.is_qarray)
     if sq.is_qarray(x)
   ]
-  stats, skipped = G.op_level_stats(
-    fwd, params, lambda: iter(batches), leaves, lambda r: {"xtx": r.T @ r}
-  )
-  assert not skipped
-  flat = {sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  qr = {
-    sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(rtn, is_leaf=sq.is_qarray)
-  }
-  qg = {sq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(q, is_leaf=sq.is_qarray)}
-  improved = set()
-  for key, s in stats.items():
-    leaf, k_axes, index = transform.parse_key(key)
-    w, _ = G.sub_matrix(jnp.asarray(flat[leaf], jnp.float32), k_axes, index)
-    a, _ = G.sub_matrix(qr[leaf].dequantize(jnp.float32), k_axes, index)
-    b, _ = G.sub_matrix(qg[leaf].dequantize(jnp.float32), k_axes, index)
-    assert G.output_error(w, b, s["xtx"]) < G.output_error(w, a, s["xtx"]), key
-    improved.add(leaf)
+  errors = op_level_errors(fwd, params, batches, rtn, q, leaves)
+  for key, (before, after) in errors.items():
+    assert after < before, key
+  assert {leaf for leaf, _ in errors} == set(leaves)
   # block-diagonal gates: one Hessian per block
-  assert sum("a_gate" in k for k in stats) == CFG["num_heads"]
-  assert improved == set(leaves)
+  assert sum("a_gate" in leaf for leaf, _ in errors) == CFG["num_heads"]
   qa = sq.awq(fwd, params, batches, sq.INT4, like=like, progress=False)
   scaled = [x for x in jax.tree_util.tree_leaves(qa, is_leaf=sq.is_qarray) if sq.is_qarray(x)]
   assert all(x.input_scale is not None for x in scaled)  # every kernel got AWQ scales

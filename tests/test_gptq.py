@@ -9,6 +9,7 @@ from references import gptq_reference
 
 import sensorquant_jax as sq
 from sensorquant_jax._src import gptq, schemes
+from tests.trees import op_level_errors
 
 
 def correlated(n, k, seed=0, outliers=4):
@@ -137,32 +138,6 @@ def test_rules_progress_and_errors(two_dense, capsys):
 # --- kernels found at the op (einsum layers, plain functions, scanned stacks) -------------
 
 
-def _op_level_errors(fn, params, batches, rtn, q, leaves):
-  """Per matrix (leaf, layer): output error of RTN and of GPTQ with the captured ``X^T X``."""
-  from sensorquant_jax._src import gptq as G
-  from sensorquant_jax._src import transform
-
-  def xtx(r):
-    return {"xtx": r.T @ r}
-
-  stats, skipped = G.op_level_stats(fn, params, lambda: iter(batches), leaves, xtx)
-  assert not skipped
-
-  def flat(t):
-    leaves = jax.tree_util.tree_leaves_with_path(t, is_leaf=sq.is_qarray)
-    return {sq.path_str(p): x for p, x in leaves}
-
-  f, r, g = flat(params), flat(rtn), flat(q)
-  out = {}
-  for key, s in stats.items():
-    leaf, k_axes, index = transform.parse_key(key)
-    w, _ = G.sub_matrix(jnp.asarray(f[leaf], jnp.float32), k_axes, index)
-    a, _ = G.sub_matrix(r[leaf].dequantize(jnp.float32), k_axes, index)
-    b, _ = G.sub_matrix(g[leaf].dequantize(jnp.float32), k_axes, index)
-    out[(leaf, index)] = (G.output_error(w, a, s["xtx"]), G.output_error(w, b, s["xtx"]))
-  return out
-
-
 @pytest.mark.parametrize("scheme", [sq.INT4, sq.PER_CHANNEL])
 def test_gptq_on_a_plain_function_with_stacked_layers(scheme):
   from tests import llm_models as M
@@ -179,7 +154,7 @@ def test_gptq_on_a_plain_function_with_stacked_layers(scheme):
     assert a.scheme == b.scheme and a.axes == b.axes
     np.testing.assert_array_equal(a.scale, b.scale)  # same grid, new codes
     assert float(jnp.mean(a.codes() != b.codes())) > 0.01, leaf
-  errors = _op_level_errors(M.plain_forward, params, batches, rtn, q, leaves)
+  errors = op_level_errors(M.plain_forward, params, batches, rtn, q, leaves)
   assert len(errors) == 2 * len(leaves)  # one Hessian per layer of each stack
   for key, (before, after) in errors.items():
     assert after < before, (key, before, after)
@@ -214,7 +189,7 @@ def test_gptq_on_gemma_like_einsum_layers():
     if sq.is_qarray(x) and "layers" in sq.path_str(p)
   ]
   assert len(kernels) == 5
-  errors = _op_level_errors(lambda v, t: model.apply(v, t), params, batches, rtn, q, kernels)
+  errors = op_level_errors(lambda v, t: model.apply(v, t), params, batches, rtn, q, kernels)
   assert {leaf for leaf, _ in errors} == set(kernels)
   for key, (before, after) in errors.items():
     assert after < before, (key, before, after)

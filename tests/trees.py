@@ -1,4 +1,4 @@
-"""Tree helpers shared by the checkpoint and streaming tests."""
+"""Tree helpers shared by the tests: comparing quantized trees, float trees, per-matrix errors."""
 
 import jax
 import numpy as np
@@ -38,3 +38,39 @@ def float_tree():
       "emb": {"embedding": rng.standard_normal((100, 32)).astype(np.float32)},
     }
   }
+
+
+def flat_tree(tree):
+  """``{"/"-joined path: leaf}``, QArrays as leaves."""
+  pairs = jax.tree_util.tree_leaves_with_path(tree, is_leaf=sq.is_qarray)
+  return {sq.path_str(p): x for p, x in pairs}
+
+
+def op_level_errors(fn, params, batches, before, after, leaves):
+  """Per matrix ``(leaf, fixed positions)``: the output errors of two quantized trees.
+
+  Each matrix's ``X^T X`` is captured from ``fn(params, *batch)`` at the op (one
+  per layer of a stack, per block of a block-diagonal layer); nothing may be
+  left uncaptured.
+  """
+  import jax.numpy as jnp
+
+  from sensorquant_jax._src import gptq, transform
+
+  stats, skipped = gptq.op_level_stats(
+    fn, params, lambda: iter(batches), leaves, lambda r: {"xtx": r.T @ r}
+  )
+  assert not skipped, skipped
+  f, a, b = flat_tree(params), flat_tree(before), flat_tree(after)
+  out = {}
+  for key, s in stats.items():
+    leaf, k_axes, index = transform.parse_key(key)
+
+    def matrix(x, k_axes=k_axes, index=index):
+      return gptq.sub_matrix(jnp.asarray(x, jnp.float32), k_axes, index)[0]
+
+    w = matrix(f[leaf])
+    out[(leaf, index)] = tuple(
+      gptq.output_error(w, matrix(t[leaf].dequantize(jnp.float32)), s["xtx"]) for t in (a, b)
+    )
+  return out

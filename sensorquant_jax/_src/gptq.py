@@ -166,13 +166,35 @@ def quantize_layer(
   if qa.input_scale is not None:
     raise ValueError("GPTQ takes float kernels, not input-scaled (AWQ/SmoothQuant) ones")
   scale, zero = grid(qa)
-  qmin, qmax = schemes.code_range(qa.scheme)
+  codes = damped_codes(
+    matrix(w, k), h, scale.reshape(k, -1), zero.reshape(k, -1), qa.scheme, damp, block, act_order
+  )
+  return schemes.with_codes(qa, codes.reshape(qa.shape))
+
+
+def damped_codes(
+  w: jax.Array,
+  h: jax.Array,
+  scale: jax.Array,
+  zero: jax.Array,
+  scheme: str,
+  damp: float,
+  block: int,
+  act_order: bool,
+) -> jax.Array:
+  """:func:`gptq_matrix` codes of ``w`` ``[K, N]``, dampening more while ``h`` does not factorise.
+
+  Raises:
+    ValueError: not positive definite even with 1000 times ``damp``.
+  """
+  qmin, qmax = schemes.code_range(scheme)
+  k = w.shape[0]
   for attempt in range(4):  # a singular Hessian needs more dampening
     codes, ok = gptq_matrix(
-      matrix(w, k),
+      w,
       h,
-      scale.reshape(k, -1),
-      zero.reshape(k, -1),
+      scale,
+      zero,
       qmin=qmin,
       qmax=qmax,
       damp=damp * 10**attempt,
@@ -180,7 +202,7 @@ def quantize_layer(
       act_order=act_order,
     )
     if bool(ok):
-      return schemes.with_codes(qa, codes.reshape(qa.shape))
+      return codes
   raise ValueError(f"the input Hessian is not positive definite even with damp={damp * 1000:g}")
 
 
@@ -459,7 +481,6 @@ def gptq_entries(
     ``(new QArray, mean output error before, after)``.
   """
   scale, zero = grid(qa)
-  qmin, qmax = schemes.code_range(qa.scheme)
   codes = qa.codes().astype(jnp.int32)
   if len({k for k, _, _ in entries}) != 1:
     raise ValueError("read by matmuls contracting different axes")
@@ -468,23 +489,7 @@ def gptq_entries(
     wm, put = sub_matrix(w, k_axes, index)
     sm, _ = sub_matrix(scale, k_axes, index)
     zm, _ = sub_matrix(zero, k_axes, index)
-    k = wm.shape[0]
-    for attempt in range(4):  # a singular Hessian needs more dampening
-      c, ok = gptq_matrix(
-        wm,
-        h,
-        sm,
-        zm,
-        qmin=qmin,
-        qmax=qmax,
-        damp=damp * 10**attempt,
-        block=min(block, max(k, 1)),
-        act_order=act_order,
-      )
-      if bool(ok):
-        break
-    else:
-      raise ValueError("the input Hessian is not positive definite")
+    c = damped_codes(wm, h, sm, zm, qa.scheme, damp, block, act_order)
     cm, _ = sub_matrix(codes, k_axes, index)
     before += output_error(wm, (cm - zm) * sm, h) / len(entries)
     after += output_error(wm, (c - zm) * sm, h) / len(entries)
