@@ -42,10 +42,6 @@ _MMAP_MIN = 1 << 24
 # ---------------------------------------------------------------------------
 
 
-def _f32(x) -> np.float32:
-  return np.float32(x)
-
-
 def _round_half_away(y: np.ndarray) -> np.ndarray:
   """f32::round: half away from zero (``y - trunc(y)`` is exact in float32)."""
   t = np.trunc(y)
