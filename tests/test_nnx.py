@@ -1,6 +1,9 @@
 """``sq.nnx.quantize``: any NNX model (Linear, LinearGeneral, Einsum, Embed, custom modules,
 ``nnx.bridge.ToNNX``) on quantized params against its dequantized float model."""
 
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,6 +90,20 @@ def test_nnx_bridge_to_nnx_gemma_like():
   assert len(paths) == 6, paths  # five kernels and the table
   y = nnx.jit(lambda m, t: m(t, last_only=True))(qmodel, tokens)
   np.testing.assert_allclose(y, _dequantized(qmodel)(tokens)[:, -1:], atol=2e-4, rtol=1e-4)
+  _, params, _ = nnx.split(qmodel.model, nnx.Param, ...)
+  kernels = [
+    x
+    for x in jax.tree_util.tree_leaves(nnx.to_pure_dict(params), is_leaf=sq.is_qarray)
+    if sq.is_qarray(x)
+  ]
+  assert max(x.nbytes / x.size for x in kernels) <= 0.56
+  # the compiled NNX call holds no float array of any kernel's size
+  text = nnx.jit(lambda m, t: m(t)).lower(qmodel, tokens).compile().as_text()
+  sizes = {
+    math.prod(int(d) for d in dims.split(",") if d)
+    for dims in re.findall(r"\b(?:bf16|f32)\[([\d,]*)\]", text)
+  }
+  assert not {x.size for x in kernels} & sizes
 
 
 def test_methods_and_state_updates_pass_through():
