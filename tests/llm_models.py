@@ -199,3 +199,76 @@ def plain_forward(params: dict, tokens: jax.Array, cfg: Config = Config(), fq=No
 
   x, _ = lax.scan(layer, x, params["layers"])
   return fq(x) @ params["embedding"].T
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab: int = 256
+  dim: int = 128
+  heads: int = 2
+  hidden: int = 256
+  layers: int = 2
+
+
+def rope(x: jax.Array) -> jax.Array:
+  """Rotary position embedding over ``[B, T, N, H]`` (the half-split form)."""
+  t, h = x.shape[1], x.shape[-1]
+  freq = 10000.0 ** (-jnp.arange(0, h // 2, dtype=jnp.float32) / (h // 2))
+  ang = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
+  sin, cos = jnp.sin(ang)[None, :, None, :], jnp.cos(ang)[None, :, None, :]
+  a, b = x[..., : h // 2], x[..., h // 2 :]
+  return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+class LlamaBlock(nn.Module):
+  """A Llama decoder layer written with ``nn.Dense`` (q, k, v, o, gate, up, down)."""
+
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    hd = c.dim // c.heads
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+    h = nn.RMSNorm(name="attn_norm")(x)
+    q, k, v = (
+      dense(c.dim, name)(h).reshape(h.shape[:2] + (c.heads, hd)) for name in ("q", "k", "v")
+    )
+    q, k = rope(q), rope(k)
+    att = jnp.einsum("bthd,bshd->bhts", q, k) * hd**-0.5
+    t = x.shape[1]
+    att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e30)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(att, axis=-1), v)
+    x = x + dense(c.dim, "o")(o.reshape(x.shape))
+    h = nn.RMSNorm(name="mlp_norm")(x)
+    g = jax.nn.silu(dense(c.hidden, "gate")(h)) * dense(c.hidden, "up")(h)
+    return x + dense(c.dim, "down")(g)
+
+
+class LlamaScanBlock(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    return LlamaBlock(self.cfg, name="block")(x), None
+
+
+class Llama(nn.Module):
+  """A Llama-architecture decoder; ``scan=True`` stacks the layers with ``nn.scan``."""
+
+  cfg: LlamaConfig = LlamaConfig()
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.cfg
+    x = nn.Embed(c.vocab, c.dim, name="embed")(tokens)
+    if self.scan:
+      stack = nn.scan(
+        LlamaScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.layers
+      )(c, name="layers")
+      x, _ = stack(x, None)
+    else:
+      for i in range(c.layers):
+        x = LlamaBlock(c, name=f"layers_{i}")(x)
+    return nn.Dense(c.vocab, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))

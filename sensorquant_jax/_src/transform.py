@@ -103,6 +103,8 @@ class _Context:
     self.analyze = analyze  # only find the consumers' axes (see `consumers`)
     # capture(view, rows, k_axes): a dot's input rows, in capture mode (see `dot_inputs`)
     self.capture: Callable[[_View, jax.Array, tuple[int, ...]], None] | None = None
+    # mark(view, x, cw, cx, bw, bx) -> x: the dot's activation operand, tagged (see blockwise)
+    self.mark: Callable[..., jax.Array] | None = None
     self.skipped: dict[str, str] = {}  # leaf -> why its inputs could not be captured
     self.axes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
@@ -579,8 +581,12 @@ def _dot(eqn, invals, ctx):
     return _materialize_all(eqn, invals, ctx, f"dot {eq} contracts nothing")
   out_dtype = eqn.outvars[0].aval.dtype
   ctx.consumed(view, "dot", cw)
-  if ctx.capture is not None:
+  if ctx.mark is not None:
+    x = ctx.mark(view, x, tuple(cw), tuple(cx), tuple(bw), tuple(bx))
+    invals = [x, view] if w_is_rhs else [view, x]
+  elif ctx.capture is not None:
     _capture_rows(x, view, tuple(cw), tuple(cx), tuple(bw), tuple(bx), ctx)
+  if ctx.capture is not None or ctx.mark is not None:
     return _bind(eqn, [v.q.dequantize() if isinstance(v, _View) else v for v in invals])
   if ctx.analyze:
     return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
@@ -621,17 +627,41 @@ def _capture_rows(x, view: _View, cw, cx, bw, bx, ctx: _Context) -> None:
       cx_b = tuple(a - (a > a_x) for a in cx)
       _capture_rows(jnp.take(x, b, axis=a_x), part, cw_b, cx_b, (), (), ctx)
     return
-  if any(len(view.origin[a]) != 1 for a in cw):
-    ctx.skipped[view.leaf] = "its contracted axes were merged by a reshape"
+  layout = rows_layout(view, cw, cx, x.ndim)
+  if isinstance(layout, str):
+    ctx.skipped[view.leaf] = layout
     return
+  k_axes, perm = layout
+  assert ctx.capture is not None
+  ctx.capture(view, as_rows(x, perm, len(cw)), k_axes)
+
+
+def rows_layout(
+  view: _View, cw: Sequence[int], cx: Sequence[int], ndim: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+  """How a dot's activation operand becomes rows ``[tokens, K]`` with K in the leaf's order.
+
+  Returns:
+    ``(contracted leaf axes, permutation of the operand)``, or why it cannot.
+  """
+  if any(len(view.origin[a]) != 1 for a in cw):
+    return "its contracted axes were merged by a reshape"
   pairs = sorted(zip(cw, cx, strict=True), key=lambda p: view.origin[p[0]][0])
   k_axes = tuple(view.origin[a][0] for a, _ in pairs)
-  cx_sorted = tuple(b for _, b in pairs)
-  fx = tuple(a for a in range(x.ndim) if a not in cx)
-  rows = jnp.transpose(x, fx + cx_sorted).astype(jnp.float32)
-  k = math.prod(x.shape[a] for a in cx)
-  assert ctx.capture is not None
-  ctx.capture(view, rows.reshape(-1, k), k_axes)
+  free = tuple(a for a in range(ndim) if a not in cx)
+  return k_axes, free + tuple(b for _, b in pairs)
+
+
+def as_rows(x: jax.Array, perm: Sequence[int], n_k: int) -> jax.Array:
+  """``x`` transposed by ``perm`` (its ``n_k`` contracted axes last) as float32 ``[tokens, K]``."""
+  x = jnp.transpose(x, tuple(perm))
+  k = math.prod(x.shape[x.ndim - n_k :])
+  return x.reshape(-1, k).astype(jnp.float32)
+
+
+def key_of(leaf: str, k_axes: Sequence[int], index: Sequence[tuple[int, int]]) -> str:
+  """The key of one matrix of ``leaf`` (see :func:`parse_key`)."""
+  return f"{leaf}|{','.join(map(str, k_axes))}|" + ",".join(f"{a}:{i}" for a, i in sorted(index))
 
 
 def _batched_dot(x, view: _View, cw, cx, bw, bx, ctx, out_dtype) -> tuple[jax.Array, str]:
@@ -958,9 +988,7 @@ def dot_inputs(
   def capture(view: _View, rows: jax.Array, k_axes: tuple[int, ...]) -> None:
     if view.leaf not in leaves:
       return
-    key = f"{view.leaf}|{','.join(map(str, k_axes))}|" + ",".join(
-      f"{a}:{i}" for a, i in sorted(view.index)
-    )
+    key = key_of(view.leaf, k_axes, view.index)
     got = reduce(rows)
     if key in out:
       prev = out[key]
@@ -975,6 +1003,28 @@ def dot_inputs(
   carried = jax.tree_util.tree_map_with_path(dress, params)
   _run(fn, (carried, *args), {}, ctx)
   return out, ctx.skipped
+
+
+def with_marks(
+  fn: Callable, params: Any, args: Sequence[Any], leaves: set[str], mark: Callable[..., Any]
+) -> tuple[list[Any], dict[str, str]]:
+  """Runs ``fn(params, *args)`` on the float ``params``, handing every matmul that reads one
+  of ``leaves`` to ``mark(view, x, cw, cx, bw, bx)``, whose result replaces its activation
+  operand ``x``; scans over stacked layers unrolled (as in :func:`dot_inputs`).
+
+  Returns:
+    ``(flat outputs, {leaf: why it is read where it cannot be marked})``.
+  """
+  ctx = _Context("weight_only", None)
+  ctx.capture = lambda *a: None  # capture mode: bodies inlined, stacks unrolled
+  ctx.mark = mark
+
+  def dress(path, x):
+    return _carrier(x) if path_str(path) in leaves else x
+
+  carried = jax.tree_util.tree_map_with_path(dress, params)
+  out = _run(fn, (carried, *args), {}, ctx)
+  return jax.tree_util.tree_leaves(out), ctx.skipped
 
 
 def combine(key: str, a: jax.Array, b: jax.Array) -> jax.Array:
