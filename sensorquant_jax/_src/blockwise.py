@@ -66,7 +66,9 @@ class Matrix:
 
 
 Stats = dict[str, jax.Array]
-Finalize = Callable[[Sequence[tuple[Matrix, Stats]], Callable[[Matrix], Iterator[jax.Array]]], Any]
+Finalize = Callable[
+  [Sequence[tuple[Matrix, Stats]], Callable[[Matrix], Iterator[jax.Array]], set[str]], Any
+]
 
 
 @dataclasses.dataclass
@@ -95,11 +97,14 @@ def plan(fn: Callable, params: Any, batch: Any, leaves: set[str]) -> tuple[_Plan
   """Traces ``fn(params, *batch)`` and cuts it before each group of measured matmuls.
 
   Returns:
-    ``(plan, {leaf: why it cannot be measured block by block})``.
+    ``(plan, {leaf: why it cannot be measured block by block})``; leaves read
+    where no matmul's input can be measured (inside a ``cond`` or
+    ``while``, through a merged contracted axis) are left out of both.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   values = [x for _, x in flat]
   skipped: dict[str, str] = {}
+  hidden: set[str] = set()  # read where no pass can measure it either
   matrices: list[Matrix] = []
   keys_seen: dict[str, int] = {}
 
@@ -111,7 +116,7 @@ def plan(fn: Callable, params: Any, batch: Any, leaves: set[str]) -> tuple[_Plan
       return x
     layout = transform.rows_layout(view, cw, cx, x.ndim)
     if isinstance(layout, str):
-      skipped[view.leaf] = layout
+      hidden.add(view.leaf)
       return x
     k_axes, perm = layout
     key = transform.key_of(view.leaf, k_axes, view.index)
@@ -133,17 +138,18 @@ def plan(fn: Callable, params: Any, batch: Any, leaves: set[str]) -> tuple[_Plan
     a = jax.tree_util.tree_unflatten(b_tree, full)
     p = jax.tree_util.tree_unflatten(treedef, pvals)
     _, why = transform.with_marks(fn, p, a, leaves, mark)
-    skipped.update(why)
+    hidden.update(why)
     return []
 
   closed = jax.make_jaxpr(traced)(values, dynamic)
   for key, n in keys_seen.items():
     if n > 1:
       skipped.setdefault(key.split("|")[0], "several matmuls read the same matrix")
-  return _cut(closed, len(values), matrices, skipped, static, b_tree), skipped
+  p = _cut(closed, len(values), matrices, skipped, hidden, static, b_tree)
+  return p, {leaf: why for leaf, why in skipped.items() if leaf not in hidden}
 
 
-def _cut(closed, n_params, matrices, skipped, static, b_tree) -> _Plan:
+def _cut(closed, n_params, matrices, skipped, hidden, static, b_tree) -> _Plan:
   jaxpr = closed.jaxpr
   alias: dict[Any, Any] = {}
 
@@ -178,9 +184,7 @@ def _cut(closed, n_params, matrices, skipped, static, b_tree) -> _Plan:
       for v in e.outvars:
         defs[v] = e
   staged = [
-    t
-    for t, m in enumerate(matrices)
-    if m.leaf not in skipped and t in mark_pos and x_of[t] in dep
+    t for t, m in enumerate(matrices) if m.leaf not in skipped and t in mark_pos and x_of[t] in dep
   ]
   for t, m in enumerate(matrices):
     if t not in staged:
@@ -263,7 +267,9 @@ def _bind_param_eqn(e: Any, invals: Sequence[Any]) -> list[Any]:
   if e.primitive is lax.slice_p and not any(s != 1 for s in (e.params["strides"] or ())):
     (x,) = invals
     start = [jnp.int32(s) for s in e.params["start_indices"]]
-    sizes = [hi - lo for lo, hi in zip(e.params["start_indices"], e.params["limit_indices"], strict=True)]
+    sizes = [
+      hi - lo for lo, hi in zip(e.params["start_indices"], e.params["limit_indices"], strict=True)
+    ]
     return [lax.dynamic_slice(x, start, sizes)]
   out = transform._bind(e, invals)
   return list(out) if e.primitive.multiple_results else [out]
@@ -310,10 +316,11 @@ def run(
 
   At each cut, every matrix of the group gets ``reduce(rows)`` summed over the
   batches (:func:`sensorquant_jax._src.transform.combine`), and
-  ``finalize(group, rows_of)`` is called with ``[(matrix, stats), ...]`` and a
-  function yielding a matrix's rows batch by batch (for a second reduction).
-  It returns ``{leaf path: new float value}`` for the stages after it to read
-  (the sequential mode), or ``None``.
+  ``finalize(group, rows_of, complete)`` is called with ``[(matrix, stats), ...]``,
+  a function yielding a matrix's rows batch by batch (for a second reduction)
+  and the leaves whose last matrix is in this group. It returns ``{leaf path:
+  new float value}`` for the stages after it to read (the sequential mode), or
+  ``None``.
 
   Args:
     fn: ``f(params, *batch)``.
@@ -327,8 +334,8 @@ def run(
     compiled: the stage cache (a fresh one if ``None``).
 
   Returns:
-    ``{leaf: why it was not measured block by block}`` (the caller measures
-    those some other way, or keeps them round-to-nearest).
+    ``{leaf: why it was not measured block by block}`` for the leaves that
+    whole-model passes can still measure (the caller does so).
   """
   compiled = compiled if compiled is not None else Compiled()
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -363,6 +370,11 @@ def run(
   reduce_jit = jax.jit(
     lambda x, perm, n_k: reduce(transform.as_rows(x, perm, n_k)), static_argnums=(1, 2)
   )
+  last_cut = {
+    p0m.leaf: s
+    for s, (_, g) in enumerate(plans[0].cuts)
+    for p0m in (plans[0].matrices[t] for t in g)
+  }
   start = time.perf_counter()
   n_cuts = len(groups)
   for s in range(n_cuts):
@@ -396,17 +408,18 @@ def run(
           for xs in kept[pi]:
             got = reduce_jit(xs[at], m.perm, m.n_k)
             acc = (
-              got
-              if acc is None
-              else {k: transform.combine(k, acc[k], v) for k, v in got.items()}
+              got if acc is None else {k: transform.combine(k, acc[k], v) for k, v in got.items()}
             )
           assert acc is not None
           shared[key] = acc
         got = shared[key]
-        total = got if total is None else {k: transform.combine(k, total[k], v) for k, v in got.items()}
+        total = (
+          got if total is None else {k: transform.combine(k, total[k], v) for k, v in got.items()}
+        )
       assert total is not None
       group.append((m, total))
-    new = finalize(group, rows_of) or {}
+    complete = {leaf for leaf, c in last_cut.items() if c == s}
+    new = finalize(group, rows_of, complete) or {}
     for leaf, value in new.items():
       values[where[leaf]] = value
     if progress:
@@ -418,4 +431,3 @@ def run(
         file=sys.stderr,
       )
   return skipped
-

@@ -11,10 +11,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sensorquant_jax._src.batching import as_args
-from sensorquant_jax._src.tree_paths import join
+from sensorquant_jax._src.tree_paths import join, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,12 @@ def rows(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
 def layers(model: nn.Module, variables: Any, batch: Any) -> list[Layer]:
   """The model's Dense/DenseGeneral layers in the order they are first called.
 
-  Traced abstractly (``eval_shape``): nothing runs.
+  Traced abstractly (``eval_shape``): nothing runs. Layers inside a lifted
+  transform that stacks their kernel (``nn.scan``, ``nn.vmap``) are left out
+  (the op-level transform measures them, one layer of the stack at a time).
   """
   found: dict[str, Layer] = {}
+  ndims: dict[str, int] = {}  # the kernel's rank as the module sees it
   inputs: list[Any] = []  # held so that ids stay unique while tracing
 
   def record(next_fun, a, kw, context):
@@ -89,6 +93,8 @@ def layers(model: nn.Module, variables: Any, batch: Any) -> list[Layer]:
         size = math.prod(x.shape[i % x.ndim] for i in axis)
         first = list(found.values())[group].group if group < len(found) else len(found)
         found[path] = Layer(path, path + "/kernel", axis, size, first)
+        features = getattr(module, "features", 1)
+        ndims[path] = len(axis) + (len(features) if isinstance(features, Sequence) else 1)
     return next_fun(*a, **kw)
 
   def run(v, *a):
@@ -96,7 +102,11 @@ def layers(model: nn.Module, variables: Any, batch: Any) -> list[Layer]:
       model.apply(v, *a)
 
   jax.eval_shape(run, variables, *as_args(batch))
-  return list(found.values())
+  stored = {path_str(p): np.ndim(x) for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  kept = [layer for layer in found.values() if stored.get(layer.kernel) == ndims[layer.path]]
+  # groups index the first layer of each shared input among those kept
+  first = {layer.group: i for i, layer in reversed(list(enumerate(kept)))}
+  return [dataclasses.replace(layer, group=first[layer.group]) for layer in kept]
 
 
 @dataclasses.dataclass

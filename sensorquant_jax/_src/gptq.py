@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes, transform
+from sensorquant_jax._src import blockwise, capture, schemes, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
@@ -219,6 +219,7 @@ def gptq(
   block: int = 128,
   act_order: bool = False,
   sequential: bool = True,
+  blockwise: bool = True,
   progress: bool = True,
 ) -> Any:
   """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, rounding matmul kernels with GPTQ.
@@ -227,19 +228,25 @@ def gptq(
   scheme, rules, like=like)`` does; every quantized kernel that a matmul of
   the model reads then gets its codes from GPTQ, which rounds one input row
   at a time and compensates the error on the rows left, using ``X^T X`` of
-  the kernel's real inputs. ``nn.Dense`` / ``nn.DenseGeneral`` kernels of a
-  Linen module are measured layer group by layer group (sequentially); every
-  other kernel read by a ``dot_general`` (``Einsum`` layers, ``@`` in custom
-  code, scanned stacks: one Hessian per layer of the stack) is found at the
-  op by the transform of :func:`sensorquant_jax.quantized` and measured in
-  passes on the model as the Dense layers left it. Leaves that no matmul
-  reads as a whole (embedding lookups, convolutions, block-diagonal batched
-  einsums) stay round-to-nearest, with a warning naming them. The result
-  holds plain :class:`~sensorquant_jax.QArray` leaves.
+  the kernel's real inputs. Every kernel a ``dot_general`` reads is found at
+  the op by the transform of :func:`sensorquant_jax.quantized` (``Dense``,
+  ``Einsum``, ``@`` in custom code; scanned stacks: one Hessian per layer).
 
-  Memory: one pass per group of layers sharing an input (q, k and v
-  together) or per :data:`PASS_BYTES` of op-level ``[K, K]`` sums, reducing
-  each batch inside ``jit``; one batch's activations are held.
+  Block by block (the default): the model runs once over the batches, one
+  stage at a time (:mod:`sensorquant_jax._src.blockwise`): the activations
+  at each cut are kept for every batch, the next group of kernels (q, k and v
+  together) is measured on them and rounded, and the stage after it runs with
+  the rounded kernels. Time is linear in depth, stages of identical blocks
+  are compiled once. ``blockwise=False`` measures each group in its own pass
+  from the input (time quadratic in depth), as earlier versions did; kernels
+  the stages cannot measure (read by several matmuls, by a matmul with batch
+  axes) take such passes too, with a note. Leaves that no matmul reads as a
+  whole (embedding lookups, convolutions) stay round-to-nearest, with a
+  warning naming them. The result holds plain
+  :class:`~sensorquant_jax.QArray` leaves.
+
+  Memory (block by block): the activations live at one cut for every batch,
+  one batch's intermediates inside one stage and one group's ``[K, K]`` sums.
 
   Args:
     model: a Linen module, or any function ``f(params, *batch)``.
@@ -257,6 +264,8 @@ def gptq(
       is permuted back: still a plain QArray).
     sequential: measure each layer's inputs with the layers before it
       already quantized (the paper's sequential mode), else on the float model.
+    blockwise: run the model once, block by block (see above); ``False``: a
+      pass from the input per group of layers.
     progress: print one line per layer (output error RTN -> GPTQ) to stderr.
 
   Returns:
@@ -272,7 +281,7 @@ def gptq(
     >>> logits = sq.apply(model, qparams, x)
   """
   iterate, treedef, current, where, floats, found = begin(
-    model, params, batches, scheme, rules, min_size, like
+    model, params, batches, scheme, rules, min_size, like, layers=not blockwise
   )
 
   def variables():
@@ -280,6 +289,25 @@ def gptq(
       return params
     return dequantize(jax.tree_util.tree_unflatten(treedef, current))
 
+  if blockwise:
+    rest = _blockwise(
+      model,
+      variables(),
+      iterate,
+      current,
+      where,
+      floats,
+      damp,
+      block,
+      act_order,
+      sequential,
+      progress,
+    )
+    if rest:
+      _op_level(
+        model, variables, iterate, rest, floats, current, where, damp, block, act_order, progress
+      )
+    return jax.tree_util.tree_unflatten(treedef, current)
   done = 0
   # Sequential: each group is measured after the ones before it are quantized.
   batched = capture.groups(found) if sequential else capture.passes(found, capture.xtx_bytes)
@@ -315,6 +343,44 @@ def gptq(
       model, variables, iterate, rest, floats, current, where, damp, block, act_order, progress
     )
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _blockwise(
+  model, params, iterate, current, where, floats, damp, block, act_order, sequential, progress
+) -> list[str]:
+  """GPTQ block by block from ``params`` (sequential: the round-to-nearest model, so that
+  lookups and unmeasured kernels read as they will run); returns the quantized leaves it
+  did not measure."""
+  leaves = {p for p, i in where.items() if is_qarray(current[i])}
+  done: set[str] = set()
+
+  def finalize(group, rows_of, complete):
+    by_leaf: dict[str, list] = {}
+    for m, st in group:
+      by_leaf.setdefault(m.leaf, []).append((m.k_axes, m.index, st["xtx"]))
+    new = {}
+    for leaf, entries in by_leaf.items():
+      _gptq_leaf(leaf, entries, floats, current, where, damp, block, act_order, progress)
+      done.add(leaf)
+      if sequential:
+        new[leaf] = current[where[leaf]].dequantize()
+    return new
+
+  passes = blockwise.run(
+    as_function(model), params, iterate(), leaves, _xtx, finalize, label="gptq", progress=progress
+  )
+  note_passes("gptq", passes)
+  return sorted(leaves - done)
+
+
+def note_passes(method: str, passes: dict[str, str]) -> None:
+  """The one-line note for kernels measured by whole-model passes instead of block by block."""
+  if passes:
+    warnings.warn(
+      f"{method}: measured in whole-model passes, not block by block: "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(passes.items())),
+      stacklevel=4,
+    )
 
 
 def as_function(model: Any) -> Callable[..., Any]:
@@ -455,8 +521,11 @@ def _gptq_leaf(leaf, entries, floats, current, where, damp, block, act_order, pr
     raise ValueError(f"{leaf}: {e}") from None
   if progress:
     n = len(entries)
+    which = (
+      f"{n} matrices" if n > 1 else ",".join(f"{a}:{i}" for a, i in entries[0][1]) or "1 matrix"
+    )
     print(
-      f"gptq {leaf} ({n} matri{'ces' if n > 1 else 'x'}): output error {before:.3g} -> "
+      f"gptq {leaf} ({which}): output error {before:.3g} -> "
       f"{after:.3g} ({time.perf_counter() - start:.1f} s)",
       file=sys.stderr,
     )
@@ -497,14 +566,15 @@ def gptq_entries(
   return schemes.with_codes(qa, codes), before, after
 
 
-def begin(model, params, batches, scheme, rules, min_size, like=None):
+def begin(model, params, batches, scheme, rules, min_size, like=None, layers=True):
   """What GPTQ and AWQ begin with: the round-to-nearest tree (flat), and the layers to redo.
 
   Returns:
     ``(iterate, treedef, current, where, floats, layers)``: a re-readable
     batches callable, the RTN tree's structure and leaves (``current``, by
     index; ``where`` maps leaf paths to indices), the float leaves by path,
-    and the model's Dense/DenseGeneral layers whose kernel is quantized.
+    and the model's Dense/DenseGeneral layers whose kernel is quantized (none
+    unless ``layers``: block by block finds every kernel at the op).
   """
   iterate = reader(batches)
   rtn = quantize(params, scheme, rules, min_size=min_size, like=like)
@@ -518,11 +588,11 @@ def begin(model, params, batches, scheme, rules, min_size, like=None):
     current,
     where,
     floats,
-    weight_layers(model, params, iterate, where, current),
+    weight_layers(model, params, iterate, where, current, layers),
   )
 
 
-def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]:
+def weight_layers(model, params, iterate, where, current, layers=True) -> list[capture.Layer]:
   """The model's Dense/DenseGeneral layers whose kernel is quantized in ``current``.
 
   Raises:
@@ -533,8 +603,8 @@ def weight_layers(model, params, iterate, where, current) -> list[capture.Layer]
   first = next(iter(iterate()), None)
   if first is None:
     raise ValueError("no batches")
-  if not isinstance(model, nn.Module):
-    return []  # a function: every kernel is found at the op
+  if not isinstance(model, nn.Module) or not layers:
+    return []  # every kernel is found at the op
   return [
     layer
     for layer in capture.layers(model, params, first)
