@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import capture, schemes
+from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
@@ -84,9 +84,10 @@ def awq(
   min_size: int = MIN_SIZE,
   like: tuple | None = None,
   grid: int = 20,
+  blockwise: bool = True,
   progress: bool = True,
 ) -> Any:
-  """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, with AWQ scales on Dense kernels.
+  """Quantizes ``params`` like :func:`sensorquant_jax.quantize`, with AWQ scales on matmul kernels.
 
   For every ``nn.Dense``/``nn.DenseGeneral`` kernel the model calls, AWQ
   searches a per-input-channel scale ``s = mean|x| ** r`` (``r`` on a grid)
@@ -98,11 +99,14 @@ def awq(
   (``r = 0``). The scales are not folded into the previous op: the input
   multiply is kept explicit (it is correct for every graph).
 
-  Kernels that other matmuls read (``Einsum`` layers, ``@`` in custom code,
-  scanned stacks, block-diagonal layers) are found at the op: one scale
-  search per matrix (per layer of a stack), the leaf quantized once with its
+  Every kernel a ``dot_general`` reads is found at the op (``Dense``,
+  ``Einsum`` layers, ``@`` in custom code, scanned stacks): one scale search
+  per matrix (per layer of a stack), the leaf quantized once with its
   scales; a block layout that does not run along one contracted axis keeps
-  round-to-nearest, with a warning naming it.
+  round-to-nearest, with a warning naming it. Block by block (the default,
+  see :func:`sensorquant_jax.gptq`) the float model runs once over the
+  batches, and each matrix's ``[K, K]`` sum is dropped after its search;
+  ``blockwise=False`` measures groups of layers in passes from the input.
 
   Args:
     model: a Linen module, or any function ``f(params, *batch)``.
@@ -114,6 +118,7 @@ def awq(
     min_size: as in ``quantize``.
     like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     grid: number of ratios ``r`` tried.
+    blockwise: run the model once, block by block; ``False``: passes.
     progress: print one line per layer to stderr.
 
   Returns:
@@ -123,8 +128,13 @@ def awq(
     >>> qparams = sq.awq(model, variables, batches, sq.INT4)
   """
   iterate, treedef, current, where, floats, found = begin(
-    model, params, batches, scheme, rules, min_size, like
+    model, params, batches, scheme, rules, min_size, like, layers=not blockwise
   )
+  if blockwise:
+    rest = _blockwise(model, params, iterate, current, where, floats, grid, progress)
+    if rest:
+      _op_level(model, params, iterate, rest, floats, current, where, grid, progress)
+    return jax.tree_util.tree_unflatten(treedef, current)
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
   done = 0
@@ -195,6 +205,38 @@ def moments(rows: jax.Array) -> dict[str, jax.Array]:
   }
 
 
+def matrix_scale(
+  w: jax.Array, k_axes: tuple[int, ...], index: tuple, st: dict, sub: schemes.Spec, grid: int
+) -> tuple[jax.Array, float, float]:
+  """AWQ's scale search for one ``[K, N]`` matrix of the float leaf ``w``.
+
+  Returns:
+    ``(scale [K], output error round-to-nearest, output error with the scale)``
+    (both relative, in the matrix's own scheme ``sub``).
+  """
+  wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+  act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
+  sm, errors = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
+  den = jnp.maximum(jnp.sum(jnp.matmul(st["xtx"], wm, precision=lax.Precision.HIGHEST) * wm), 1e-30)
+  return sm, float(errors[0] / den), float(jnp.min(errors) / den)
+
+
+def with_scales(
+  w: jax.Array, qa: QArray, k_axes: tuple[int, ...], scales: Sequence[tuple[tuple, jax.Array]]
+) -> QArray:
+  """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales, with ``1 / scale``
+  as the input scale (1 where no matrix was measured)."""
+  fixed = {a for index, _ in scales for a, _ in index}
+  bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
+  scale = jnp.ones(bshape, jnp.float32)
+  for index, sm in scales:
+    at = dict(index)
+    sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
+    scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
+  new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
+  return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+
+
 def awq_entries(
   w: jax.Array, qa: QArray, entries: Sequence[tuple], sub: schemes.Spec, grid: int = 20
 ) -> tuple[QArray, float, float]:
@@ -213,18 +255,8 @@ def awq_entries(
     ``(new QArray, mean output error before, after)``.
   """
   k_axes = entries[0][0]
-  fixed = {a for _, index, _ in entries for a, _ in index}
-  bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
-  scale = jnp.ones(bshape, jnp.float32)
-  for _, index, st in entries:
-    wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
-    act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
-    sm, _ = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
-    at = dict(index)
-    sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
-    scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
-  new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
-  new = dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+  scales = [(index, matrix_scale(w, k_axes, index, st, sub, grid)[0]) for _, index, st in entries]
+  new = with_scales(w, qa, k_axes, scales)
   before = after = 0.0
   for _, index, st in entries:
     wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
@@ -233,6 +265,65 @@ def awq_entries(
     before += output_error(wm, a, st["xtx"]) / len(entries)
     after += output_error(wm, b, st["xtx"]) / len(entries)
   return new, before, after
+
+
+def _blockwise(model, params, iterate, current, where, floats, grid, progress) -> list[str]:
+  """AWQ block by block on the float model: each matrix's scale searched at its cut (its
+  statistics dropped then), each leaf quantized once its last matrix is measured."""
+  leaves = {p for p, i in where.items() if is_qarray(current[i])}
+  scales: dict[str, list[tuple[tuple, jax.Array]]] = {}
+  k_of: dict[str, set] = {}
+  skipped: dict[str, str] = {}
+  done: set[str] = set()
+
+  def finalize(group, rows_of, complete):
+    for m, st in group:
+      qa: QArray = current[where[m.leaf]]
+      sub = matrix_spec(qa, m.k_axes)
+      k_of.setdefault(m.leaf, set()).add(m.k_axes)
+      if sub is None:
+        skipped[m.leaf] = "its blocks do not run along one contracted axis"
+        continue
+      start = time.perf_counter()
+      w = jnp.asarray(floats[m.leaf], jnp.float32)
+      sm, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid)
+      scales.setdefault(m.leaf, []).append((m.index, sm))
+      if progress:
+        where_in = ",".join(f"{a}:{i}" for a, i in m.index)
+        print(
+          f"awq {m.leaf}{' ' + where_in if where_in else ''}: output error {before:.3g} -> "
+          f"{after:.3g} ({time.perf_counter() - start:.1f} s)",
+          file=sys.stderr,
+        )
+    for leaf in complete:
+      done.add(leaf)
+      got = scales.pop(leaf, None)
+      if len(k_of[leaf]) != 1:
+        skipped[leaf] = "read by matmuls contracting different axes"
+      elif got and leaf not in skipped:
+        i = where[leaf]
+        current[i] = with_scales(
+          jnp.asarray(floats[leaf], jnp.float32), current[i], next(iter(k_of[leaf])), got
+        )
+
+  passes = blockwise.run(
+    gptq_mod.as_function(model),
+    params,
+    iterate(),
+    leaves,
+    moments,
+    finalize,
+    label="awq",
+    progress=progress,
+  )
+  gptq_mod.note_passes("awq", passes)
+  if skipped:
+    warnings.warn(
+      "awq: round-to-nearest kept for "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(skipped.items())),
+      stacklevel=3,
+    )
+  return sorted(leaves - done)
 
 
 def _op_level(model, params, iterate, leaves, floats, current, where, grid, progress):
