@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import capture, gptq, schemes, transform
+from sensorquant_jax._src import blockwise, capture, gptq, schemes, transform
 from sensorquant_jax._src.awq import input_scale_shape
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.gptq import Batches, reader
@@ -42,6 +43,7 @@ def smoothquant(
   *,
   scheme: Scheme = schemes.PER_CHANNEL,
   min_size: int = MIN_SIZE,
+  blockwise: bool = True,
   progress: bool = True,
 ) -> Any:
   """Float params with activation outliers moved into the Dense kernels.
@@ -58,9 +60,13 @@ def smoothquant(
     >>> q = sq.quantize(smooth, sq.PER_CHANNEL)
     >>> y = sq.apply(model, q, x, mode="w8a8", act_scales=scales)
 
-  Kernels that other matmuls read (``Einsum`` layers, ``@`` in custom code,
-  scanned stacks: one scale per layer) are found at the op and smoothed the
-  same way with a numeric ``alpha``.
+  Every kernel a ``dot_general`` reads is found at the op (``Dense``,
+  ``Einsum`` layers, ``@`` in custom code, scanned stacks: one scale per
+  layer). Block by block (the default, see :func:`sensorquant_jax.gptq`) the
+  float model runs once over the batches and ``"auto"`` scores each matrix's
+  options on the activations kept at its cut; ``blockwise=False`` measures
+  ``Dense`` / ``DenseGeneral`` modules in passes from the input (``"auto"``
+  for those only) and other kernels in one more pass.
 
   Args:
     model: a Linen module, or any function ``f(params, *batch)``.
@@ -73,6 +79,7 @@ def smoothquant(
       layer on the batches (one more pass per layer group).
     scheme: the weight scheme ``"auto"`` simulates.
     min_size: smaller kernels are left alone.
+    blockwise: run the model once, block by block; ``False``: passes.
     progress: print one line per layer to stderr.
 
   Returns:
@@ -87,6 +94,9 @@ def smoothquant(
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   current = [x for _, x in leaves]
   where = {path_str(p): i for i, (p, _) in enumerate(leaves)}
+  if blockwise:
+    _blockwise(model, params, iterate, current, where, alpha, scheme, min_size, progress)
+    return jax.tree_util.tree_unflatten(treedef, current)
 
   def eligible(layer):
     x = current[where[layer.kernel]] if layer.kernel in where else None
@@ -135,6 +145,124 @@ def smoothquant(
   covered = {layer.kernel for layer in modules}
   _op_level(model, params, iterate, first, current, where, covered, alpha, min_size, progress)
   return jax.tree_util.tree_unflatten(treedef, current)
+
+
+def _blockwise(model, params, iterate, current, where, alpha, scheme, min_size, progress):
+  """SmoothQuant block by block on the float model (one scale per matrix)."""
+  leaves = {
+    p
+    for p, i in where.items()
+    if is_float_array(current[i]) and current[i].ndim >= 2 and int(current[i].size) >= min_size
+  }
+  floats = {p: current[where[p]] for p in leaves}
+  scales: dict[str, list[tuple[tuple, jax.Array]]] = {}
+  k_of: dict[str, set] = {}
+  default = schemes.Spec(scheme)
+  errors = jax.jit(_errors)
+
+  def finalize(group, rows_of, complete):
+    for m, st in group:
+      k_of.setdefault(m.leaf, set()).add(m.k_axes)
+      w = jnp.asarray(floats[m.leaf])
+      wm, _ = gptq.sub_matrix(w.astype(jnp.float32), m.k_axes, m.index)
+      act_max = st["abs_max"]
+      alphas = AUTO_ALPHAS if alpha == "auto" else (alpha,)
+      w_max = jnp.max(jnp.abs(wm), axis=1)
+      opts = [(a, None if a is None else smooth_scale(act_max, w_max, a)) for a in alphas]
+      a, sc = opts[0]
+      if alpha == "auto":
+        spec = select_spec(m.leaf, wm, default, (), 0)
+        assert spec is not None
+        sim = _simulate(wm, spec, act_max, [s for _, s in opts])
+        total = None
+        for r in rows_of(m):
+          e = errors(r, *sim)
+          total = e if total is None else total + e
+        a, sc = opts[int(jnp.argmin(total))]
+      if progress:
+        _report(m.leaf + "".join(f" {x}:{i}" for x, i in m.index), a, act_max, sc)
+      if sc is not None:
+        scales.setdefault(m.leaf, []).append((m.index, sc))
+    for leaf in complete:
+      got = scales.pop(leaf, None)
+      if not got:
+        continue
+      if len(k_of[leaf]) != 1:
+        warnings.warn(
+          f"smoothquant: not smoothed: {leaf} (read by matmuls contracting different axes)",
+          stacklevel=4,
+        )
+        continue
+      w = jnp.asarray(floats[leaf])
+      k_axes = next(iter(k_of[leaf]))
+      fixed = {x for index, _ in got for x, _ in index}
+      bshape = tuple(d if x in k_axes or x in fixed else 1 for x, d in enumerate(w.shape))
+      scale = jnp.ones(bshape, jnp.float32)
+      for index, sc in got:
+        at = dict(index)
+        sel = tuple(at.get(x, slice(None)) for x in range(w.ndim))
+        scale = scale.at[sel].set(sc.reshape(scale[sel].shape))
+      kernel = (w.astype(jnp.float32) * scale).astype(w.dtype)
+      current[where[leaf]] = InputScaled(kernel, 1.0 / scale)
+
+  passes = blockwise.run(
+    gptq.as_function(model),
+    params,
+    iterate(),
+    leaves,
+    _abs_max,
+    finalize,
+    label="smoothquant",
+    progress=progress,
+  )
+  if passes:
+    warnings.warn(
+      "smoothquant: not smoothed (read where block-by-block measuring cannot reach; "
+      "blockwise=False measures them in passes): "
+      + "; ".join(f"{leaf} ({why})" for leaf, why in sorted(passes.items())),
+      stacklevel=3,
+    )
+
+
+def _abs_max(rows: jax.Array) -> dict[str, jax.Array]:
+  return {"abs_max": jnp.max(jnp.abs(rows), axis=0)}
+
+
+def _report(name: str, a: float | None, act_max: jax.Array, s: jax.Array | None) -> None:
+  flat = act_max if s is None else act_max / s
+
+  def ratio(v):
+    return float(jnp.max(v) / jnp.maximum(jnp.median(v), 1e-30))
+
+  print(
+    f"smoothquant {name}: alpha {a if a is not None else 'off'}, "
+    f"input max/median {ratio(act_max):.3g} -> {ratio(flat):.3g}",
+    file=sys.stderr,
+  )
+
+
+def _simulate(w2: jax.Array, spec: schemes.Spec, act_max: jax.Array, options: Sequence[Any]):
+  """Per option ``s`` (``None``: unsmoothed), ``Q(W * s)``, ``1 / s`` and the static
+  activation scale of ``x / s``, for a ``[K, N]`` matrix ``w2``: what :func:`_errors` scores."""
+  ws, inv, act_scales = [], [], []
+  for s in options:
+    s = jnp.ones_like(act_max) if s is None else s
+    q = schemes.quantize_leaf(w2 * s.reshape(-1, 1), spec).dequantize(jnp.float32)
+    ws.append(q)
+    inv.append(1.0 / s)
+    act_scales.append(jnp.maximum(jnp.max(act_max / s), 1e-12) / 127.0)
+  return w2, jnp.stack(ws), jnp.stack(inv), jnp.stack(act_scales)
+
+
+def _errors(r, w, wq, inv, sa):
+  """Squared output error of each simulated W8A8 option on rows ``r``."""
+
+  def one(wq, inv, sa):
+    xq = jnp.clip(lax.round(r * inv / sa, lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127) * sa
+    d = jnp.matmul(xq, wq, precision=_HIGHEST) - jnp.matmul(r, w, precision=_HIGHEST)
+    return jnp.sum(d * d)
+
+  return jax.vmap(one)(wq, inv, sa)
 
 
 def _op_level(model, params, iterate, first, current, where, covered, alpha, min_size, progress):
@@ -228,14 +356,7 @@ def _search(model, params, iterate, group, stats, kernels, options, scheme):
     )
 
   def errors(layer, r, sim):
-    w, wq, inv, sa = sim
-
-    def one(wq, inv, sa):
-      xq = jnp.clip(lax.round(r * inv / sa, lax.RoundingMethod.AWAY_FROM_ZERO), -127, 127) * sa
-      d = jnp.matmul(xq, wq, precision=_HIGHEST) - jnp.matmul(r, w, precision=_HIGHEST)
-      return jnp.sum(d * d)
-
-    return jax.vmap(one)(wq, inv, sa)
+    return _errors(r, *sim)
 
   errs = capture.input_stats(
     model, lambda: params, iterate(), group, xtx=False, extra=errors, aux=sims
