@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensorquant_jax._src import awq as awq_mod
+from sensorquant_jax._src import blockwise as blockwise_mod
 from sensorquant_jax._src import capture, options, schemes, transform
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.batching import as_args
@@ -86,6 +87,7 @@ def auto_policy(
   labels: Sequence[Any] | None = None,
   min_size: int = MIN_SIZE,
   method: Method = "rtn",
+  blockwise: bool = True,
 ) -> Policy:
   """Chooses per layer among int4 per-group, per-tensor, per-channel, per-block int8 and float.
 
@@ -99,12 +101,15 @@ def auto_policy(
     params: the float tree.
     budget: a :class:`Budget`, or a number meaning ``min_sqnr_db``.
     model: a Linen model or a function ``f(params, *batch)`` (for the output budgets;
-      kernels other than Dense / DenseGeneral are found at the op).
+      kernels are found at the op).
     batches: model inputs (for the output budgets).
     labels: integer labels per batch (for the accuracy budget).
     min_size: as in ``quantize``.
     method: with ``budget.max_bits_per_weight``: weigh the errors of
       ``"rtn"``, ``"gptq"`` or ``"awq"`` (these two need a model and batches).
+    blockwise: with ``budget.max_bits_per_weight`` and a model, measure the
+      matmuls' inputs in one run, block by block (see
+      :func:`sensorquant_jax.gptq`); ``False``: in passes from the input.
 
   With ``budget.max_bits_per_weight``, every eligible leaf instead chooses
   among float, the int8 schemes and int4 groups of 32, 64 and 128 (both
@@ -130,6 +135,7 @@ def auto_policy(
       batches=batches,
       min_size=min_size,
       method=method,
+      blockwise=blockwise,
     )
   if method != "rtn":
     raise ValueError("method is for bits-per-weight budgets")
@@ -281,6 +287,45 @@ def _op_level_error(w, qa, entries, method) -> tuple[Any, float] | None:
   return qa, total / len(entries)
 
 
+def _leaf_options(path, x, entries, h_layer, uses, method) -> list[_Option]:
+  """Every candidate for one leaf: its stored bytes and error (output error over the
+  matrices' inputs when measured, else the weight's)."""
+  w = jnp.asarray(x)
+  opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
+  leaf = path.rsplit("/", 1)[-1]
+  candidates = _candidates(w.ndim, leaf)
+  if entries is not None:  # axes read from the computation, as quantize(like=...) does
+    candidates = [
+      (sch, blk, axes_from_uses(sch, tuple(w.shape), uses.get(path, ())))
+      for sch, blk, _ in dict.fromkeys((c[0], c[1], None) for c in candidates)
+    ]
+  for scheme, block, axes in candidates:
+    # Rules get the axes resolved for this leaf's real name (embeddings differ).
+    try:
+      axes = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf).axes
+      qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
+    except ValueError:  # e.g. a group size that does not fit this leaf
+      continue
+    if entries is not None:
+      got = _op_level_error(w, qa, entries, method)
+      if got is None:
+        continue
+      qa, err = got
+    elif h_layer is None:
+      dq = np.asarray(qa.dequantize(jnp.float32))
+      err = error_stats(np.asarray(x), dq)["rel_l2_error"] ** 2
+    else:
+      h, act, layer = h_layer
+      if method == "gptq":
+        qa = gptq_mod.quantize_layer(w, qa, h, layer.k, damp=0.01, block=128, act_order=False)
+      elif method == "awq":
+        spec = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf)
+        qa, _ = awq_mod.quantize_layer(w, h, act, spec, len(layer.axis), grid=20)
+      err = gptq_mod.output_error(gptq_mod.matrix(w, layer.k), gptq_mod.matrix(qa, layer.k), h)
+    opts.append(_Option(scheme, block, axes, int(qa.nbytes), float(err)))
+  return opts
+
+
 def bits_policy(
   params: Any,
   max_bits: float,
@@ -289,8 +334,10 @@ def bits_policy(
   batches: Sequence[Any] | None = None,
   min_size: int = MIN_SIZE,
   method: Method = "rtn",
+  blockwise: bool = True,
 ) -> Policy:
-  """The least-error choice per leaf within ``max_bits`` stored bits per weight."""
+  """The least-error choice per leaf within ``max_bits`` stored bits per weight (the
+  matmuls' inputs measured block by block, or in passes with ``blockwise=False``)."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
   if method != "rtn" and (model is None or batches is None):
@@ -306,18 +353,36 @@ def bits_policy(
   hessians: dict[str, tuple[Any, Any, capture.Layer]] = {}
   op_entries: dict[str, list[tuple]] = {}
   uses: dict[str, list] = {}
+  options: dict[str, list[_Option]] = {}
+  measured: set[str] = set()
   if model is not None and batches is not None:
-    modules = capture.layers(model, params, batches[0]) if isinstance(model, nn.Module) else []
-    found = [layer for layer in modules if layer.kernel in eligible]
-    for group in capture.passes(found, capture.xtx_bytes):
-      stats = capture.input_stats(model, lambda: params, iter(batches), group)
-      for layer in group:
-        st = stats[layer.path]
-        hessians[layer.kernel] = (st.xtx, st.abs_mean, layer)
-    rest = sorted(set(eligible) - set(hessians))
-    if rest:  # kernels found at the op: one set of statistics per matrix
-      fn = gptq_mod.as_function(model)
-      uses = transform.consumers(fn, params, *as_args(batches[0]))
+    fn = gptq_mod.as_function(model)
+    uses = transform.consumers(fn, params, *as_args(batches[0]))
+    if blockwise:
+      pending: dict[str, list[tuple]] = {}
+
+      def finalize(group, rows_of, complete):
+        for m, st in group:
+          pending.setdefault(m.leaf, []).append((m.k_axes, m.index, st))
+        for leaf in complete:
+          got = pending.pop(leaf, [])
+          if len({k for k, _, _ in got}) == 1:
+            options[leaf] = _leaf_options(leaf, eligible[leaf], got, None, uses, method)
+            measured.add(leaf)
+
+      passes = blockwise_mod.run(fn, params, batches, set(eligible), awq_mod.moments, finalize)
+      gptq_mod.note_passes("auto_policy", passes)
+      rest = sorted(set(eligible) - measured)
+    else:
+      modules = capture.layers(model, params, batches[0]) if isinstance(model, nn.Module) else []
+      found = [layer for layer in modules if layer.kernel in eligible]
+      for group in capture.passes(found, capture.xtx_bytes):
+        stats = capture.input_stats(model, lambda: params, iter(batches), group)
+        for layer in group:
+          st = stats[layer.path]
+          hessians[layer.kernel] = (st.xtx, st.abs_mean, layer)
+      rest = sorted(set(eligible) - set(hessians))
+    if rest:  # kernels found at the op, in whole-model passes: one set of statistics per matrix
       op_stats, _ = gptq_mod.op_level_stats(
         model, params, lambda: iter(batches), rest, awq_mod.moments
       )
@@ -326,51 +391,18 @@ def bits_policy(
         for leaf, got in gptq_mod.by_leaf_of(op_stats).items()
         if len({k for k, _, _ in got}) == 1
       }
-    unmeasured = sorted(set(eligible) - set(hessians) - set(op_entries))
+    measured |= set(hessians) | set(op_entries)
+    unmeasured = sorted(set(eligible) - measured)
     if unmeasured:
       warnings.warn(
         "auto_policy: no matmul reads these as a whole; weight error (and round-to-nearest) "
         f"for {', '.join(unmeasured)}",
         stacklevel=3,
       )
-  options: dict[str, list[_Option]] = {}
   for path, x in eligible.items():
-    w = jnp.asarray(x)
-    h_layer = hessians.get(path)
-    opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
-    leaf = path.rsplit("/", 1)[-1]
-    entries = op_entries.get(path)
-    candidates = _candidates(w.ndim, leaf)
-    if entries is not None:  # axes read from the computation, as quantize(like=...) does
-      candidates = [
-        (sch, blk, axes_from_uses(sch, tuple(w.shape), uses.get(path, ())))
-        for sch, blk, _ in dict.fromkeys((c[0], c[1], None) for c in candidates)
-      ]
-    for scheme, block, axes in candidates:
-      # Rules get the axes resolved for this leaf's real name (embeddings differ).
-      try:
-        axes = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf).axes
-        qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
-      except ValueError:  # e.g. a group size that does not fit this leaf
-        continue
-      if entries is not None:
-        got = _op_level_error(w, qa, entries, method)
-        if got is None:
-          continue
-        qa, err = got
-      elif h_layer is None:
-        dq = np.asarray(qa.dequantize(jnp.float32))
-        err = error_stats(np.asarray(x), dq)["rel_l2_error"] ** 2
-      else:
-        h, act, layer = h_layer
-        if method == "gptq":
-          qa = gptq_mod.quantize_layer(w, qa, h, layer.k, damp=0.01, block=128, act_order=False)
-        elif method == "awq":
-          spec = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf)
-          qa, _ = awq_mod.quantize_layer(w, h, act, spec, len(layer.axis), grid=20)
-        err = gptq_mod.output_error(gptq_mod.matrix(w, layer.k), gptq_mod.matrix(qa, layer.k), h)
-      opts.append(_Option(scheme, block, axes, int(qa.nbytes), float(err)))
-    options[path] = opts
+    if path not in options:
+      options[path] = _leaf_options(path, x, op_entries.get(path), hessians.get(path), uses, method)
+  options = {p: options[p] for p in eligible}  # the tree's order, however measured
   total_values = sum(int(x.size) for x in eligible.values())
   limit = max_bits * total_values / 8  # bytes
   chosen = {p: min(opts, key=lambda o: (o.nbytes, o.error)) for p, opts in options.items()}
@@ -398,10 +430,9 @@ def bits_policy(
     used += o.nbytes - chosen[p].nbytes
     chosen[p] = o
   bits = 8 * used / total_values
-  how = "output error" if hessians or op_entries else "weight error"
   reasons = {}
   for p, o in chosen.items():
-    kind = how if p in hessians or p in op_entries else "weight error"
+    kind = "output error" if p in measured else "weight error"
     tried = ", ".join(
       f"{x.label} {8 * x.nbytes / eligible[p].size:.2f}b {x.error:.2g}"
       for x in sorted(options[p], key=lambda x: x.nbytes)
