@@ -254,7 +254,11 @@ class Compiled:
   def get(self, eqns, b_in, p_in, b_out, resolve) -> Callable:
     new = [e.replace(invars=[resolve(v) for v in e.invars]) for e in eqns]
     effects = frozenset().union(*(e.effects for e in new))
-    jaxpr = jcore.Jaxpr((), [*b_in, *p_in], list(b_out), new, effects)
+    n_in, n_out = len(b_in) + len(p_in), len(b_out)
+    debug = jcore.DebugInfo(
+      "sensorquant_jax stage", None, tuple(f"x{i}" for i in range(n_in)), ("",) * n_out
+    )
+    jaxpr = jcore.Jaxpr((), [*b_in, *p_in], list(b_out), new, effects, debug)
     sig = str(jaxpr) + repr([v.aval for v in (*b_in, *p_in)])
     if sig not in self.cache:
       self.cache[sig] = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, ())))
@@ -311,6 +315,7 @@ def run(
   label: str = "",
   progress: bool = False,
   compiled: Compiled | None = None,
+  kept_bytes: list[int] | None = None,
 ) -> dict[str, str]:
   """Runs ``fn(params, *batch)`` over ``batches`` block by block, measuring ``leaves``.
 
@@ -332,6 +337,7 @@ def run(
     label: the method's name, for progress lines.
     progress: print one line per cut with the time left (stderr).
     compiled: the stage cache (a fresh one if ``None``).
+    kept_bytes: if given, the bytes of activations kept at each cut are appended.
 
   Returns:
     ``{leaf: why it was not measured block by block}`` for the leaves that
@@ -382,7 +388,11 @@ def run(
       eqns, b_in, p_in, b_out = p.stages[s]
       f = compiled.get(eqns, b_in, p_in, b_out, p.resolve)
       pv = _param_values(p, values, p_in)
-      kept[pi] = [f(*xs, *pv) for xs in kept[pi]]
+      old, kept[pi] = kept[pi], []
+      while old:  # each batch's inputs freed as its outputs arrive
+        kept[pi].append(f(*old.pop(0), *pv))
+    if kept_bytes is not None:
+      kept_bytes.append(sum(int(x.nbytes) for per in kept for xs in per for x in xs))
     p0 = plans[0]
     tags = p0.cuts[s][1]
 
