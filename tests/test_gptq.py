@@ -124,7 +124,8 @@ def test_rules_progress_and_errors(two_dense, capsys):
   assert sq.is_qarray(q["params"]["fc1"]["kernel"])
   assert not sq.is_qarray(q["params"]["fc2"]["kernel"])
   err = capsys.readouterr().err
-  assert "gptq 1/1 params/fc1/kernel: output error" in err
+  assert "gptq params/fc1/kernel (1 matrix): output error" in err
+  assert "gptq: block 1/1 (1 matrix)" in err and "s left" in err
   with pytest.raises(ValueError, match="sequence or a zero-argument callable"):
     sq.gptq(model, params, iter(xs), sq.INT4)
   with pytest.raises(ValueError, match="no batches"):
