@@ -87,12 +87,12 @@ def main() -> None:
     f"Llama-style nn.Dense decoder, dim {a.dim}, MLP {a.hidden}, vocab 8192; "
     f"{a.tokens} calibration tokens in batches of {a.batch} x {a.seq}"
   )
-  print(f"{'method':18} {'layers':>6} {'blockwise s':>12} {'s/layer':>8} {'passes s':>9} {'ratio':>6}")
+  print(
+    f"{'method':18} {'layers':>6} {'blockwise s':>12} {'s/layer':>8} {'passes s':>9} {'ratio':>6}"
+  )
   for method in a.methods:
     for layers in a.layers:
-      model, params, batches = model_and_batches(
-        layers, a.tokens, a.seq, a.batch, a.dim, a.hidden
-      )
+      model, params, batches = model_and_batches(layers, a.tokens, a.seq, a.batch, a.dim, a.hidden)
       new = timed(method, model, params, batches, True)
       old = ""
       ratio = ""

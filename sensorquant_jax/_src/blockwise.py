@@ -256,7 +256,7 @@ class Compiled:
     effects = frozenset().union(*(e.effects for e in new))
     n_in, n_out = len(b_in) + len(p_in), len(b_out)
     debug = jcore.DebugInfo(
-      "sensorquant_jax stage", None, tuple(f"x{i}" for i in range(n_in)), ("",) * n_out
+      "sensorquant_jax stage", "blockwise", tuple(f"x{i}" for i in range(n_in)), ("",) * n_out
     )
     jaxpr = jcore.Jaxpr((), [*b_in, *p_in], list(b_out), new, effects, debug)
     sig = str(jaxpr) + repr([v.aval for v in (*b_in, *p_in)])
