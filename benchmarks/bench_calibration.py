@@ -69,10 +69,59 @@ def timed(method, model, params, batches, blockwise) -> float:
   return time.perf_counter() - start
 
 
+def passes_estimate(model, params, batches, layers: int, sample: list[int]) -> tuple[float, str]:
+  """The passes' GPTQ time (``blockwise=False``) at a depth too slow to run whole.
+
+  Runs exactly what that code runs for the groups of the ``sample`` layers
+  (the dequantized tree, one jitted statistics pass from the input per group,
+  GPTQ of its layers), each timed, fits ``a + b * layer`` and sums it over
+  every layer after the first, plus the first layer and the output layer's
+  group as timed.
+  """
+  import numpy as np
+
+  from sensorquant_jax._src import capture
+  from sensorquant_jax._src import gptq as gptq_mod
+  from sensorquant_jax._src.tree_paths import path_str
+
+  jax.clear_caches()
+  found = capture.layers(model, params, batches[0])
+  rtn = sq.quantize(params, sq.INT4)
+  flat = {
+    path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(rtn, is_leaf=sq.is_qarray)[0]
+  }
+  floats = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  per: dict[int, float] = {}
+  for group in capture.groups(found):
+    name = group[0].path.split("/")[1]
+    layer = int(name.split("_")[1]) if name.startswith("layers_") else -1
+    if layer >= 0 and layer not in sample:
+      continue
+    start = time.perf_counter()
+    variables = sq.dequantize(rtn)
+    stats = capture.input_stats(model, lambda v=variables: v, iter(batches), group)
+    for lay in group:
+      h = stats[lay.path].xtx
+      q = gptq_mod.quantize_layer(
+        floats[lay.kernel], flat[lay.kernel], h, lay.k, damp=0.01, block=128, act_order=False
+      )
+      jax.block_until_ready(q)
+    per[layer] = per.get(layer, 0.0) + time.perf_counter() - start
+  # layer 0 carries the one-time compilations (as in the real run): taken as measured
+  fit = [i for i in sample if i > 0]
+  b, a = np.polyfit(np.array(fit, float), np.array([per[i] for i in fit]), 1)
+  total = float(per[0] + sum(a + b * i for i in range(1, layers)) + per.get(-1, 0.0))
+  how = ", ".join(f"layer {i}: {per[i]:.1f} s" for i in sample)
+  return total, f"fit {a:.1f} + {b:.2f} s x layer ({how}; output layer {per.get(-1, 0.0):.1f} s)"
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
   ap.add_argument("--passes", type=int, nargs="*", default=[8], help="depths to time the passes at")
+  ap.add_argument(
+    "--estimate", type=int, nargs="*", default=[8, 32], help="depths to estimate GPTQ's passes at"
+  )
   ap.add_argument("--tokens", type=int, default=16384)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--batch", type=int, default=4)
@@ -102,6 +151,13 @@ def main() -> None:
       print(
         f"{method:18} {layers:6d} {new:12.1f} {new / layers:8.2f} {old:>9} {ratio:>6}", flush=True
       )
+      if method == "gptq" and layers in (a.estimate or []):
+        sample = sorted({0, layers // 4, layers // 2, 3 * layers // 4, layers - 1})
+        t, how = passes_estimate(model, params, batches, layers, sample)
+        print(
+          f"{'  passes, estimated':18} {layers:6d} {'':12} {'':8} {t:9.1f} {t / new:6.1f}  {how}",
+          flush=True,
+        )
       del model, params, batches
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"peak RSS {rss:.2f} GiB")
