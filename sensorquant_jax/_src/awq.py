@@ -206,9 +206,19 @@ def moments(rows: jax.Array) -> dict[str, jax.Array]:
 
 
 def matrix_scale(
-  w: jax.Array, k_axes: tuple[int, ...], index: tuple, st: dict, sub: schemes.Spec, grid: int
+  w: jax.Array,
+  k_axes: tuple[int, ...],
+  index: tuple,
+  st: dict,
+  sub: schemes.Spec,
+  grid: int,
+  n_in: int = 1,
 ) -> tuple[jax.Array, float, float]:
   """AWQ's scale search for one ``[K, N]`` matrix of the float leaf ``w``.
+
+  ``n_in > 1``: ``w`` is searched as it is (its first ``n_in`` axes
+  contracted, ``sub`` its own spec), for block layouts that a ``[K, N]`` view
+  cannot hold (groups along one of several contracted axes).
 
   Returns:
     ``(scale [K], output error round-to-nearest, output error with the scale)``
@@ -216,7 +226,7 @@ def matrix_scale(
   """
   wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
   act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
-  sm, errors = search(wm, st["xtx"], act, spec=sub, n_in=1, grid=grid)
+  sm, errors = search(w if n_in > 1 else wm, st["xtx"], act, spec=sub, n_in=n_in, grid=grid)
   den = jnp.maximum(jnp.sum(jnp.matmul(st["xtx"], wm, precision=lax.Precision.HIGHEST) * wm), 1e-30)
   return sm, float(errors[0] / den), float(jnp.min(errors) / den)
 
@@ -237,8 +247,28 @@ def with_scales(
   return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
 
 
+def entry_spec(
+  qa: QArray, k_axes: tuple[int, ...], index: tuple
+) -> tuple[schemes.Spec, int] | None:
+  """The spec AWQ searches one matrix of ``qa`` with, and its number of input axes:
+  the ``[K, N]`` view's (:func:`matrix_spec`, 1), else, for a whole leaf whose
+  leading axes are contracted (a DenseGeneral over heads and head size with
+  groups along one of them), the leaf's own; ``None`` when neither holds."""
+  sub = matrix_spec(qa, k_axes)
+  if sub is not None:
+    return sub, 1
+  if not index and k_axes == tuple(range(len(k_axes))):
+    return _leaf_spec(qa), len(k_axes)
+  return None
+
+
 def awq_entries(
-  w: jax.Array, qa: QArray, entries: Sequence[tuple], sub: schemes.Spec, grid: int = 20
+  w: jax.Array,
+  qa: QArray,
+  entries: Sequence[tuple],
+  sub: schemes.Spec,
+  grid: int = 20,
+  n_in: int = 1,
 ) -> tuple[QArray, float, float]:
   """AWQ of one leaf found at the op: a scale search per matrix, then the leaf quantized
   once as ``qa`` was, with its scales.
@@ -248,14 +278,17 @@ def awq_entries(
     qa: its round-to-nearest quantization (the scheme and axes kept).
     entries: ``(contracted leaf axes, fixed (axis, position)s, stats)`` per matrix,
       stats with ``xtx``, ``abs_sum`` and ``count``.
-    sub: the scheme of one ``[K, N]`` matrix (:func:`matrix_spec`).
+    sub: the scheme of one ``[K, N]`` matrix (:func:`entry_spec`).
     grid: ratios tried.
+    n_in: as :func:`entry_spec` gives it (then a single matrix, the whole leaf).
 
   Returns:
     ``(new QArray, mean output error before, after)``.
   """
   k_axes = entries[0][0]
-  scales = [(index, matrix_scale(w, k_axes, index, st, sub, grid)[0]) for _, index, st in entries]
+  scales = [
+    (index, matrix_scale(w, k_axes, index, st, sub, grid, n_in)[0]) for _, index, st in entries
+  ]
   new = with_scales(w, qa, k_axes, scales)
   before = after = 0.0
   for _, index, st in entries:
@@ -281,12 +314,14 @@ def _blockwise(model, params, iterate, current, where, floats, grid, progress) -
       qa: QArray = current[where[m.leaf]]
       sub = matrix_spec(qa, m.k_axes)
       k_of.setdefault(m.leaf, set()).add(m.k_axes)
-      if sub is None:
+      got = entry_spec(qa, m.k_axes, m.index)
+      if got is None:
         skipped[m.leaf] = "its blocks do not run along one contracted axis"
         continue
+      sub, n_in = got
       start = time.perf_counter()
       w = jnp.asarray(floats[m.leaf], jnp.float32)
-      sm, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid)
+      sm, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid, n_in)
       scales.setdefault(m.leaf, []).append((m.index, sm))
       if progress:
         where_in = ",".join(f"{a}:{i}" for a, i in m.index)

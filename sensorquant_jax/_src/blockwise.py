@@ -85,8 +85,6 @@ class _Plan:
   defs: dict[Any, Any]  # var -> defining eqn (batch-independent vars)
   resolve: Callable[[Any], Any]
   batch_vars: list[Any]
-  static: list[tuple[int, Any]]  # non-array batch leaves
-  batch_tree: Any
 
 
 def _is_literal(v: Any) -> bool:
@@ -126,14 +124,13 @@ def plan(fn: Callable, params: Any, batch: Any, leaves: set[str]) -> tuple[_Plan
 
   args = as_args(batch)
   b_leaves, b_tree = jax.tree_util.tree_flatten(args)
-  static = [(i, x) for i, x in enumerate(b_leaves) if not transform._is_array(x)]
-  dynamic = [x for x in b_leaves if transform._is_array(x)]
+  dynamic = [x for x in b_leaves if transform.is_array(x)]
 
   def traced(pvals, dyn):
     full = list(b_leaves)
     it = iter(dyn)
     for i, x in enumerate(full):
-      if transform._is_array(x):
+      if transform.is_array(x):
         full[i] = next(it)
     a = jax.tree_util.tree_unflatten(b_tree, full)
     p = jax.tree_util.tree_unflatten(treedef, pvals)
@@ -145,11 +142,11 @@ def plan(fn: Callable, params: Any, batch: Any, leaves: set[str]) -> tuple[_Plan
   for key, n in keys_seen.items():
     if n > 1:
       skipped.setdefault(key.split("|")[0], "several matmuls read the same matrix")
-  p = _cut(closed, len(values), matrices, skipped, hidden, static, b_tree)
+  p = _cut(closed, len(values), matrices, skipped, hidden)
   return p, {leaf: why for leaf, why in skipped.items() if leaf not in hidden}
 
 
-def _cut(closed, n_params, matrices, skipped, hidden, static, b_tree) -> _Plan:
+def _cut(closed, n_params, matrices, skipped, hidden) -> _Plan:
   jaxpr = closed.jaxpr
   alias: dict[Any, Any] = {}
 
@@ -240,8 +237,6 @@ def _cut(closed, n_params, matrices, skipped, hidden, static, b_tree) -> _Plan:
     defs,
     resolve,
     batch_vars,
-    static,
-    b_tree,
   )
 
 
@@ -275,7 +270,7 @@ def _bind_param_eqn(e: Any, invals: Sequence[Any]) -> list[Any]:
       hi - lo for lo, hi in zip(e.params["start_indices"], e.params["limit_indices"], strict=True)
     ]
     return [lax.dynamic_slice(x, start, sizes)]
-  out = transform._bind(e, invals)
+  out = transform.bind(e, invals)
   return list(out) if e.primitive.multiple_results else [out]
 
 
@@ -355,7 +350,11 @@ def run(
   skipped: dict[str, str] = {}
   for batch in batches:
     b_leaves = jax.tree_util.tree_leaves(as_args(batch))
-    sig = tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in b_leaves)
+    # arrays by shape and dtype; static values (flags) by value: they are baked into the trace
+    sig = tuple(
+      (np.shape(x), str(x.dtype)) if transform.is_array(x) else ("static", repr(x))
+      for x in b_leaves
+    )
     if sig not in shapes:
       p, why = plan(fn, params, batch, leaves)
       skipped.update(why)
@@ -363,7 +362,7 @@ def run(
       plans.append(p)
       kept.append([])
     p = plans[shapes[sig]]
-    dyn = [x for x in b_leaves if transform._is_array(x)]
+    dyn = [x for x in b_leaves if transform.is_array(x)]
     by_var = dict(zip(p.batch_vars, dyn, strict=True))
     kept[shapes[sig]].append([by_var[v] for v in p.stages[0][1]] if p.stages else [])
   if not plans:

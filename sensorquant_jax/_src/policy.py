@@ -274,10 +274,10 @@ def _op_level_error(w, qa, entries, method) -> tuple[Any, float] | None:
     new, _, err = gptq_mod.gptq_entries(wf, qa, [(k, ix, st["xtx"]) for k, ix, st in entries])
     return new, float(err)
   if method == "awq":
-    sub = awq_mod.matrix_spec(qa, entries[0][0])
-    if sub is None:
+    got = awq_mod.entry_spec(qa, entries[0][0], entries[0][1])
+    if got is None or (got[1] > 1 and len(entries) > 1):
       return None
-    new, _, err = awq_mod.awq_entries(wf, qa, entries, sub)
+    new, _, err = awq_mod.awq_entries(wf, qa, entries, got[0], n_in=got[1])
     return new, float(err)
   total = 0.0
   for k_axes, index, st in entries:
@@ -293,16 +293,20 @@ def _leaf_options(path, x, entries, h_layer, uses, method) -> list[_Option]:
   w = jnp.asarray(x)
   opts = [_Option(None, None, None, int(x.nbytes), 0.0)]
   leaf = path.rsplit("/", 1)[-1]
-  candidates = _candidates(w.ndim, leaf)
-  if entries is not None:  # axes read from the computation, as quantize(like=...) does
-    candidates = [
+  candidates = list(_candidates(w.ndim, leaf))
+  if entries is not None:  # and the axes read from the computation, as quantize(like=...) does
+    candidates += [
       (sch, blk, axes_from_uses(sch, tuple(w.shape), uses.get(path, ())))
       for sch, blk, _ in dict.fromkeys((c[0], c[1], None) for c in candidates)
     ]
+  seen = set()
   for scheme, block, axes in candidates:
     # Rules get the axes resolved for this leaf's real name (embeddings differ).
     try:
       axes = schemes.resolve(schemes.Spec(scheme, axes, block), w.ndim, leaf).axes
+      if (scheme, block, axes) in seen:
+        continue
+      seen.add((scheme, block, axes))
       qa = quantize({"w": w}, rules=[Rule("^w$", scheme, axes, block)])["w"]
     except ValueError:  # e.g. a group size that does not fit this leaf
       continue

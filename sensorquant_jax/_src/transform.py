@@ -141,7 +141,8 @@ def _is_special(x: Any) -> bool:
   return is_quantized(x) or is_input_scaled(x)
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
+  """An array argument (traced), as opposed to a static Python value."""
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
@@ -186,7 +187,7 @@ def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> Any:
     if is_quantized(x):
       dynamic.append(_View(x, _leaf_name(path), x, "", _origin(len(x.shape))))
       abstract.append(_abstract(x))
-    elif _is_array(x):
+    elif is_array(x):
       dynamic.append(x)
       abstract.append(x)
     else:  # Python scalars, strings, flags: static, as the function's code expects
@@ -364,7 +365,7 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context)
       handler = _HANDLERS.get(eqn.primitive.name, _materialize_all)
       outvals = handler(eqn, invals, ctx)
     else:
-      outvals = _bind(eqn, invals)
+      outvals = bind(eqn, invals)
     if not eqn.primitive.multiple_results:
       outvals = [outvals]
     for v, x in zip(eqn.outvars, outvals, strict=True):
@@ -374,7 +375,8 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context)
   return [ctx.materialize(_read(env, v), "returned by the function") for v in jaxpr.outvars]
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
+def bind(eqn: Any, invals: Sequence[Any]) -> Any:
+  """Applies ``eqn``'s primitive to ``invals`` (under its context, e.g. a mesh)."""
   with eqn.ctx.manager:
     return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
@@ -382,7 +384,7 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
 def _materialize_all(eqn: Any, invals: Sequence[Any], ctx: _Context, why: str = "") -> Any:
   """Binds ``eqn`` on the dequantized values of its quantized operands, recording ``why``."""
   why = why or f"used by {eqn.primitive.name}"
-  return _bind(eqn, [ctx.materialize(x, why) for x in invals])
+  return bind(eqn, [ctx.materialize(x, why) for x in invals])
 
 
 def _layout(
@@ -521,7 +523,7 @@ def _each_array(eqn, invals, ctx):
   def one(a):
     if a is None:
       return None
-    out = _bind(eqn, [a])
+    out = bind(eqn, [a])
     return out[0] if multi else out
 
   q = dataclasses.replace(
@@ -587,7 +589,7 @@ def _dot(eqn, invals, ctx):
   elif ctx.capture is not None:
     _capture_rows(x, view, tuple(cw), tuple(cx), tuple(bw), tuple(bx), ctx)
   if ctx.capture is not None or ctx.mark is not None:
-    return _bind(eqn, [v.q.dequantize() if isinstance(v, _View) else v for v in invals])
+    return bind(eqn, [v.q.dequantize() if isinstance(v, _View) else v for v in invals])
   if ctx.analyze:
     return jnp.zeros(eqn.outvars[0].aval.shape, out_dtype)
   try:
@@ -854,7 +856,7 @@ def _uncapturable(eqn, invals, ctx) -> list[Any]:
 
 def _cond(eqn, invals, ctx):
   if ctx.capture is not None:
-    return _bind(eqn, _uncapturable(eqn, invals, ctx))
+    return bind(eqn, _uncapturable(eqn, invals, ctx))
   index, *operands = invals
   packed, meta = _pack_views(operands)
 
@@ -867,7 +869,7 @@ def _cond(eqn, invals, ctx):
 
 def _while(eqn, invals, ctx):
   if ctx.capture is not None:
-    return _bind(eqn, _uncapturable(eqn, invals, ctx))
+    return bind(eqn, _uncapturable(eqn, invals, ctx))
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
   cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
