@@ -16,7 +16,7 @@ from sensorquant_jax._src.tree_paths import path_str
 CFG = LlamaConfig(layers=2)
 
 
-def llama_batches(n=3, shape=(2, 32)):
+def llama_batches(n=2, shape=(2, 32)):
   return [jax.random.randint(jax.random.key(10 + i), shape, 0, CFG.vocab) for i in range(n)]
 
 
@@ -125,10 +125,10 @@ def test_bits_budget_block_by_block_equals_the_passes(llama):
   model, params, batches = llama
   budget = sq.Budget(max_bits_per_weight=5.0)
   with pytest.warns(UserWarning, match="embed/embedding"):
-    got = sq.auto_policy(params, budget=budget, model=model, batches=batches, method="gptq")
+    got = sq.auto_policy(params, budget=budget, model=model, batches=batches, method="rtn")
   with pytest.warns(UserWarning, match="embed/embedding"):
     want = sq.auto_policy(
-      params, budget=budget, model=model, batches=batches, method="gptq", blockwise=False
+      params, budget=budget, model=model, batches=batches, method="rtn", blockwise=False
     )
   assert got.rules == want.rules
   assert got.reasons == want.reasons
@@ -137,7 +137,7 @@ def test_bits_budget_block_by_block_equals_the_passes(llama):
 def test_ragged_batches_run_in_lockstep(llama):
   """A last batch of another shape gets its own trace, cut alike; the sums cover all."""
   model, params, batches = llama
-  ragged = [*batches[:2], batches[2][:1, :16]]
+  ragged = [batches[0], batches[1][:1, :16]]
   with pytest.warns(UserWarning, match="embed/embedding"):
     got = sq.gptq(model, params, ragged, sq.PER_CHANNEL, progress=False)
   with pytest.warns(UserWarning, match="embed/embedding"):
