@@ -231,18 +231,27 @@ def matrix_scale(
   return sm, float(errors[0] / den), float(jnp.min(errors) / den)
 
 
+def scale_tensor(
+  shape: Sequence[int], k_axes: tuple[int, ...], scales: Sequence[tuple[tuple, jax.Array]]
+) -> jax.Array:
+  """Per-matrix input-channel scales ``[(fixed (axis, position)s, scale [K]), ...]`` of one
+  leaf as one array broadcasting against it (1 where no matrix was measured)."""
+  fixed = {a for index, _ in scales for a, _ in index}
+  bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(shape))
+  scale = jnp.ones(bshape, jnp.float32)
+  for index, sm in scales:
+    at = dict(index)
+    sel = tuple(at.get(a, slice(None)) for a in range(len(shape)))
+    scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
+  return scale
+
+
 def with_scales(
   w: jax.Array, qa: QArray, k_axes: tuple[int, ...], scales: Sequence[tuple[tuple, jax.Array]]
 ) -> QArray:
   """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales, with ``1 / scale``
   as the input scale (1 where no matrix was measured)."""
-  fixed = {a for index, _ in scales for a, _ in index}
-  bshape = tuple(d if a in k_axes or a in fixed else 1 for a, d in enumerate(w.shape))
-  scale = jnp.ones(bshape, jnp.float32)
-  for index, sm in scales:
-    at = dict(index)
-    sel = tuple(at.get(a, slice(None)) for a in range(w.ndim))
-    scale = scale.at[sel].set(sm.reshape(scale[sel].shape))
+  scale = scale_tensor(w.shape, k_axes, scales)
   new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
   return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sensorquant_jax._src import blockwise, capture, gptq, schemes, transform
-from sensorquant_jax._src.awq import input_scale_shape
+from sensorquant_jax._src.awq import input_scale_shape, scale_tensor
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.gptq import Batches, reader
 from sensorquant_jax._src.options import Scheme
@@ -194,14 +194,7 @@ def _blockwise(model, params, iterate, current, where, alpha, scheme, min_size, 
         )
         continue
       w = jnp.asarray(floats[leaf])
-      k_axes = next(iter(k_of[leaf]))
-      fixed = {x for index, _ in got for x, _ in index}
-      bshape = tuple(d if x in k_axes or x in fixed else 1 for x, d in enumerate(w.shape))
-      scale = jnp.ones(bshape, jnp.float32)
-      for index, sc in got:
-        at = dict(index)
-        sel = tuple(at.get(x, slice(None)) for x in range(w.ndim))
-        scale = scale.at[sel].set(sc.reshape(scale[sel].shape))
+      scale = scale_tensor(w.shape, next(iter(k_of[leaf])), got)
       kernel = (w.astype(jnp.float32) * scale).astype(w.dtype)
       current[where[leaf]] = InputScaled(kernel, 1.0 / scale)
 
