@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any, TypeGuard
 
 import jax
 import numpy as np
 
-from sensorquant_jax._src import fileio, options, schemes, tree_paths
+from sensorquant_jax._src import distributed, fileio, options, schemes, tree_paths
 from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -68,9 +69,6 @@ class CheckpointWriter:
     overwrite: bool = False,
   ):
     self.user_path = os.fspath(path)
-    self.path = fileio.check_dir_destination(
-      self.user_path, overwrite=overwrite, is_ours=is_checkpoint
-    )
     self.metadata = metadata or {}
     if not isinstance(self.metadata, dict):
       raise CheckpointError(f"{self.user_path}: metadata must be a dict")
@@ -79,19 +77,31 @@ class CheckpointWriter:
     except (TypeError, ValueError) as e:
       raise CheckpointError(f"{self.user_path}: metadata is not JSON-able: {e}") from None
     self.part_bytes = part_bytes
-    parent = os.path.dirname(self.path)
-    try:
-      os.makedirs(parent, exist_ok=True)
-      fileio.recover_dir(self.path)
-      fileio.remove_leftovers(parent, os.path.basename(self.path))
-      self._tmp = fileio.make_temp_dir(self.path)
-    except OSError as e:
-      raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
+    # Across processes, process 0 checks the destination and makes the folder
+    # that every process's Orbax writes its shards into.
+    self.path, self._tmp, interrupted = distributed.agree(lambda: self._begin(overwrite))
+    if interrupted:
+      warnings.warn(
+        f"{self.user_path}: an earlier save here was interrupted; its partial copy was "
+        "removed (the checkpoint before it is unchanged)",
+        stacklevel=3,
+      )
     self._spec: list[dict] = []
     self._part: dict[str, dict] = {}
     self._part_size = 0
     self._parts = 0
     self._paths: set[str] = set()
+
+  def _begin(self, overwrite: bool) -> tuple[str, str, int]:
+    path = fileio.check_dir_destination(self.user_path, overwrite=overwrite, is_ours=is_checkpoint)
+    parent = os.path.dirname(path)
+    try:
+      os.makedirs(parent, exist_ok=True)
+      fileio.recover_dir(path)
+      interrupted = fileio.remove_leftovers(parent, os.path.basename(path))
+      return path, fileio.make_temp_dir(path), interrupted
+    except OSError as e:
+      raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
 
   def add(self, name: str, x: Any) -> None:
     """Adds one leaf (array, QArray or JSON-able value) at '/'-path ``name``."""
@@ -155,7 +165,6 @@ class CheckpointWriter:
 
   def close(self) -> None:
     """Writes the last part and the spec, then swaps the folder into place."""
-    old = None
     try:
       self._flush()
       document = {
@@ -165,24 +174,34 @@ class CheckpointWriter:
         "leaves": self._spec,
         "leaves_sha256": _leaves_digest(self._spec),
       }
-      try:
-        with open(os.path.join(self._tmp, SPEC_FILE), "w", encoding="utf-8") as f:
-          json.dump(document, f, indent=1)
-          f.flush()
-          os.fsync(f.fileno())
-        fileio.fsync_dir(self._tmp)
-        old = fileio.swap_dir_into_place(self._tmp, self.path)
-      except OSError as e:
-        raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
-      fileio.fsync_dir(os.path.dirname(self.path))
+      distributed.agree(lambda: self._commit(document))
     except BaseException:
       self.abort()
       raise
+
+  def _commit(self, document: dict) -> None:
+    """Writes the spec and swaps the folder into place (process 0, after every shard)."""
+    try:
+      with open(os.path.join(self._tmp, SPEC_FILE), "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+      fileio.fsync_dir(self._tmp)
+      old = fileio.swap_dir_into_place(self._tmp, self.path)
+    except OSError as e:
+      raise CheckpointError(f"{self.user_path}: cannot write: {e.strerror or e}") from None
+    fileio.fsync_dir(os.path.dirname(self.path))
     fileio.remove_tree(old)
 
   def abort(self) -> None:
-    """Removes the partial copy (``path`` is left as it was, or as swapped in)."""
-    fileio.remove_tree(self._tmp)
+    """Removes the partial copy (``path`` is left as it was, or as swapped in).
+
+    Across processes the copy is left where it is: the others may still be
+    writing into it, or be gone; the next save to ``path`` removes it and
+    says that a save was interrupted.
+    """
+    if not distributed.is_multiprocess():
+      fileio.remove_tree(self._tmp)
 
   def __enter__(self):
     return self
@@ -290,7 +309,7 @@ def read_spec(path: str | os.PathLike) -> dict:
       field of the wrong type, range or consistency (named with the leaf).
   """
   path = os.fspath(path)
-  fileio.recover_dir(os.path.abspath(path))
+  distributed.agree(lambda: fileio.recover_dir(os.path.abspath(path)))
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or folder")
   if not os.path.isdir(path):
@@ -447,10 +466,16 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
       targets.setdefault(e["part"], {})[_leaf_key(i)] = group
   arrays: dict[str, Any] = {}
   for k in sorted({e["part"] for e in spec if e["kind"] != "json"}):
+    folder = os.path.join(path, "arrays", _part_dir(k))
     try:
-      part = ocp.StandardCheckpointer().restore(
-        os.path.join(path, "arrays", _part_dir(k)), None if targets is None else targets[k]
-      )
+      try:
+        part = ocp.StandardCheckpointer().restore(folder, None if targets is None else targets[k])
+      except ValueError as e:
+        if targets is not None or "topology" not in str(e).lower():
+          raise
+        # Saved on other devices (another process count or mesh) and no `like`: one
+        # whole copy per process.
+        part = ocp.StandardCheckpointer().restore(folder, _here(ocp, folder))
     except Exception as e:  # Orbax raises many types for a damaged folder
       message = _LEAF_RE.sub(
         lambda m: repr(names.get(m.group(0), m.group(0))), fileio.first_line(e)
@@ -491,6 +516,21 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
   if like is not None:
     return jax.tree_util.tree_unflatten(like_def, out)
   return tree_paths.nest([e["path"] for e in spec], out)
+
+
+def _here(ocp: Any, folder: str) -> Any:
+  """Restore targets for an Orbax part saved elsewhere: its shapes and dtypes, each array
+  whole on the first device of every process."""
+  devices = [min(jax.local_devices(p), key=lambda d: d.id) for p in range(jax.process_count())]
+  where = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(devices), ("processes",)), jax.sharding.PartitionSpec()
+  )
+  tree = ocp.StandardCheckpointer().metadata(folder).item_metadata.tree
+
+  def one(m):
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=where)
+
+  return jax.tree.map(one, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
 
 def _abstract(x):

@@ -192,13 +192,18 @@ def _owner_alive(pid: int) -> bool:
   return True
 
 
-def remove_leftovers(folder: str, name: str) -> None:
-  """Removes temporaries of earlier saves to ``folder/name`` whose process is gone."""
+def remove_leftovers(folder: str, name: str) -> int:
+  """Removes temporaries of earlier saves to ``folder/name`` whose process is gone.
+
+  Returns:
+    How many were removed (each one a save that was interrupted).
+  """
   prefix = _temp_prefix(name)
   try:
     entries = os.listdir(folder)
   except OSError:
-    return
+    return 0
+  removed = 0
   for entry in entries:
     if not entry.startswith(prefix):
       continue
@@ -206,6 +211,8 @@ def remove_leftovers(folder: str, name: str) -> None:
     if not pid_text.isdigit() or _owner_alive(int(pid_text)):
       continue
     _remove(os.path.join(folder, entry))
+    removed += 1
+  return removed
 
 
 def _remove(path: str) -> None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sensorquant_jax._src import blockwise, capture, schemes, transform
+from sensorquant_jax._src import blockwise, capture, distributed, schemes, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
@@ -615,9 +615,14 @@ def weight_layers(model, params, iterate, where, current, layers=True) -> list[c
 def reader(batches: Batches) -> Callable[[], Iterable[Any]]:
   """``batches`` as a callable returning a fresh iterable (they are read more than once)."""
   if callable(batches):
-    return batches
-  if not isinstance(batches, Sequence):
+    read = batches
+  elif not isinstance(batches, Sequence):
     raise ValueError(
       "batches are read once per layer group: pass a sequence or a zero-argument callable"
     )
-  return lambda: iter(batches)
+  else:
+    read = lambda: iter(batches)  # noqa: E731
+  if not distributed.is_multiprocess():
+    return read
+  # Each process passes its own batches: batch i of every process forms one global batch.
+  return lambda: map(distributed.process_local_batch, read())

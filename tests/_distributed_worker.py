@@ -1,0 +1,123 @@
+"""One of the processes of tests/test_distributed.py (not a test).
+
+    python _distributed_worker.py main OUT DEST
+    python _distributed_worker.py crash OUT DEST
+
+Started by ``sensorquant_jax._src.distributed.launch`` (2 processes x 4 CPU
+devices), it joins the others and, with params sharded over a (2, 4) mesh that
+spans both processes:
+
+``main``: quantizes (per-tensor int8 on the Rust-oracle cases, per-channel
+int8 and int4 on a Llama-style model), runs the quantized forward, saves the
+int4 tree to DEST and restores it, and runs GPTQ with each process feeding its
+own batches. Process 0 writes the gathered results to OUT/main.npz; each
+process writes the bytes it holds to OUT/held_<process>.json.
+
+``crash``: saves a first checkpoint to DEST, then a second one over it, during
+which process 1 kills itself with SIGKILL (the time in OUT/killed_at).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from sensorquant_jax._src import distributed  # noqa: E402
+
+distributed.initialize()
+
+import distributed_case as case  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import sensorquant_jax as sq  # noqa: E402
+from sensorquant_jax._src import checkpoint  # noqa: E402
+
+
+def gather(x) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def held_bytes(x) -> int:
+  """Bytes of the distinct shards this process holds (replicas on its devices counted once)."""
+  seen = {}
+  for s in x.addressable_shards:
+    seen[str(s.index)] = s.data.nbytes
+  return sum(seen.values())
+
+
+def main(out: str, dest: str) -> None:
+  mesh = case.mesh(np.array(jax.devices()).reshape(2, 4))
+  me = jax.process_index()
+  result = {}
+  # Per-tensor int8 on the oracle's cases, each spread over all 8 devices.
+  for name, w in case.oracle_inputs():
+    x = jax.make_array_from_callback(
+      w.shape, NamedSharding(mesh, P(("a", "b"))), lambda i, w=w: w[i]
+    )
+    qa = sq.quantize({"w": x}, rules=[("w", sq.PER_TENSOR)])["w"]
+    result[f"oracle/{name}/q"] = gather(qa.values)
+    result[f"oracle/{name}/scale"] = gather(qa.scale)
+  params = case.place(case.float_params(), mesh)
+  held = {}
+  for scheme in case.SCHEMES:
+    q = sq.quantize(params, scheme)
+    for path, x in case.qarrays(q):
+      for field in ("values", "scale", "zero_point"):
+        a = getattr(x, field)
+        if a is not None:
+          result[f"{scheme}/{path}/{field}"] = gather(a)
+          held[f"{scheme}/{path}/{field}"] = [held_bytes(a), int(a.nbytes)]
+  q8 = sq.quantize(params, case.SCHEMES[0])
+  tokens = case.tokens()
+  logits = jax.jit(lambda q, t: sq.apply(case.model(), q, t))(q8, tokens)
+  result["forward"] = gather(logits)
+  q4 = sq.quantize(params, case.SCHEMES[1])
+  sq.save(dest, q4)
+  back = sq.restore(dest, like=q4)
+  for (path, a), (_, b) in zip(case.qarrays(q4), case.qarrays(back), strict=True):
+    assert b.values.sharding == a.values.sharding, path
+    result[f"restored/{path}/values"] = gather(b.values)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the embedding table stays round-to-nearest
+    g = sq.gptq(case.model(), params, case.batches(me), case.SCHEMES[1], progress=False)
+  for path, x in case.qarrays(g):
+    result[f"gptq/{path}/values"] = gather(x.values)
+  with open(os.path.join(out, f"held_{me}.json"), "w") as f:
+    json.dump(held, f)
+  if me == 0:
+    np.savez(os.path.join(out, "main.npz"), **result)
+
+
+def crash(out: str, dest: str) -> None:
+  mesh = case.mesh(np.array(jax.devices()).reshape(2, 4))
+  me = jax.process_index()
+  sq.save(dest, sq.quantize(case.place(case.big_params(0), mesh), sq.PER_TENSOR))
+  q = sq.quantize(case.place(case.big_params(1), mesh), sq.PER_TENSOR)
+  if me == 1:
+    write = checkpoint.CheckpointWriter._flush
+
+    def killed(self):
+      # Once every process has begun the save (the folder exists) and before
+      # the arrays are written: SIGKILL, as the OOM killer or a scheduler would.
+      with open(os.path.join(out, "killed_at"), "w") as f:
+        f.write(repr(time.time()))
+      os.kill(os.getpid(), signal.SIGKILL)
+      write(self)
+
+    checkpoint.CheckpointWriter._flush = killed
+  sq.save(dest, q, overwrite=True)
+  time.sleep(600)  # process 0: never reached
+
+
+if __name__ == "__main__":
+  what, out, dest = sys.argv[1:4]
+  {"main": main, "crash": crash}[what](out, dest)
+  jax.distributed.shutdown()

@@ -1,0 +1,104 @@
+"""The model, params and batches that tests/test_distributed.py and its worker share."""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from llm_models import Llama, LlamaConfig
+
+import sensorquant_jax as sq
+from sensorquant_jax._src.tree_paths import path_str
+
+ORACLE = os.path.join(os.path.dirname(__file__), "fixtures", "oracle", "per_tensor_cases.npz")
+SCHEMES = ("symmetric_per_channel_int8", "asymmetric_per_group_int4")
+CFG = LlamaConfig(vocab=256, dim=128, heads=2, hidden=256, layers=2)
+PROCESSES, BATCHES = 2, 3
+
+
+def model() -> Llama:
+  return Llama(CFG)
+
+
+def mesh(devices: np.ndarray) -> Mesh:
+  return Mesh(devices, ("a", "b"))
+
+
+def float_params() -> dict:
+  """Float params (the same on every process: drawn from a fixed seed)."""
+  shapes = jax.eval_shape(model().init, jax.random.key(0), np.zeros((1, 8), np.int32))
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.05).astype(np.float32), shapes)
+
+
+def big_params(i: int) -> dict:
+  """Round ``i`` of the crash test: 64 MiB of float32 kernels, and the round's number."""
+  rng = np.random.default_rng(100 + i)
+  kernels = {f"w{j}": rng.standard_normal((1024, 2048)).astype(np.float32) for j in range(8)}
+  return {"kernels": kernels, "round": i}
+
+
+def spec_for(x) -> P:
+  """Kernels split along their input axis between the processes (mesh axis "a"); the rest
+  replicated.
+
+  Split so, every sum across devices adds two terms, which gives the same bits in any
+  order: a forward across processes can then match one process bit for bit (sums of more
+  terms follow each collective library's own order).
+  """
+  return P("a", None) if np.ndim(x) == 2 else P()
+
+
+def fitted(spec: P, shape: tuple[int, ...], m: Mesh) -> P:
+  """``spec`` without the mesh axes that do not divide their array axis (e.g. a scale's 1)."""
+  out = []
+  for i, names in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+    group = (names,) if isinstance(names, str) else tuple(names or ())
+    size = int(np.prod([m.shape[n] for n in group])) if group else 1
+    out.append(names if group and shape[i] % size == 0 else None)
+  return P(*out)
+
+
+def place(tree, m: Mesh, spec=spec_for):
+  """``tree``'s arrays as global arrays on ``m`` (each process fills only its shards)."""
+
+  def one(x):
+    if not hasattr(x, "shape"):
+      return x
+    sharding = NamedSharding(m, fitted(spec(x), x.shape, m))
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(one, tree)
+
+
+def qarrays(tree):
+  return [
+    (path_str(p), x)
+    for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=sq.is_qarray)[0]
+    if sq.is_qarray(x)
+  ]
+
+
+def tokens() -> np.ndarray:
+  return np.random.default_rng(2).integers(0, CFG.vocab, (8, 16)).astype(np.int32)
+
+
+def batches(process: int) -> list[np.ndarray]:
+  """Process ``process``'s own calibration batches (4 sequences of 16 tokens each)."""
+  rng = np.random.default_rng(3)
+  every = rng.integers(0, CFG.vocab, (BATCHES, PROCESSES, 4, 16)).astype(np.int32)
+  return [every[i, process] for i in range(BATCHES)]
+
+
+def oracle_inputs() -> list[tuple[str, np.ndarray]]:
+  """The Rust-oracle per-tensor cases that split evenly over 8 devices."""
+  data = np.load(ORACLE)
+  names = sorted({k.split("__")[0] for k in data.files})
+  flat = [(n, data[n + "__w"].reshape(-1)) for n in names]
+  return [(n, w) for n, w in flat if w.size % 8 == 0]
+
+
+def oracle_expected(name: str) -> tuple[np.ndarray, np.ndarray]:
+  data = np.load(ORACLE)
+  return data[name + "__q"], data[name + "__scale"]

@@ -1,0 +1,207 @@
+"""Two processes x 4 CPU devices on localhost, joined by jax.distributed.
+
+The processes run tests/_distributed_worker.py.
+
+Each test compares what the processes computed on arrays spread over both of
+them with the same computation in this one process (8 devices), the Rust
+oracle's fixtures, or the saved checkpoint restored here on other meshes.
+"""
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import distributed_case as case
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sensorquant_jax as sq
+from sensorquant_jax._src import distributed
+from sensorquant_jax._src.tree_paths import path_str
+
+WORKER = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
+TIMEOUT_S = 300
+
+
+def _env(process: int, port: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env[distributed.COORDINATOR] = f"127.0.0.1:{port}"
+  env[distributed.NUM_PROCESSES] = str(case.PROCESSES)
+  env[distributed.PROCESS_ID] = str(process)
+  return env
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """The ``main`` scenario's outputs (run once for the module by ``distributed.launch``)."""
+  out = tmp_path_factory.mktemp("distributed")
+  code = distributed.launch(
+    [WORKER, "main", str(out), str(out / "ckpt")],
+    case.PROCESSES,
+    devices=4,
+    timeout_s=TIMEOUT_S,
+    grace_s=30,
+  )
+  assert code == 0, "the worker processes failed (their output is above)"
+  data = np.load(out / "main.npz")
+  return out, {k: data[k] for k in data.files}
+
+
+def _this_mesh(shape=(2, 4)):
+  return case.mesh(np.array(jax.devices()).reshape(shape))
+
+
+def test_per_tensor_int8_matches_the_rust_oracle_across_processes(run):
+  _, got = run
+  cases = case.oracle_inputs()
+  assert len(cases) >= 20
+  for name, _ in cases:
+    q, scale = case.oracle_expected(name)
+    np.testing.assert_array_equal(got[f"oracle/{name}/q"], q.reshape(-1), err_msg=name)
+    assert got[f"oracle/{name}/scale"].view(np.uint32) == np.float32(scale).view(np.uint32), name
+
+
+@pytest.mark.parametrize("scheme", case.SCHEMES)
+def test_quantize_across_processes_equals_one_process(run, scheme):
+  out, got = run
+  expected = sq.quantize(case.float_params(), scheme)
+  pairs = case.qarrays(expected)
+  assert len(pairs) == 16  # 7 kernels x 2 layers, the embedding table and the head
+  for path, x in pairs:
+    for field in ("values", "scale", "zero_point"):
+      a = getattr(x, field)
+      if a is not None:
+        np.testing.assert_array_equal(got[f"{scheme}/{path}/{field}"], a, err_msg=path)
+
+
+def test_each_process_holds_only_its_shards(run):
+  out, _ = run
+  import json
+
+  for process in range(case.PROCESSES):
+    with open(out / f"held_{process}.json") as f:
+      held = json.load(f)
+    assert held
+    for key, (mine, total) in held.items():
+      if key.endswith("/values"):  # kernels split between the processes: half each
+        assert mine * case.PROCESSES == total, key
+      else:
+        assert mine <= total, key
+
+
+def test_sharded_forward_equals_one_process_bit_for_bit(run):
+  _, got = run
+  mesh = _this_mesh()
+  q8 = sq.quantize(case.place(case.float_params(), mesh), case.SCHEMES[0])
+  logits = jax.jit(lambda q, t: sq.apply(case.model(), q, t))(q8, case.tokens())
+  np.testing.assert_array_equal(got["forward"], np.asarray(logits))
+  assert np.isfinite(got["forward"]).all() and np.abs(got["forward"]).max() > 0
+
+
+@pytest.mark.parametrize("shape, spec", [((1, 8), case.spec_for), ((4, 2), None)])
+def test_saved_across_processes_restores_on_other_meshes(run, shape, spec):
+  out, got = run
+  expected = sq.quantize(case.float_params(), case.SCHEMES[1])
+  mesh = _this_mesh(shape)
+  if spec is None:  # the transposed mesh: kernels split the other way round
+
+    def spec(x):
+      return P("b", "a") if np.ndim(x) == 2 else P()
+
+  def target(x):
+    sharding = NamedSharding(mesh, case.fitted(spec(x), x.shape, mesh))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  like = jax.tree.map(target, expected)
+  back = sq.restore(out / "ckpt", like=like)
+  chex.assert_trees_all_equal(back, expected)
+  for (path, x), (_, y) in zip(case.qarrays(back), case.qarrays(like), strict=True):
+    assert x.values.sharding == y.values.sharding, path
+    np.testing.assert_array_equal(got[f"restored/{path}/values"], x.values, err_msg=path)
+
+
+def _logits_error(qparams) -> float:
+  """Mean squared distance of the quantized model's logits from the float model's."""
+  model, tokens = case.model(), case.tokens()
+  ref = model.apply(case.float_params(), tokens)
+  return float(np.mean((np.asarray(sq.apply(model, qparams, tokens)) - ref) ** 2))
+
+
+def test_gptq_with_batches_on_each_process_equals_one_process_on_all(run):
+  _, got = run
+  every = [b for i in range(case.BATCHES) for b in (case.batches(0)[i], case.batches(1)[i])]
+  with pytest.warns(UserWarning, match="round-to-nearest kept for params/embed/embedding"):
+    expected = sq.gptq(case.model(), case.float_params(), every, case.SCHEMES[1], progress=False)
+  rtn = sq.quantize(case.float_params(), case.SCHEMES[1])
+  spread, equal, total, changed = [], 0, 0, 0
+  for (path, x), (_, r) in zip(case.qarrays(expected), case.qarrays(rtn), strict=True):
+    mine = got[f"gptq/{path}/values"]
+    spread.append((path, dataclasses.replace(x, values=jax.numpy.asarray(mine))))
+    # Hessians summed in another order differ in the last bits; GPTQ's rounding
+    # follows them for a few codes, and its sequential mode carries them on.
+    equal += int(np.sum(mine == np.asarray(x.values)))
+    total += mine.size
+    changed += int(np.any(np.asarray(x.values) != np.asarray(r.values)))
+  assert changed == 15  # GPTQ rounded every kernel but the lookup table its own way
+  assert equal / total > 0.9
+  across = jax.tree.map(lambda x: x, expected, is_leaf=sq.is_qarray)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(across, is_leaf=sq.is_qarray)
+  by_path = dict(spread)
+  across = jax.tree_util.tree_unflatten(treedef, [by_path.get(path_str(p), x) for p, x in leaves])
+  e_one, e_across, e_rtn = _logits_error(expected), _logits_error(across), _logits_error(rtn)
+  print(
+    f"codes equal {equal / total:.4f}; logits error rtn {e_rtn:.4g} one {e_one:.4g} "
+    f"across {e_across:.4g}"
+  )
+  assert e_across < e_rtn and e_one < e_rtn
+  assert abs(e_across - e_one) < 0.02 * e_one
+
+
+def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
+  port = distributed.free_port()
+  dest = tmp_path / "ckpt"
+  logs = [open(tmp_path / f"log_{i}", "w+") for i in range(case.PROCESSES)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, "crash", str(tmp_path), str(dest)],
+      env=_env(i, port),
+      stdout=logs[i],
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(case.PROCESSES)
+  ]
+  try:
+    assert procs[1].wait(timeout=TIMEOUT_S) == -signal.SIGKILL
+    code = procs[0].wait(timeout=90)
+    ended = time.time()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  killed_at = float((tmp_path / "killed_at").read_text())
+  assert code != 0 and ended - killed_at < 60
+  logs[0].seek(0)
+  log = logs[0].read()
+  for f in logs:
+    f.close()
+  # The survivor names the process that died.
+  assert re.search(r"stopped sending heartbeats\):\s*1\b", log), log[-3000:]
+  # The first checkpoint is intact, and the interrupted save left only a partial copy aside.
+  leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".ckpt")]
+  assert len(leftovers) == 1, leftovers
+  back = sq.restore(dest)
+  chex.assert_trees_all_equal(back, sq.quantize(case.big_params(0), sq.PER_TENSOR))
+  # The next save reports the interrupted one and removes what it left.
+  with pytest.warns(UserWarning, match="an earlier save here was interrupted"):
+    sq.save(dest, {"w": np.ones((4, 4), np.float32)}, overwrite=True)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".ckpt")]
