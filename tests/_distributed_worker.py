@@ -10,8 +10,9 @@ spans both processes:
 ``main``: quantizes (per-tensor int8 on the Rust-oracle cases, per-channel
 int8 and int4 on a Llama-style model), runs the quantized forward, saves the
 int4 tree to DEST and restores it, and runs GPTQ with each process feeding its
-own batches. Process 0 writes the gathered results to OUT/main.npz; each
-process writes the bytes it holds to OUT/held_<process>.json.
+own batches; then streams OUT/src.safetensors to OUT/streamed. Process 0
+writes the gathered results to OUT/main.npz; each process writes the bytes it
+holds (and read) to OUT/held_<process>.json.
 
 ``crash``: saves a first checkpoint to DEST, then a second one over it, during
 which process 1 kills itself with SIGKILL (the time in OUT/killed_at).
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import sensorquant_jax as sq  # noqa: E402
-from sensorquant_jax._src import checkpoint  # noqa: E402
+from sensorquant_jax._src import checkpoint, stream  # noqa: E402
 
 
 def gather(x) -> np.ndarray:
@@ -90,6 +91,25 @@ def main(out: str, dest: str) -> None:
     g = sq.gptq(case.model(), params, case.batches(me), case.SCHEMES[1], progress=False)
   for path, x in case.qarrays(g):
     result[f"gptq/{path}/values"] = gather(x.values)
+  # Streaming: each process reads only its part of every leaf it can split.
+  read = {"bytes": 0}
+  regions = checkpoint.iter_float_regions
+
+  def counted(src):
+    for name, shape, dtype, region in regions(src):
+
+      def region_counted(index, region=region):
+        x = region(index)
+        read["bytes"] += x.nbytes
+        return x
+
+      yield name, shape, dtype, region_counted
+
+  checkpoint.iter_float_regions = counted
+  summary = stream.quantize_file(
+    os.path.join(out, "src.safetensors"), os.path.join(out, "streamed")
+  )
+  held["stream/read"] = [read["bytes"], summary["float_bytes"]]
   with open(os.path.join(out, f"held_{me}.json"), "w") as f:
     json.dump(held, f)
   if me == 0:

@@ -102,3 +102,18 @@ def oracle_inputs() -> list[tuple[str, np.ndarray]]:
 def oracle_expected(name: str) -> tuple[np.ndarray, np.ndarray]:
   data = np.load(ORACLE)
   return data[name + "__q"], data[name + "__scale"]
+
+
+def write_source(path: str) -> dict:
+  """A float .safetensors checkpoint for the streaming test; returns its arrays."""
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(4)
+  arrays = {
+    "layers.0.kernel": rng.standard_normal((512, 256)).astype(np.float32),
+    "layers.0.bias": rng.standard_normal(256).astype(np.float32),
+    "embed.embedding": rng.standard_normal((1000, 64)).astype(np.float32),
+    "odd.kernel": rng.standard_normal((3, 1025)).astype(np.float32),  # no axis splits in 2
+  }
+  save_file(arrays, path)
+  return arrays

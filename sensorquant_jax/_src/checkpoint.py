@@ -14,7 +14,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeGuard
 
 import jax
@@ -599,6 +599,74 @@ def iter_float_leaves(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
   raise CheckpointError(
     f"{path}: unknown checkpoint format (expected an Orbax folder, .msgpack, .npz or .safetensors)"
   )
+
+
+_SAFETENSORS_DTYPES = {
+  "F64": "float64",
+  "F32": "float32",
+  "F16": "float16",
+  "BF16": "bfloat16",
+  "I64": "int64",
+  "I32": "int32",
+  "I16": "int16",
+  "I8": "int8",
+  "U8": "uint8",
+  "BOOL": "bool",
+}
+
+Region = Callable[[tuple[slice, ...]], np.ndarray]
+
+
+def iter_float_regions(
+  path: str | os.PathLike,
+) -> Iterator[tuple[str, tuple[int, ...], np.dtype, Region]]:
+  """Yields ``(path, shape, dtype, read)`` per leaf of a float checkpoint, ``read(index)``
+  returning the region ``index`` (a tuple of slices) of the leaf.
+
+  ``.safetensors`` files read only the region asked for (what lets processes
+  each read their share of a checkpoint); other formats read the leaf whole,
+  as :func:`iter_float_leaves` does, and slice it.
+
+  Raises:
+    CheckpointError: unknown format, or a corrupt or unreadable file.
+  """
+  path = os.fspath(path)
+  if not (path.lower().endswith(".safetensors") and os.path.isfile(path)):
+    for name, x in iter_float_leaves(path):
+      yield name, tuple(x.shape), x.dtype, _slicer(x)
+    return
+  try:
+    from safetensors import safe_open
+  except ImportError:
+    raise CheckpointError("reading .safetensors needs the safetensors package") from None
+  try:
+    with safe_open(path, framework="numpy") as f:
+      keys = list(f.keys())
+      _check_keys(path, [k.replace(".", "/") for k in keys])
+      for key in keys:
+        part = f.get_slice(key)
+        shape = tuple(int(d) for d in part.get_shape())
+        kind = _SAFETENSORS_DTYPES.get(part.get_dtype())
+        if kind is None or not shape:  # unusual dtypes and scalars: read whole
+          x = _read_member(path, key, lambda k=key: f.get_tensor(k))
+          yield key.replace(".", "/"), tuple(x.shape), x.dtype, _slicer(x)
+          continue
+
+        def read(index, key=key, part=part):
+          return np.asarray(_read_member(path, key, lambda: part[tuple(index)]))
+
+        yield key.replace(".", "/"), shape, np.dtype(jax.numpy.dtype(kind)), read
+  except CheckpointError:
+    raise
+  except Exception as e:  # a corrupt header or file
+    raise CheckpointError(f"{path}: cannot read checkpoint: {fileio.first_line(e)}") from None
+
+
+def _slicer(x: np.ndarray) -> Region:
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    return x[index]
+
+  return read
 
 
 def _check_keys(path: str, keys: list[str]) -> None:

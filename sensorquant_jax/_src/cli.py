@@ -31,15 +31,33 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+  return value
+
+
 class UsageError(Exception):
   """Bad input reported as one line, without a traceback."""
 
 
-def _console():
+def _console(quiet: bool = False):
   from rich.console import Console
 
   # Piped or captured output gets wide tables rather than truncated names.
-  return Console(width=None if sys.stdout.isatty() else 160)
+  return Console(width=None if sys.stdout.isatty() else 160, quiet=quiet)
+
+
+class _Exit(Exception):
+  """Ends the command with this exit code (its message is already printed)."""
+
+  def __init__(self, code: int):
+    super().__init__(code)
+    self.code = code
 
 
 class _NoProgress:
@@ -130,7 +148,7 @@ def cmd_quantize(args) -> None:
   import jax
 
   import sensorquant_jax as sq
-  from sensorquant_jax._src import checkpoint, stream
+  from sensorquant_jax._src import checkpoint, distributed, stream
   from sensorquant_jax._src.example_model import accuracy, load_example
 
   console = _console()
@@ -145,6 +163,21 @@ def cmd_quantize(args) -> None:
     raise UsageError(f"{args.src}: no such file or folder")
   if args.bits_per_weight is not None and rules is not None:
     raise UsageError("--bits-per-weight chooses every layer's scheme itself: drop --rules")
+  if args.processes > 1:
+    if args.src is None:
+      raise UsageError("--processes splits a checkpoint between processes: give SRC")
+    for flag, given in (
+      ("--bits-per-weight", args.bits_per_weight is not None),
+      ("--manifest", args.manifest),
+      ("--report", args.report),
+    ):
+      if given:
+        raise UsageError(f"{flag} reads the whole model in one process: drop --processes or it")
+    if distributed.NUM_PROCESSES not in os.environ:  # the parent: start the processes
+      code = distributed.launch(["-m", "sensorquant_jax", *args.argv], args.processes)
+      if code:
+        raise _Exit(code)
+      return
   if args.src is not None and args.method != "rtn":
     raise UsageError(
       f"--method {args.method} needs a model and its inputs: it runs on the bundled model "
@@ -231,6 +264,12 @@ def cmd_quantize(args) -> None:
       )
     rules = list(policy.rules)
     console.print(f"{policy.bits_per_weight:.3f} bits/weight (budget {args.bits_per_weight})")
+  if args.processes > 1:
+    distributed.initialize()
+    if jax.process_count() != args.processes:
+      raise UsageError(f"--processes {args.processes}, but {jax.process_count()} processes joined")
+    if jax.process_index():  # one process speaks for all
+      console = _console(quiet=True)
   with _progress() as bar:
     task = bar.add_task(f"quantizing {os.path.basename(args.src)}", total=None)
     summary = stream.quantize_file(
@@ -242,7 +281,9 @@ def cmd_quantize(args) -> None:
       overwrite=args.overwrite,
     )
   console.print(
-    f"{summary['quantized']} of {summary['leaves']} leaves quantized: "
+    f"{summary['quantized']} of {summary['leaves']} leaves quantized"
+    + (f" by {args.processes} processes" if args.processes > 1 else "")
+    + ": "
     f"{_fmt_bytes(summary['float_bytes'])} -> {_fmt_bytes(summary['stored_bytes'])}; "
     f"saved to {args.out}"
   )
@@ -524,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="B",
     help="choose each layer's scheme for the least error within B stored bits per weight",
   )
+  q.add_argument(
+    "--processes",
+    type=_positive_int,
+    metavar="N",
+    default=1,
+    help="split SRC between N local processes joined by jax.distributed (CPU collectives); "
+    "each reads and writes only its share",
+  )
   q.add_argument("--manifest", help="also write the Rust manifest to this .json file")
   q.add_argument("--report", action="store_true", help="print a per-leaf error table")
   c.add_argument(
@@ -550,11 +599,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit code (bad input: 2, one line on stderr)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   try:
     args = build_parser().parse_args(argv)
   except SystemExit as e:
     return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
-  from sensorquant_jax._src import checkpoint
+  args.argv = argv
+  from sensorquant_jax._src import checkpoint, distributed
   from sensorquant_jax._src.fileio import DestinationError
   from sensorquant_jax._src.manifest import ManifestError
   from sensorquant_jax._src.quantize import NonFiniteError
@@ -564,11 +615,22 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax reports a damaged file once through our error and again through
   # asyncio's "exception was never retrieved" log; the CLI prints only ours.
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # Each process of a --processes run names itself in its messages.
+  who = (
+    f"process {os.environ[distributed.PROCESS_ID]}: "
+    if distributed.PROCESS_ID in os.environ
+    else ""
+  )
   try:
     args.fn(args)
+  except _Exit as e:
+    return e.code
+  except distributed.DistributedError as e:
+    print(f"sensorquant: {who}error: {_one_line(e)}", file=sys.stderr)
+    return 1
   except DestinationError as e:
     hint = "; pass --overwrite to replace it" if e.needs_overwrite else ""
-    print(f"sensorquant: error: {e.path or repr(e.path)}: {e.reason}{hint}", file=sys.stderr)
+    print(f"sensorquant: {who}error: {e.path or repr(e.path)}: {e.reason}{hint}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except (
     UsageError,
@@ -579,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     ValueError,
     KeyError,
   ) as e:
-    print(f"sensorquant: error: {_one_line(e)}", file=sys.stderr)
+    print(f"sensorquant: {who}error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:
     print("sensorquant: interrupted", file=sys.stderr)

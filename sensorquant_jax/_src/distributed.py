@@ -227,11 +227,19 @@ def process_local_batch(batch: Any, mesh: jax.sharding.Mesh | None = None) -> An
   return jax.tree_util.tree_map(one, batch)
 
 
-def processes_mesh() -> jax.sharding.Mesh:
-  """A ``("processes", "devices")`` mesh: one row of devices per process."""
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  grid = np.array(devices, dtype=object).reshape(jax.process_count(), -1)
-  return jax.sharding.Mesh(grid, ("processes", "devices"))
+def processes_mesh(devices_per_process: int | None = None) -> jax.sharding.Mesh:
+  """A ``("processes", "devices")`` mesh: one row per process, of its devices.
+
+  Args:
+    devices_per_process: how many of each process's devices (its first ones);
+      ``None`` for all. With 1, an array split along ``"processes"`` is held
+      once per process rather than once per device.
+  """
+  rows = []
+  for p in range(jax.process_count()):
+    mine = sorted(jax.local_devices(process_index=p), key=lambda d: d.id)
+    rows.append(mine[:devices_per_process] if devices_per_process else mine)
+  return jax.sharding.Mesh(np.array(rows, dtype=object), ("processes", "devices"))
 
 
 def is_multiprocess() -> bool:
