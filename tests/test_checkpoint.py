@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -138,3 +140,65 @@ def test_float_readers(tmp_path):
   ):
     with pytest.raises(checkpoint.CheckpointError, match=msg):
       sq.load_float(tmp_path / bad)
+
+
+def _regions(path):
+  from sensorquant_jax._src.checkpoint import iter_float_regions
+
+  return {name: (shape, dtype, read) for name, shape, dtype, read in iter_float_regions(path)}
+
+
+@settings(max_examples=30)
+@given(
+  shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+  dtype=st.sampled_from(["float32", "float16", "bfloat16", "int8", "int64"]),
+  data=st.data(),
+)
+def test_safetensors_regions_equal_numpy_slices(tmp_path_factory, shape, dtype, data):
+  from safetensors.numpy import save_file
+
+  folder = tmp_path_factory.mktemp("regions")
+  x = (np.arange(int(np.prod(shape))) - 7).astype(jnp.dtype(dtype)).reshape(shape)
+  other = np.ones((3, 2), np.float32)  # offsets of a second tensor are not 0
+  save_file({"a.first": other, "b.x": x}, str(folder / "t.safetensors"))
+  got_shape, got_dtype, read = _regions(folder / "t.safetensors")["b/x"]
+  assert got_shape == tuple(shape) and got_dtype == x.dtype
+  index = tuple(
+    slice(
+      data.draw(st.integers(-6, 6) | st.none()),
+      data.draw(st.integers(-6, 6) | st.none()),
+      data.draw(st.sampled_from([None, 1, 2, -1])),
+    )
+    for _ in shape
+  )
+  np.testing.assert_array_equal(read(index), x[index])
+
+
+def test_safetensors_regions_refuse_damaged_headers(tmp_path):
+  import json
+  import struct
+
+  def write(name, header, data=b"\0" * 16, size=None):
+    text = json.dumps(header).encode()
+    (tmp_path / name).write_bytes(
+      struct.pack("<Q", len(text) if size is None else size) + text + data
+    )
+    return tmp_path / name
+
+  good = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+  assert _regions(write("ok.safetensors", good))["w"][0] == (2, 2)
+  cases = [
+    (write("huge.safetensors", good, size=1 << 40), "header of"),
+    (write("list.safetensors", [1, 2]), "not an object"),
+    (write("past.safetensors", {"w": {**good["w"], "data_offsets": [0, 32]}}), "outside"),
+    (write("size.safetensors", {"w": {**good["w"], "shape": [3, 2]}}), "do not hold"),
+    (write("dtype.safetensors", {"w": {**good["w"], "dtype": "C64"}}), "unsupported dtype"),
+    (write("neg.safetensors", {"w": {**good["w"], "shape": [-2, -2]}}), "list of sizes"),
+    (write("nan.safetensors", {"w": {**good["w"], "data_offsets": [0, float("nan")]}}), "valid"),
+  ]
+  (tmp_path / "short.safetensors").write_bytes(b"\1\0")
+  cases.append((tmp_path / "short.safetensors", "shorter than its header"))
+  for path, message in cases:
+    with pytest.raises(checkpoint.CheckpointError, match=message) as e:
+      _regions(path)
+    assert str(path) in str(e.value)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeGuard
@@ -623,9 +624,10 @@ def iter_float_regions(
   """Yields ``(path, shape, dtype, read)`` per leaf of a float checkpoint, ``read(index)``
   returning the region ``index`` (a tuple of slices) of the leaf.
 
-  ``.safetensors`` files read only the region asked for (what lets processes
-  each read their share of a checkpoint); other formats read the leaf whole,
-  as :func:`iter_float_leaves` does, and slice it.
+  From a ``.safetensors`` file only the rows of the region are read (plain
+  reads, no memory map, so what a process holds is what it asked for: this is
+  what lets processes each read their share of a checkpoint); other formats
+  read the leaf whole, as :func:`iter_float_leaves` does, and slice it.
 
   Raises:
     CheckpointError: unknown format, or a corrupt or unreadable file.
@@ -636,30 +638,98 @@ def iter_float_regions(
       yield name, tuple(x.shape), x.dtype, _slicer(x)
     return
   try:
-    from safetensors import safe_open
-  except ImportError:
-    raise CheckpointError("reading .safetensors needs the safetensors package") from None
+    with open(path, "rb") as f:
+      index = _safetensors_index(path, f.fileno())
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+  for key, shape, dtype, offset in index:
+
+    def read(region, key=key, shape=shape, dtype=dtype, offset=offset):
+      # Opened per read: a reader stays valid after the iteration moves on.
+      try:
+        with open(path, "rb") as f:
+          return _read_rows(path, f.fileno(), key, shape, dtype, offset, region)
+      except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+    yield key.replace(".", "/"), shape, dtype, read
+
+
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _safetensors_index(path: str, fd: int) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
+  """``(name, shape, dtype, file offset)`` of every tensor, the header checked strictly."""
+  bad = f"{path}: not a valid .safetensors file"
+  size = os.fstat(fd).st_size
+  head = os.pread(fd, 8, 0)
+  if len(head) < 8:
+    raise CheckpointError(f"{bad} (shorter than its header)")
+  (n,) = struct.unpack("<Q", head)
+  if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+    raise CheckpointError(f"{bad} (header of {n} bytes)")
   try:
-    with safe_open(path, framework="numpy") as f:
-      keys = list(f.keys())
-      _check_keys(path, [k.replace(".", "/") for k in keys])
-      for key in keys:
-        part = f.get_slice(key)
-        shape = tuple(int(d) for d in part.get_shape())
-        kind = _SAFETENSORS_DTYPES.get(part.get_dtype())
-        if kind is None or not shape:  # unusual dtypes and scalars: read whole
-          x = _read_member(path, key, lambda k=key: f.get_tensor(k))
-          yield key.replace(".", "/"), tuple(x.shape), x.dtype, _slicer(x)
-          continue
+    header = json.loads(os.pread(fd, n, 8), parse_constant=_reject_constant)
+  except (ValueError, RecursionError) as e:
+    raise CheckpointError(f"{bad} ({fileio.first_line(e)})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{bad} (the header is not an object)")
+  data = size - 8 - n
+  out = []
+  for key, entry in header.items():
+    if key == "__metadata__":
+      continue
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(entry, dict):
+      raise CheckpointError(f"{where}: not an object")
+    kind = _SAFETENSORS_DTYPES.get(str(entry.get("dtype")))
+    shape, span = entry.get("shape"), entry.get("data_offsets")
+    if kind is None:
+      raise CheckpointError(f"{where}: unsupported dtype {str(entry.get('dtype'))[:40]!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+      raise CheckpointError(f"{where}: 'shape' must be a list of sizes")
+    if (
+      not isinstance(span, list)
+      or len(span) != 2
+      or not all(_is_int(o) for o in span)
+      or not 0 <= span[0] <= span[1] <= data
+    ):
+      raise CheckpointError(f"{where}: 'data_offsets' outside the file's {data} data bytes")
+    dtype = np.dtype(jax.numpy.dtype(kind))
+    if span[1] - span[0] != int(np.prod(shape, dtype=object)) * dtype.itemsize:
+      raise CheckpointError(f"{where}: {span[1] - span[0]} bytes do not hold {kind}{shape}")
+    out.append((key, tuple(shape), dtype, 8 + n + span[0]))
+  _check_keys(path, [k.replace(".", "/") for k, *_ in out])
+  return out
 
-        def read(index, key=key, part=part):
-          return np.asarray(_read_member(path, key, lambda: part[tuple(index)]))
 
-        yield key.replace(".", "/"), shape, np.dtype(jax.numpy.dtype(kind)), read
-  except CheckpointError:
-    raise
-  except Exception as e:  # a corrupt header or file
-    raise CheckpointError(f"{path}: cannot read checkpoint: {fileio.first_line(e)}") from None
+def _read_rows(
+  path: str,
+  fd: int,
+  key: str,
+  shape: tuple[int, ...],
+  dtype: np.dtype,
+  offset: int,
+  index: tuple[slice, ...],
+) -> np.ndarray:
+  """The region ``index`` of a tensor stored at ``offset``: its rows read, then sliced."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  if not shape:
+    buf = os.pread(fd, dtype.itemsize, offset)
+    if len(buf) != dtype.itemsize:
+      raise CheckpointError(f"{path}: tensor {key!r} is cut short")
+    return np.frombuffer(buf, dtype).reshape(()).copy()
+  lo, hi, step = index[0].indices(shape[0])
+  if step == 1:  # a run of rows (what splitting between processes asks for)
+    hi, rest = max(lo, hi), (slice(None),) + index[1:]
+  else:
+    lo, hi, rest = 0, shape[0], index
+  row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+  count = (hi - lo) * row
+  buf = os.pread(fd, count, offset + lo * row) if count else b""
+  if len(buf) != count:
+    raise CheckpointError(f"{path}: tensor {key!r} is cut short")
+  return np.frombuffer(buf, dtype).reshape((hi - lo, *shape[1:]))[rest]
 
 
 def _slicer(x: np.ndarray) -> Region:

@@ -69,7 +69,7 @@ def quantize_file(
   with checkpoint.CheckpointWriter(
     dst, metadata, part_bytes=part_bytes, overwrite=overwrite
   ) as writer:
-    leaves = _shared_leaves(src) if shared else checkpoint.iter_float_leaves(src)
+    leaves = _shared_leaves(src) if shared else _whole_leaves(src)
     for path, x in leaves:
       floating = np.issubdtype(x.dtype, np.floating)
       single = tree_paths.nest([path], [jnp.asarray(x) if floating else x])
@@ -88,6 +88,12 @@ def quantize_file(
       if progress is not None:
         progress(path, float_bytes)
   return {"leaves": n, "quantized": nq, "float_bytes": float_bytes, "stored_bytes": stored}
+
+
+def _whole_leaves(src: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+  """The leaves of ``src``, one at a time (from ``.safetensors``, read without a memory map)."""
+  for path, shape, _, read in checkpoint.iter_float_regions(src):
+    yield path, np.asarray(read((slice(None),) * len(shape)))
 
 
 def _shared_leaves(src: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
