@@ -91,6 +91,21 @@ def main(out: str, dest: str) -> None:
     g = sq.gptq(case.model(), params, case.batches(me), case.SCHEMES[1], progress=False)
   for path, x in case.qarrays(g):
     result[f"gptq/{path}/values"] = gather(x.values)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    a = sq.awq(case.model(), params, case.batches(me), case.SCHEMES[1], progress=False)
+  for path, x in case.qarrays(a):
+    result[f"awq/{path}/values"] = gather(x.values)
+    result[f"awq/{path}/scale"] = gather(x.scale)
+    if x.input_scale is not None:
+      result[f"awq/{path}/input_scale"] = gather(x.input_scale)
+  smooth = sq.smoothquant(case.model(), params, case.batches(me), alpha=0.5)
+  scaled = lambda x: isinstance(x, sq.InputScaled)  # noqa: E731
+  for path, x in jax.tree_util.tree_flatten_with_path(smooth, is_leaf=scaled)[0]:
+    if scaled(x):
+      result[f"smoothquant/{case.path_str(path)}"] = gather(x.input_scale)
+  for name, c in sq.calibrate(case.model(), params, case.batches(me)).items():
+    result[f"calibrate/{name}"] = np.array([c.act_min, c.act_max], np.float64)
   # Streaming: each process reads only its part of every leaf it can split.
   read = {"bytes": 0}
   regions = checkpoint.iter_float_regions

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from llm_models import Llama, LlamaConfig
 
 import sensorquant_jax as sq
-from sensorquant_jax._src.tree_paths import path_str
+from sensorquant_jax._src.tree_paths import path_str as path_str
 
 ORACLE = os.path.join(os.path.dirname(__file__), "fixtures", "oracle", "per_tensor_cases.npz")
 SCHEMES = ("symmetric_per_channel_int8", "asymmetric_per_group_int4")

@@ -427,7 +427,10 @@ def run(
         )
       assert total is not None
       group.append((m, total))
-    complete = {leaf for leaf, c in last_cut.items() if c == s}
+    # Sorted, not a set: every process must take the same steps in the same order (a
+    # set of strings iterates in an order that differs between processes), or their
+    # collectives pair up across different leaves.
+    complete = sorted(leaf for leaf, c in last_cut.items() if c == s)
     new = finalize(group, rows_of, complete) or {}
     for leaf, value in new.items():
       values[where[leaf]] = value

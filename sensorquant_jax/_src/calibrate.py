@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import capture, gptq, options, transform
+from sensorquant_jax._src import capture, distributed, gptq, options, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.calibration import LayerCalibration
 from sensorquant_jax._src.convert import default_layer_name
@@ -120,7 +120,10 @@ def calibrate(
     raise ValueError("the mse observer reads the batches twice: pass a sequence or a callable")
 
   def iterate():
-    return batches() if callable(batches) else iter(batches)
+    read = batches() if callable(batches) else iter(batches)
+    if distributed.is_multiprocess():  # batch i of every process forms one global batch
+      return map(distributed.process_local_batch, read)
+    return read
 
   scales = _input_scales(params)
   float_params = params
