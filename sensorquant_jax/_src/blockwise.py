@@ -67,7 +67,7 @@ class Matrix:
 
 Stats = dict[str, jax.Array]
 Finalize = Callable[
-  [Sequence[tuple[Matrix, Stats]], Callable[[Matrix], Iterator[jax.Array]], set[str]], Any
+  [Sequence[tuple[Matrix, Stats]], Callable[[Matrix], Iterator[jax.Array]], list[str]], Any
 ]
 
 
@@ -318,9 +318,9 @@ def run(
   batches (:func:`sensorquant_jax._src.transform.combine`), and
   ``finalize(group, rows_of, complete)`` is called with ``[(matrix, stats), ...]``,
   a function yielding a matrix's rows batch by batch (for a second reduction)
-  and the leaves whose last matrix is in this group. It returns ``{leaf path:
-  new float value}`` for the stages after it to read (the sequential mode), or
-  ``None``.
+  and the leaves whose last matrix is in this group (sorted). It returns
+  ``{leaf path: new float value}`` for the stages after it to read (the
+  sequential mode), or ``None``.
 
   Args:
     fn: ``f(params, *batch)``.
