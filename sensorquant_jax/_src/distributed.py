@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -114,9 +115,11 @@ def launch(
   """Runs ``python argv...`` in ``processes`` local processes joined by ``jax.distributed``.
 
   Each child finds its coordinator, count and index in its environment (read
-  by :func:`initialize`). When one exits with an error or is killed, the
-  others get ``grace_s`` seconds to notice and exit themselves, then are
-  killed; a line on stderr names every process that failed and how.
+  by :func:`initialize`). Their stdout is passed on a line at a time (without
+  gloo's connection notices), their stderr as it is. When one exits with an
+  error or is killed, the others get ``grace_s`` seconds to notice and exit
+  themselves, then are killed; a line on stderr names every process that
+  failed and how.
 
   Args:
     argv: the arguments after ``python`` (e.g. ``["-m", "sensorquant_jax", ...]``).
@@ -140,11 +143,14 @@ def launch(
     flags = base.get("XLA_FLAGS", "").split()
     flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
     base["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-  children = []
+  children, relays = [], []
   for i in range(processes):
     child_env = dict(base)
     child_env[PROCESS_ID] = str(i)
-    children.append(subprocess.Popen([sys.executable, *argv], env=child_env))
+    child = subprocess.Popen([sys.executable, *argv], env=child_env, stdout=subprocess.PIPE)
+    children.append(child)
+    relays.append(threading.Thread(target=_relay, args=(child.stdout,), daemon=True))
+    relays[-1].start()
   start = time.monotonic()
   failed: dict[int, int] = {}
   first_failure = None
@@ -172,6 +178,8 @@ def launch(
         c.kill()
         c.wait()
         failed.setdefault(i, -signal.SIGKILL)
+  for relay in relays:
+    relay.join(timeout=5)
   real = {i: code for i, code in failed.items() if i >= 0}
   if real:
     print(
@@ -182,6 +190,21 @@ def launch(
     return 0
   code = next(iter(failed.values()))
   return 128 - code if code < 0 else code
+
+
+def _relay(stream: Any) -> None:
+  """Copies a child's stdout to ours a whole line at a time (the children's lines never
+  interleave mid-line), leaving out gloo's connection notices."""
+  out = getattr(sys.stdout, "buffer", None)
+  for line in iter(stream.readline, b""):
+    if line.startswith(b"[Gloo] "):
+      continue
+    if out is not None:
+      out.write(line)
+      out.flush()
+    else:
+      sys.stdout.write(line.decode(errors="replace"))
+  stream.close()
 
 
 def _how(code: int) -> str:
