@@ -117,3 +117,9 @@ def write_source(path: str) -> dict:
   }
   save_file(arrays, path)
   return arrays
+
+
+def rule_json(rule: sq.Rule) -> list:
+  """A policy rule as JSON-able values (to compare what two processes chose)."""
+  axes = None if rule.axes is None else list(rule.axes)
+  return [rule.pattern, rule.scheme, axes, rule.block_size]

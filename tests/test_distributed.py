@@ -230,6 +230,19 @@ def test_awq_smoothquant_calibrate_with_batches_on_each_process(run):
   assert abs(e_across - e_one) < 0.02 * e_one
 
 
+def test_auto_policy_with_batches_on_each_process(run):
+  import json
+
+  _, got = run
+  budget = sq.Budget(min_sqnr_db=25.0, max_output_error=0.002)
+  policy = sq.auto_policy(
+    case.float_params(), budget=budget, model=case.model(), batches=_every_batch()
+  )
+  rules = [case.rule_json(r) for r in policy.rules]
+  assert json.loads(bytes(got["policy"]).decode()) == rules
+  assert len({r[1] for r in rules}) >= 2  # the budget took more than one scheme
+
+
 def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
   port = distributed.free_port()
   dest = tmp_path / "ckpt"

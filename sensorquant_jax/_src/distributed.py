@@ -197,7 +197,8 @@ def _relay(stream: Any) -> None:
   interleave mid-line), leaving out gloo's connection notices."""
   out = getattr(sys.stdout, "buffer", None)
   for line in iter(stream.readline, b""):
-    if line.startswith(b"[Gloo] "):
+    # "[Gloo] Rank 0 is connected to 1 peer ranks...", at times split by another thread's
+    if b"peer ranks" in line and (line.startswith(b"[Gloo]") or b"is connected to" in line):
       continue
     if out is not None:
       out.write(line)
@@ -332,3 +333,12 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: Any) -> np.ndarray:
+  """``x`` whole as a numpy array on every process (gathered when it spans processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -15,9 +15,10 @@ import numpy as np
 
 from sensorquant_jax._src import awq as awq_mod
 from sensorquant_jax._src import blockwise as blockwise_mod
-from sensorquant_jax._src import capture, options, schemes, transform
+from sensorquant_jax._src import capture, distributed, options, schemes, transform
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.batching import as_args
+from sensorquant_jax._src.distributed import to_host
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.quantize import (
   MIN_SIZE,
@@ -124,6 +125,11 @@ def auto_policy(
   """
   if not isinstance(budget, Budget):
     budget = Budget(min_sqnr_db=float(budget))
+  if distributed.is_multiprocess():  # batch i of every process forms one global batch
+    if batches is not None:
+      batches = [distributed.process_local_batch(b) for b in batches]
+    if labels is not None:
+      labels = [distributed.process_local_batch(np.asarray(lab)) for lab in labels]
   if budget.max_bits_per_weight is not None:
     others = (budget.min_sqnr_db, budget.max_output_error, budget.max_accuracy_drop)
     if any(x is not None for x in others):
@@ -149,13 +155,11 @@ def auto_policy(
     path = path_str(p)
     if not is_float_array(x) or x.ndim < 2 or x.size < min_size:
       continue
-    w = np.asarray(x)
+    w = to_host(x)
     opts: list[tuple[str | None, int, float]] = []
     for scheme in CANDIDATES:
       q = quantize({"w": w}, rules=[("^w$", scheme)])["w"]
-      opts.append(
-        (scheme, q.nbytes, error_stats(w, np.asarray(q.dequantize(jnp.float32)))["sqnr_db"])
-      )
+      opts.append((scheme, q.nbytes, error_stats(w, to_host(q.dequantize(jnp.float32)))["sqnr_db"]))
     opts.sort(key=lambda o: o[1])
     opts.append((None, int(w.nbytes), float("inf")))
     options[path] = opts
@@ -179,12 +183,12 @@ def auto_policy(
   if needs_model:
     assert batches is not None  # checked above
     ref_fn = jax.jit(gptq_mod.as_function(model))
-    refs = [np.asarray(ref_fn(params, *as_args(b))) for b in batches]
+    refs = [to_host(ref_fn(params, *as_args(b))) for b in batches]
     base_acc = _accuracy(refs, labels) if labels is not None else None
 
     def misses():
       q = dequantize(quantize(params, rules=_rules(options, level), min_size=min_size))
-      outs = [np.asarray(ref_fn(q, *as_args(b))) for b in batches]
+      outs = [to_host(ref_fn(q, *as_args(b))) for b in batches]
       why = []
       if budget.max_output_error is not None:
         num = sum(float(np.sum((y - r) ** 2)) for y, r in zip(outs, refs, strict=True))
@@ -213,9 +217,9 @@ def auto_policy(
 
 def _accuracy(outputs, labels) -> float:
   correct = sum(
-    int(np.sum(o.argmax(-1) == np.asarray(lab))) for o, lab in zip(outputs, labels, strict=True)
+    int(np.sum(o.argmax(-1) == to_host(lab))) for o, lab in zip(outputs, labels, strict=True)
   )
-  return correct / max(sum(np.asarray(lab).size for lab in labels), 1)
+  return correct / max(sum(int(np.size(lab)) for lab in labels), 1)
 
 
 def _rules(options, level) -> tuple[Rule, ...]:
@@ -316,8 +320,8 @@ def _leaf_options(path, x, entries, h_layer, uses, method) -> list[_Option]:
         continue
       qa, err = got
     elif h_layer is None:
-      dq = np.asarray(qa.dequantize(jnp.float32))
-      err = error_stats(np.asarray(x), dq)["rel_l2_error"] ** 2
+      dq = to_host(qa.dequantize(jnp.float32))
+      err = error_stats(to_host(x), dq)["rel_l2_error"] ** 2
     else:
       h, act, layer = h_layer
       if method == "gptq":
