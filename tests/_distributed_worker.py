@@ -106,6 +106,8 @@ def main(out: str, dest: str) -> None:
       result[f"smoothquant/{case.path_str(path)}"] = gather(x.input_scale)
   for name, c in sq.calibrate(case.model(), params, case.batches(me)).items():
     result[f"calibrate/{name}"] = np.array([c.act_min, c.act_max], np.float64)
+  rep = sq.report(params, q8, model=case.model(), batches=case.batches(me), show=False)
+  result["report"] = np.array(json.dumps(rep).encode())
   budget = sq.Budget(min_sqnr_db=25.0, max_output_error=0.002)
   policy = sq.auto_policy(params, budget=budget, model=case.model(), batches=case.batches(me))
   result["policy"] = np.array(json.dumps([case.rule_json(r) for r in policy.rules]).encode())

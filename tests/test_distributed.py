@@ -243,6 +243,19 @@ def test_auto_policy_with_batches_on_each_process(run):
   assert len({r[1] for r in rules}) >= 2  # the budget took more than one scheme
 
 
+def test_report_with_batches_on_each_process(run):
+  import json
+
+  _, got = run
+  params = case.float_params()
+  q8 = sq.quantize(params, case.SCHEMES[0])
+  expected = sq.report(params, q8, model=case.model(), batches=_every_batch(), show=False)
+  mine = json.loads(bytes(got["report"]).decode())
+  assert mine["layers"] == expected["layers"] and mine["totals"] == expected["totals"]
+  for key, value in expected["output"].items():  # the forward is split differently
+    assert mine["output"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
 def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
   port = distributed.free_port()
   dest = tmp_path / "ckpt"

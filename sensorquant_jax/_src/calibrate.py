@@ -122,7 +122,7 @@ def calibrate(
   def iterate():
     read = batches() if callable(batches) else iter(batches)
     if distributed.is_multiprocess():  # batch i of every process forms one global batch
-      return map(distributed.process_local_batch, read)
+      return (distributed.process_local_batch(b, params) for b in read)
     return read
 
   scales = _input_scales(params)

@@ -218,7 +218,7 @@ def _how(code: int) -> str:
   return f"exited with status {code}"
 
 
-def process_local_batch(batch: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+def process_local_batch(batch: Any, like: Any = None) -> Any:
   """One global batch from each process's own rows (axis 0), for calibration.
 
   Every array leaf of ``batch`` becomes a global array whose axis 0 is the
@@ -228,18 +228,17 @@ def process_local_batch(batch: Any, mesh: jax.sharding.Mesh | None = None) -> An
 
   Args:
     batch: this process's batch (a pytree; the same shapes on every process).
-    mesh: the mesh whose devices hold the rows (default: the first array's
-      mesh, else every device, by process).
+    like: the params the batch meets (any pytree): the batch goes on their mesh
+      (one program has one mesh), split along the mesh axes that separate the
+      processes; without one, or when no such axes exist, on
+      :func:`processes_mesh`.
 
   Returns:
     The global batch.
   """
   if jax.process_count() == 1:
     return batch
-  if mesh is None:
-    mesh = processes_mesh()
-  spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
-  sharding = jax.sharding.NamedSharding(mesh, spec)
+  sharding = batch_sharding(like)
 
   def one(x):
     if not hasattr(x, "shape") or not hasattr(x, "dtype") or not np.ndim(x):
@@ -249,6 +248,37 @@ def process_local_batch(batch: Any, mesh: jax.sharding.Mesh | None = None) -> An
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree_util.tree_map(one, batch)
+
+
+def batch_sharding(like: Any = None) -> jax.sharding.NamedSharding:
+  """How a global batch is laid out: rows split by process, on ``like``'s mesh if it has
+  axes that separate the processes (see :func:`process_local_batch`)."""
+  for x in jax.tree_util.tree_leaves(like):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not x.is_fully_addressable:
+      mesh = sharding.mesh
+      found = _by_process(mesh) if isinstance(mesh, jax.sharding.Mesh) else None
+      if found is not None:
+        return found
+      break
+  mesh = processes_mesh()
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+
+
+def _by_process(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding | None:
+  """A sharding of ``mesh`` giving process p exactly block p of axis 0, if one exists."""
+  names = list(mesh.axis_names)
+  for group in [(n,) for n in names] + [tuple(names)]:
+    spec = jax.sharding.PartitionSpec(group if len(group) > 1 else group[0])
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    blocks = sharding.devices_indices_map((jax.process_count(),))
+    if all(
+      index[0].indices(jax.process_count())[:2] == (p, p + 1)
+      for d, index in blocks.items()
+      for p in [getattr(d, "process_index", 0)]
+    ):
+      return sharding
+  return None
 
 
 def processes_mesh(devices_per_process: int | None = None) -> jax.sharding.Mesh:

@@ -576,7 +576,7 @@ def begin(model, params, batches, scheme, rules, min_size, like=None, layers=Tru
     and the model's Dense/DenseGeneral layers whose kernel is quantized (none
     unless ``layers``: block by block finds every kernel at the op).
   """
-  iterate = reader(batches)
+  iterate = reader(batches, params)
   rtn = quantize(params, scheme, rules, min_size=min_size, like=like)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(rtn, is_leaf=is_qarray)
   current = [x for _, x in leaves]
@@ -612,7 +612,7 @@ def weight_layers(model, params, iterate, where, current, layers=True) -> list[c
   ]
 
 
-def reader(batches: Batches) -> Callable[[], Iterable[Any]]:
+def reader(batches: Batches, like: Any = None) -> Callable[[], Iterable[Any]]:
   """``batches`` as a callable returning a fresh iterable (they are read more than once)."""
   if callable(batches):
     read = batches
@@ -625,4 +625,4 @@ def reader(batches: Batches) -> Callable[[], Iterable[Any]]:
   if not distributed.is_multiprocess():
     return read
   # Each process passes its own batches: batch i of every process forms one global batch.
-  return lambda: map(distributed.process_local_batch, read())
+  return lambda: (distributed.process_local_batch(b, like) for b in read())

@@ -127,9 +127,9 @@ def auto_policy(
     budget = Budget(min_sqnr_db=float(budget))
   if distributed.is_multiprocess():  # batch i of every process forms one global batch
     if batches is not None:
-      batches = [distributed.process_local_batch(b) for b in batches]
+      batches = [distributed.process_local_batch(b, params) for b in batches]
     if labels is not None:
-      labels = [distributed.process_local_batch(np.asarray(lab)) for lab in labels]
+      labels = [distributed.process_local_batch(np.asarray(lab), params) for lab in labels]
   if budget.max_bits_per_weight is not None:
     others = (budget.min_sqnr_db, budget.max_output_error, budget.max_accuracy_drop)
     if any(x is not None for x in others):

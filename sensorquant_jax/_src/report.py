@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import fileio
+from sensorquant_jax._src import distributed, fileio
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.convert import default_layer_name
+from sensorquant_jax._src.distributed import to_host
 from sensorquant_jax._src.options import Mode
 from sensorquant_jax._src.qarray import is_qarray
 from sensorquant_jax._src.quantize import nbytes
@@ -51,7 +52,8 @@ def report(
     params: the float tree.
     qparams: ``quantize(params, ...)``.
     model: optional Linen model, run float and via ``sq.apply(..., mode)``.
-    batches: model inputs for the fidelity check.
+    batches: model inputs for the fidelity check (across processes, each
+      process's own: batch i of every process forms one global batch).
     labels: integer labels per batch: adds accuracy (argmax) and its change.
     mode: inference mode for the quantized model.
     show: print the table (rich).
@@ -61,7 +63,8 @@ def report(
       (never another kind of file). Both are checked before any work.
 
   Returns:
-    ``{"layers": [...], "totals": {...}, "output": {...} or None}``.
+    ``{"layers": [...], "totals": {...}, "output": {...} or None}``, on every
+    process (only process 0 prints and writes the files).
 
   Raises:
     DestinationError: a path holds something we must not replace.
@@ -82,7 +85,7 @@ def report(
     path = path_str(p)
     if not is_qarray(q) or path not in floats:
       continue
-    w = np.asarray(floats[path])
+    w = to_host(floats[path])
     row = {
       "name": default_layer_name(path),
       "path": path,
@@ -91,13 +94,15 @@ def report(
       "bytes_before": int(w.size * w.dtype.itemsize),
       "bytes_after": int(q.nbytes),
     }
-    row.update(error_stats(w, np.asarray(q.dequantize(jnp.float32))))
+    row.update(error_stats(w, to_host(q.dequantize(jnp.float32))))
     layers.append(row)
   totals = {"bytes_before": nbytes(params), "bytes_after": nbytes(qparams)}
   output = None
   if model is not None and batches is not None:
     output = _fidelity(model, params, qparams, batches, labels, mode)
   result = {"layers": layers, "totals": totals, "output": output}
+  if jax.process_index():  # across processes, process 0 prints and writes for all
+    return result
   if show:
     _print(result)
   if "report JSON" in targets:
@@ -120,21 +125,21 @@ def _is_png(path: str) -> bool:
 def _fidelity(model, params, qparams, batches, labels, mode) -> dict[str, float]:
   from sensorquant_jax._src.linen import apply
 
-  f_fn = jax.jit(lambda *a: model.apply(params, *a))
+  f_fn = jax.jit(lambda p, *a: model.apply(p, *a))
   q_fn = jax.jit(lambda q, *a: apply(model, q, *a, mode=mode))
   dot = nf = nq = 0.0
   max_err = 0.0
   correct_f = correct_q = n = 0
   for i, batch in enumerate(batches):
-    args = as_args(batch)
-    yf = np.asarray(f_fn(*args), np.float64)
-    yq = np.asarray(q_fn(qparams, *args), np.float64)
+    args = as_args(distributed.process_local_batch(batch, params))
+    yf = to_host(f_fn(params, *args)).astype(np.float64)
+    yq = to_host(q_fn(qparams, *args)).astype(np.float64)
     dot += float(np.sum(yf * yq))
     nf += float(np.sum(yf * yf))
     nq += float(np.sum(yq * yq))
     max_err = max(max_err, float(np.max(np.abs(yf - yq))))
     if labels is not None:
-      lab = np.asarray(labels[i])
+      lab = to_host(distributed.process_local_batch(np.asarray(labels[i]), params))
       correct_f += int(np.sum(yf.argmax(-1) == lab))
       correct_q += int(np.sum(yq.argmax(-1) == lab))
       n += lab.size

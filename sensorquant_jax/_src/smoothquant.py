@@ -87,7 +87,7 @@ def smoothquant(
   """
   if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
     raise ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
-  iterate = reader(batches)
+  iterate = reader(batches, params)
   first = next(iter(iterate()), None)
   if first is None:
     raise ValueError("no batches")
