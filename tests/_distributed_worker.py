@@ -108,8 +108,7 @@ def main(out: str, dest: str) -> None:
     result[f"calibrate/{name}"] = np.array([c.act_min, c.act_max], np.float64)
   rep = sq.report(params, q8, model=case.model(), batches=case.batches(me), show=False)
   result["report"] = np.array(json.dumps(rep).encode())
-  budget = sq.Budget(min_sqnr_db=25.0, max_output_error=0.002)
-  policy = sq.auto_policy(params, budget=budget, model=case.model(), batches=case.batches(me))
+  policy = sq.auto_policy(params, budget=sq.Budget(min_sqnr_db=case.POLICY_SQNR_DB))
   result["policy"] = np.array(json.dumps([case.rule_json(r) for r in policy.rules]).encode())
   # Streaming: each process reads only its part of every leaf it can split.
   read = {"bytes": 0}

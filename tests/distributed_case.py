@@ -13,8 +13,9 @@ from sensorquant_jax._src.tree_paths import path_str as path_str
 
 ORACLE = os.path.join(os.path.dirname(__file__), "fixtures", "oracle", "per_tensor_cases.npz")
 SCHEMES = ("symmetric_per_channel_int8", "asymmetric_per_group_int4")
-CFG = LlamaConfig(vocab=256, dim=128, heads=2, hidden=256, layers=2)
+CFG = LlamaConfig(vocab=256, dim=128, heads=2, hidden=256, layers=1)
 PROCESSES, BATCHES = 2, 3
+POLICY_SQNR_DB = 40.0  # takes two schemes on these params
 
 
 def model() -> Llama:
