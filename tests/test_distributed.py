@@ -42,31 +42,17 @@ def _env(process: int, port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """The ``main`` scenario's outputs, run once by ``distributed.launch`` however many
-  pytest-xdist workers ask for it (the first one runs it, the others wait)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this run's folder, shared by its workers
-  out = base / "distributed_main"
-  out.mkdir(exist_ok=True)
-  try:
-    os.close(os.open(out / "started", os.O_CREAT | os.O_EXCL))
-  except FileExistsError:
-    deadline = time.monotonic() + TIMEOUT_S + 60
-    while not (out / "code").exists():
-      assert time.monotonic() < deadline, "the other test worker never finished the run"
-      time.sleep(0.2)
-  else:
-    case.write_source(str(out / "src.safetensors"))
-    code = distributed.launch(
-      [WORKER, "main", str(out), str(out / "ckpt")],
-      case.PROCESSES,
-      devices=4,
-      timeout_s=TIMEOUT_S,
-      grace_s=30,
-    )
-    (out / "code").write_text(str(code))
-  assert (out / "code").read_text() == "0", "the worker processes failed (see their output)"
+  """The ``main`` scenario's outputs (``distributed.launch``: 2 processes x 4 devices)."""
+  out = tmp_path_factory.mktemp("distributed_main")
+  case.write_source(str(out / "src.safetensors"))
+  code = distributed.launch(
+    [WORKER, "main", str(out), str(out / "ckpt")],
+    case.PROCESSES,
+    devices=4,
+    timeout_s=TIMEOUT_S,
+    grace_s=30,
+  )
+  assert code == 0, "the worker processes failed (their output is above)"
   data = np.load(out / "main.npz")
   return out, {k: data[k] for k in data.files}
 
@@ -75,7 +61,7 @@ def _this_mesh(shape=(2, 4)):
   return case.mesh(np.array(jax.devices()).reshape(shape))
 
 
-def test_per_tensor_int8_matches_the_rust_oracle_across_processes(run):
+def _per_tensor_int8_matches_the_rust_oracle(run):
   _, got = run
   cases = case.oracle_inputs()
   assert len(cases) >= 20
@@ -85,8 +71,7 @@ def test_per_tensor_int8_matches_the_rust_oracle_across_processes(run):
     assert got[f"oracle/{name}/scale"].view(np.uint32) == np.float32(scale).view(np.uint32), name
 
 
-@pytest.mark.parametrize("scheme", case.SCHEMES)
-def test_quantize_across_processes_equals_one_process(run, scheme):
+def _quantize_equals_one_process(run, scheme):
   out, got = run
   expected = sq.quantize(case.float_params(), scheme)
   pairs = case.qarrays(expected)
@@ -98,7 +83,7 @@ def test_quantize_across_processes_equals_one_process(run, scheme):
         np.testing.assert_array_equal(got[f"{scheme}/{path}/{field}"], a, err_msg=path)
 
 
-def test_each_process_holds_only_its_shards(run):
+def _each_process_holds_only_its_shards(run):
   out, _ = run
   import json
 
@@ -115,7 +100,7 @@ def test_each_process_holds_only_its_shards(run):
         assert mine <= total, key
 
 
-def test_sharded_forward_equals_one_process_bit_for_bit(run):
+def _sharded_forward_equals_one_process_bit_for_bit(run):
   _, got = run
   mesh = _this_mesh()
   q8 = sq.quantize(case.place(case.float_params(), mesh), case.SCHEMES[0])
@@ -124,8 +109,7 @@ def test_sharded_forward_equals_one_process_bit_for_bit(run):
   assert np.isfinite(got["forward"]).all() and np.abs(got["forward"]).max() > 0
 
 
-@pytest.mark.parametrize("shape, spec", [((1, 8), case.spec_for), ((4, 2), None)])
-def test_saved_across_processes_restores_on_other_meshes(run, shape, spec):
+def _saved_restores_on_other_meshes(run, shape, spec):
   out, got = run
   expected = sq.quantize(case.float_params(), case.SCHEMES[1])
   mesh = _this_mesh(shape)
@@ -153,7 +137,7 @@ def _logits_error(qparams) -> float:
   return float(np.mean((np.asarray(sq.apply(model, qparams, tokens)) - ref) ** 2))
 
 
-def test_gptq_with_batches_on_each_process_equals_one_process_on_all(run):
+def _gptq_with_batches_on_each_process_equals_one_process_on_all(run):
   _, got = run
   every = _every_batch()
   with pytest.warns(UserWarning, match="round-to-nearest kept for params/embed/embedding"):
@@ -188,7 +172,7 @@ def _every_batch():
   return [b for i in range(case.BATCHES) for b in (case.batches(0)[i], case.batches(1)[i])]
 
 
-def test_awq_smoothquant_calibrate_with_batches_on_each_process(run):
+def _awq_smoothquant_calibrate_with_batches_on_each_process(run):
   _, got = run
   params = case.float_params()
   # Ranges are maxima and minima over every token: exact in any order, but the
@@ -230,7 +214,7 @@ def test_awq_smoothquant_calibrate_with_batches_on_each_process(run):
   assert abs(e_across - e_one) < 0.02 * e_one
 
 
-def test_auto_policy_across_processes(run):
+def _auto_policy_chooses_as_one_process(run):
   import json
 
   _, got = run
@@ -240,7 +224,7 @@ def test_auto_policy_across_processes(run):
   assert len({r[1] for r in rules}) >= 2  # the budget took more than one scheme
 
 
-def test_report_with_batches_on_each_process(run):
+def _report_with_batches_on_each_process(run):
   import json
 
   _, got = run
@@ -251,6 +235,23 @@ def test_report_with_batches_on_each_process(run):
   assert mine["layers"] == expected["layers"] and mine["totals"] == expected["totals"]
   for key, value in expected["output"].items():  # the forward is split differently
     assert mine["output"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_one_run_across_processes(run, tmp_path):
+  """Everything the two processes computed in one run, checked here (one test, so that
+  one pytest worker starts the processes while the other goes on with other tests)."""
+  _per_tensor_int8_matches_the_rust_oracle(run)
+  for scheme in case.SCHEMES:
+    _quantize_equals_one_process(run, scheme)
+  _each_process_holds_only_its_shards(run)
+  _sharded_forward_equals_one_process_bit_for_bit(run)
+  _saved_restores_on_other_meshes(run, (1, 8), case.spec_for)
+  _saved_restores_on_other_meshes(run, (4, 2), None)  # transposed
+  _gptq_with_batches_on_each_process_equals_one_process_on_all(run)
+  _awq_smoothquant_calibrate_with_batches_on_each_process(run)
+  _auto_policy_chooses_as_one_process(run)
+  _report_with_batches_on_each_process(run)
+  _streaming_writes_the_one_process_checkpoint(run, tmp_path)
 
 
 def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
@@ -294,7 +295,7 @@ def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".ckpt")]
 
 
-def test_streaming_across_processes_writes_the_one_process_checkpoint(run, tmp_path):
+def _streaming_writes_the_one_process_checkpoint(run, tmp_path):
   out, _ = run
   src = str(out / "src.safetensors")
   one = tmp_path / "one"
@@ -302,9 +303,9 @@ def test_streaming_across_processes_writes_the_one_process_checkpoint(run, tmp_p
   chex.assert_trees_all_equal(sq.restore(out / "streamed"), sq.restore(one))
 
 
-def test_cli_processes_splits_a_checkpoint(run, tmp_path):
-  out, _ = run
-  src = str(out / "src.safetensors")
+def test_cli_processes_splits_a_checkpoint(tmp_path):
+  src = str(tmp_path / "src.safetensors")
+  case.write_source(src)
   dest = tmp_path / "q"
   cmd = [sys.executable, "-m", "sensorquant_jax", "quantize", src, "--out", str(dest)]
   cmd += ["--scheme", sq.PER_TENSOR]
@@ -312,11 +313,11 @@ def test_cli_processes_splits_a_checkpoint(run, tmp_path):
     [*cmd, "--processes", "2"], capture_output=True, text=True, timeout=TIMEOUT_S
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "3 of 4 leaves quantized by 2 processes" in done.stdout
-  assert done.stdout.count("leaves quantized") == 1  # process 0 speaks for both
-  expected = sq.quantize(sq.checkpoint.load_float(src))
-  chex.assert_trees_all_equal(sq.restore(dest), sq.restore(out / "streamed"))
-  assert sq.nbytes(sq.restore(dest)) == sq.nbytes(expected)
+  assert done.stdout.splitlines() == [
+    "3 of 4 leaves quantized by 2 processes: 793.6 kB -> 199.2 kB; saved to " + str(dest)
+  ]  # process 0 speaks for both, and gloo's notices are left out
+  sq.stream.quantize_file(src, tmp_path / "one")
+  chex.assert_trees_all_equal(sq.restore(dest), sq.restore(tmp_path / "one"))
   # Refused before any process starts: one line, exit status 2.
   again = subprocess.run(
     [*cmd, "--processes", "2"], capture_output=True, text=True, timeout=TIMEOUT_S
@@ -325,3 +326,27 @@ def test_cli_processes_splits_a_checkpoint(run, tmp_path):
   assert again.stderr.strip().splitlines() == [
     f"sensorquant: error: {dest}: a checkpoint already exists there; pass --overwrite to replace it"
   ]
+
+
+@pytest.mark.parametrize(
+  "line, noise",
+  [
+    (
+      b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks "
+      b"is : 1\n",
+      True,
+    ),
+    (
+      b"[Gloo] Rank [Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected "
+      b"peer ranks is : 1\n",
+      True,
+    ),  # two threads' pieces, interleaved
+    (b" peer ranks. Expected number of connected peer ranks is : 1\n", True),
+    (b"[Gloo] Rank 1 is connected to 1\n", True),
+    (b"3 of 4 leaves quantized by 2 processes: 793.6 kB -> 199.2 kB; saved to q\n", False),
+    (b"connected to 2 peer ranks: our own words\n", False),
+    (b"\n", False),
+  ],
+)
+def test_launch_leaves_out_only_gloos_notices(line, noise):
+  assert distributed._is_gloo_notice(line) is noise

@@ -170,12 +170,13 @@ def test_bits_budget_on_kernels_found_at_the_op(method, monkeypatch):
   """A plain function with stacked layers: output errors from each layer's own inputs."""
   from tests import llm_models as M
 
-  if method != "rtn":  # every option costs a GPTQ / AWQ run of each kernel: four of the ten
-    monkeypatch.setattr(
-      policy_mod,
-      "BITS_CANDIDATES",
-      ((sq.INT4, 32), (schemes.ASYMMETRIC_INT4, 128), (sq.PER_CHANNEL, None), (sq.PER_BLOCK, None)),
-    )
+  # Four of the ten options (each costs its compilations; all ten at the op are weighed in
+  # tests/test_blockwise.py's bits budget).
+  monkeypatch.setattr(
+    policy_mod,
+    "BITS_CANDIDATES",
+    ((sq.INT4, 32), (schemes.ASYMMETRIC_INT4, 128), (sq.PER_CHANNEL, None), (sq.PER_BLOCK, None)),
+  )
 
   cfg = M.Config(vocab=256, embed=128, heads=1, head_dim=128, hidden=128, layers=1)
   params = M.init_plain(cfg, jax.random.key(0))

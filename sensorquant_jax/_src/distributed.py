@@ -13,6 +13,7 @@ N local processes on this machine with CPU collectives.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -197,8 +198,7 @@ def _relay(stream: Any) -> None:
   interleave mid-line), leaving out gloo's connection notices."""
   out = getattr(sys.stdout, "buffer", None)
   for line in iter(stream.readline, b""):
-    # "[Gloo] Rank 0 is connected to 1 peer ranks...", at times split by another thread's
-    if b"peer ranks" in line and (line.startswith(b"[Gloo]") or b"is connected to" in line):
+    if _is_gloo_notice(line):
       continue
     if out is not None:
       out.write(line)
@@ -206,6 +206,19 @@ def _relay(stream: Any) -> None:
     else:
       sys.stdout.write(line.decode(errors="replace"))
   stream.close()
+
+
+_GLOO_WORDS = re.compile(
+  rb"\[Gloo\]|Rank|is connected to|Expected number of connected|peer ranks|is :|[\d\s.:]"
+)
+
+
+def _is_gloo_notice(line: bytes) -> bool:
+  """Whether ``line`` is (a piece of) gloo's "[Gloo] Rank 0 is connected to 1 peer ranks.
+  Expected number of connected peer ranks is : 1", which its threads write in pieces
+  that interleave mid-line."""
+  words = b"connected" in line or b"Gloo" in line or b"peer ranks" in line
+  return words and not _GLOO_WORDS.sub(b"", line)
 
 
 def _how(code: int) -> str:
