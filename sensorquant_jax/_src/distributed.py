@@ -29,7 +29,7 @@ import numpy as np
 COORDINATOR = "SENSORQUANT_COORDINATOR"
 NUM_PROCESSES = "SENSORQUANT_NUM_PROCESSES"
 PROCESS_ID = "SENSORQUANT_PROCESS_ID"
-HEARTBEAT_S = 10
+HEARTBEAT_S = 20
 """Seconds without a heartbeat after which a process counts as dead: the
 others then stop with an error rather than waiting on it forever."""
 
