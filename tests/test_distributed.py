@@ -346,7 +346,16 @@ def test_cli_processes_splits_a_checkpoint(tmp_path):
     (b"3 of 4 leaves quantized by 2 processes: 793.6 kB -> 199.2 kB; saved to q\n", False),
     (b"connected to 2 peer ranks: our own words\n", False),
     (b"\n", False),
+    (b"1\n", False),  # a number of ours
   ],
 )
 def test_launch_leaves_out_only_gloos_notices(line, noise):
   assert distributed._is_gloo_notice(line) is noise
+
+
+def test_launch_leaves_out_a_count_split_off_a_notice():
+  notice = b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
+  assert distributed._is_gloo_notice(notice + b"ranks is : \n")  # its count on the next line
+  assert distributed._is_gloo_notice(b"1\n", after_notice=True)
+  assert not distributed._is_gloo_notice(b"4 of 4 leaves quantized\n", after_notice=True)
+  assert not distributed._is_gloo_notice(b"\n", after_notice=True)

@@ -197,9 +197,12 @@ def _relay(stream: Any) -> None:
   """Copies a child's stdout to ours a whole line at a time (the children's lines never
   interleave mid-line), leaving out gloo's connection notices."""
   out = getattr(sys.stdout, "buffer", None)
+  after_notice = False
   for line in iter(stream.readline, b""):
-    if _is_gloo_notice(line):
+    if _is_gloo_notice(line, after_notice):
+      after_notice = True
       continue
+    after_notice = False
     if out is not None:
       out.write(line)
       out.flush()
@@ -213,12 +216,14 @@ _GLOO_WORDS = re.compile(
 )
 
 
-def _is_gloo_notice(line: bytes) -> bool:
+def _is_gloo_notice(line: bytes, after_notice: bool = False) -> bool:
   """Whether ``line`` is (a piece of) gloo's "[Gloo] Rank 0 is connected to 1 peer ranks.
   Expected number of connected peer ranks is : 1", which its threads write in pieces
-  that interleave mid-line."""
-  words = b"connected" in line or b"Gloo" in line or b"peer ranks" in line
-  return words and not _GLOO_WORDS.sub(b"", line)
+  that interleave mid-line: a line of its words only, or, right after a notice, of its
+  numbers only (a count split off on a line of its own)."""
+  if _GLOO_WORDS.sub(b"", line) or not line.strip():
+    return False
+  return after_notice or b"connected" in line or b"Gloo" in line or b"peer ranks" in line
 
 
 def _how(code: int) -> str:
