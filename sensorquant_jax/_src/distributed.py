@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sensorquant_jax._src import fileio
+
 COORDINATOR = "SENSORQUANT_COORDINATOR"
 NUM_PROCESSES = "SENSORQUANT_NUM_PROCESSES"
 PROCESS_ID = "SENSORQUANT_PROCESS_ID"
@@ -89,12 +91,7 @@ def initialize(
       initialization_timeout=120,
     )
   except Exception as e:  # JAX raises RuntimeError or XlaRuntimeError
-    raise DistributedError(f"cannot join the other processes: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
+    raise DistributedError(f"cannot join the other processes: {fileio.first_line(e)}") from None
 
 
 def free_port() -> int:
@@ -373,14 +370,6 @@ def _error_type(module: str, name: str, errors: tuple[type[BaseException], ...])
   if isinstance(kind, type) and issubclass(kind, errors):
     return kind
   return DistributedError
-
-
-def barrier(name: str) -> None:
-  """Waits until every process got here (no-op in one process)."""
-  if is_multiprocess():
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def to_host(x: Any) -> np.ndarray:
