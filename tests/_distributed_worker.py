@@ -14,6 +14,9 @@ own batches; then streams OUT/src.safetensors to OUT/streamed. Process 0
 writes the gathered results to OUT/main.npz; each process writes the bytes it
 holds (and read) to OUT/held_<process>.json.
 
+It then does the same in the other model styles (``distributed_case.STYLES``):
+quantizes, runs the quantized forward and (plain function) runs GPTQ.
+
 ``crash``: saves a first checkpoint to DEST, then a second one over it, during
 which process 1 kills itself with SIGKILL (the time in OUT/killed_at).
 """
@@ -124,6 +127,7 @@ def main(out: str, dest: str) -> None:
 
       yield name, shape, dtype, region_counted
 
+  styles(mesh, me, result)
   checkpoint.iter_float_regions = counted
   summary = stream.quantize_file(
     os.path.join(out, "src.safetensors"), os.path.join(out, "streamed")
@@ -133,6 +137,45 @@ def main(out: str, dest: str) -> None:
     json.dump(held, f)
   if me == 0:
     np.savez(os.path.join(out, "main.npz"), **result)
+
+
+def styles(mesh, me: int, result: dict) -> None:
+  """Quantize and the quantized forward in every style; GPTQ on the plain function."""
+  from flax import nnx
+
+  tokens = case.style_tokens()
+  for style, scheme in case.STYLES.items():
+    if style == "nnx":
+      like = (lambda m, t: m(t), tokens)
+      q = sq.nnx.quantize(case.nnx_model(mesh), scheme, min_size=case.STYLE_MIN_SIZE, like=like)
+      pairs = case.nnx_qarrays(q)
+      logits = nnx.jit(lambda m, t: m(t))(q, tokens)
+    else:
+      fn, host = case.plain_model() if style == "plain_scan" else case.linen_model()
+      apply = fn if style == "plain_scan" else fn.apply
+      params = case.place(host, mesh, case.first_axis_spec)
+      like = (apply, tokens)
+      q = sq.quantize(params, scheme, min_size=case.STYLE_MIN_SIZE, like=like)
+      pairs = case.qarrays(q)
+      logits = jax.jit(sq.quantized(apply))(q, tokens)
+    for path, x in pairs:
+      result[f"{style}/{path}/values"] = gather(x.values)
+      result[f"{style}/{path}/scale"] = gather(x.scale)
+    result[f"{style}/forward"] = gather(logits)
+  fn, host = case.plain_model()
+  params = case.place(host, mesh, case.first_axis_spec)
+  like = (fn, tokens)
+  g = sq.gptq(
+    fn,
+    params,
+    case.style_batches(me),
+    case.STYLES["plain_scan"],
+    like=like,
+    min_size=case.STYLE_MIN_SIZE,
+    progress=False,
+  )
+  for path, x in case.qarrays(g):
+    result[f"plain_scan/gptq/{path}/values"] = gather(x.values)
 
 
 def crash(out: str, dest: str) -> None:

@@ -124,3 +124,75 @@ def rule_json(rule: sq.Rule) -> list:
   """A policy rule as JSON-able values (to compare what two processes chose)."""
   axes = None if rule.axes is None else list(rule.axes)
   return [rule.pattern, rule.scheme, axes, rule.block_size]
+
+
+# Other model styles across processes: a plain function of a param dict with a
+# ``lax.scan`` over stacked layers, Linen ``Einsum`` layers under ``nn.scan`` and an NNX
+# model. Each leaf is split between the processes along its first axis (a stack's
+# layer axis, a table's rows, a kernel's input axis) where the count divides it.
+STYLES = {  # style: scheme (the NNX model's kernels are narrower than an int4 group)
+  "plain_scan": "asymmetric_per_group_int4",
+  "linen_einsum_scan": "asymmetric_per_group_int4",
+  "nnx": "symmetric_per_channel_int8",
+}
+STYLE_MIN_SIZE = 256
+STYLE_VOCAB = 512  # the first layer's inputs span as many dimensions as distinct tokens
+
+
+def first_axis_spec(x) -> P:
+  return P("a") if np.ndim(x) >= 2 and x.shape[0] % PROCESSES == 0 else P()
+
+
+def style_tokens() -> np.ndarray:
+  return np.random.default_rng(5).integers(0, STYLE_VOCAB, (4, 16)).astype(np.int32)
+
+
+def style_batches(process: int) -> list[np.ndarray]:
+  """Process ``process``'s GPTQ batches for the plain model: 2 x 8 x 48 tokens each, so
+  that the 1536 tokens of all batches (from 512 distinct ones) exceed every kernel's
+  input width (512).
+
+  With fewer tokens than inputs, ``X^T X`` is singular and GPTQ's int4 codes follow
+  the last bits of the sums: one process alone, given the same tokens in batches of
+  another size, then agrees with itself on only 60-80% of codes (as good a model).
+  """
+  rng = np.random.default_rng(6)
+  every = rng.integers(0, STYLE_VOCAB, (2, PROCESSES, 8, 48)).astype(np.int32)
+  return [every[i, process] for i in range(2)]
+
+
+def plain_model():
+  """``(fn(params, tokens), float params)`` of the plain-function decoder."""
+  import llm_models as M
+
+  cfg = M.Config(vocab=STYLE_VOCAB)
+  params = jax.tree.map(np.asarray, M.init_plain(cfg, jax.random.key(7)))
+  return (lambda p, t: M.plain_forward(p, t, cfg)), params
+
+
+def linen_model():
+  """``(module, float params)`` of the Gemma-style Linen decoder under ``nn.scan``."""
+  import llm_models as M
+
+  model = M.Transformer(M.Config(vocab=STYLE_VOCAB), style="scan")
+  params = model.init(jax.random.key(8), style_tokens())
+  return model, jax.tree.map(np.asarray, params)
+
+
+def nnx_model(m: Mesh | None = None):
+  """The NNX transformer of tests/models.py, its params placed on ``m`` if given."""
+  from flax import nnx
+  from models import NNXTransformer
+
+  model = NNXTransformer(vocab=STYLE_VOCAB, rngs=nnx.Rngs(9))
+  if m is not None:
+    _, state = nnx.split(model, nnx.Param)
+    nnx.update(model, place(state, m, first_axis_spec))
+  return model
+
+
+def nnx_qarrays(qmodel):
+  from flax import nnx
+
+  _, params, _ = nnx.split(qmodel.model, nnx.Param, ...)
+  return qarrays(nnx.to_pure_dict(params))

@@ -237,6 +237,87 @@ def _report_with_batches_on_each_process(run):
     assert mine["output"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
+def _other_styles_equal_one_process(run):
+  """A plain function with a scanned stack, Linen einsum layers under nn.scan and NNX:
+  quantized as one process does, and their quantized forward equal (bit for bit but NNX's)."""
+  from flax import nnx
+
+  _, got = run
+  mesh, tokens = _this_mesh(), case.style_tokens()
+  for style, scheme in case.STYLES.items():
+    if style == "nnx":
+      like = (lambda m, t: m(t), tokens)
+      one = sq.nnx.quantize(case.nnx_model(), scheme, min_size=case.STYLE_MIN_SIZE, like=like)
+      pairs = case.nnx_qarrays(one)
+      on_mesh = sq.nnx.quantize(
+        case.nnx_model(mesh), scheme, min_size=case.STYLE_MIN_SIZE, like=like
+      )
+      logits = nnx.jit(lambda m, t: m(t))(on_mesh, tokens)
+    else:
+      fn, host = case.plain_model() if style == "plain_scan" else case.linen_model()
+      apply = fn if style == "plain_scan" else fn.apply
+      like = (apply, tokens)
+      pairs = case.qarrays(sq.quantize(host, scheme, min_size=case.STYLE_MIN_SIZE, like=like))
+      placed = case.place(host, mesh, case.first_axis_spec)
+      q = sq.quantize(placed, scheme, min_size=case.STYLE_MIN_SIZE, like=like)
+      logits = jax.jit(sq.quantized(apply))(q, tokens)
+    assert len(pairs) >= 5, style
+    for path, x in pairs:
+      np.testing.assert_array_equal(got[f"{style}/{path}/values"], x.values, err_msg=path)
+      np.testing.assert_array_equal(got[f"{style}/{path}/scale"], x.scale, err_msg=path)
+    if style == "nnx":  # its means over activations add more than two terms across devices
+      np.testing.assert_allclose(got[f"{style}/forward"], logits, 1e-5, 1e-6, err_msg=style)
+    else:
+      np.testing.assert_array_equal(got[f"{style}/forward"], np.asarray(logits), err_msg=style)
+
+
+def _gptq_on_a_scanned_plain_function(run):
+  """GPTQ on the plain function whose stacked layers are split between the processes (each
+  holds one layer): the same codes as one process where nothing has drifted yet, and as
+  good a model.
+
+  One process is given batch i of both processes as one batch (what the processes make of
+  them), so that only the order of the sums differs. GPTQ's int4 rounding carries such
+  last-bit differences from column to column and, in its sequential mode, into the next
+  layers' inputs: the first layer's codes agree, later kernels drift apart (one process
+  given the same tokens in batches of another size drifts as far from itself).
+  """
+  _, got = run
+  fn, host = case.plain_model()
+  tokens = case.style_tokens()
+  own = [case.style_batches(p) for p in range(case.PROCESSES)]
+  every = [np.concatenate([b[i] for b in own]) for i in range(len(own[0]))]
+  scheme, like = case.STYLES["plain_scan"], (fn, tokens)
+  one = sq.gptq(fn, host, every, scheme, like=like, min_size=case.STYLE_MIN_SIZE, progress=False)
+  rtn = sq.quantize(host, scheme, like=like, min_size=case.STYLE_MIN_SIZE)
+  equal = total = 0
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(one, is_leaf=sq.is_qarray)
+  across = []
+  for p, x in leaves:
+    if sq.is_qarray(x):
+      path, mine = path_str(p), got[f"plain_scan/gptq/{path_str(p)}/values"]
+      same = mine == np.asarray(x.values)
+      equal, total = equal + int(same.sum()), total + same.size
+      if path.startswith("layers/"):
+        assert same[0].mean() > 0.99, (path, same[0].mean())  # the first layer of the stack
+      x = dataclasses.replace(x, values=jax.numpy.asarray(mine))
+    across.append(x)
+  across = jax.tree_util.tree_unflatten(treedef, across)
+  ref = fn(host, tokens)
+
+  def error(q):
+    return float(np.mean((np.asarray(jax.jit(sq.quantized(fn))(q, tokens)) - ref) ** 2))
+
+  e_one, e_across, e_rtn = error(one), error(across), error(rtn)
+  print(
+    f"plain scan: codes equal {equal / total:.4f}; logits error rtn {e_rtn:.4g} "
+    f"one {e_one:.4g} across {e_across:.4g}"
+  )
+  assert total > 0 and equal / total > 0.9
+  assert e_across < 0.9 * e_rtn and e_one < 0.9 * e_rtn
+  assert abs(e_across - e_one) < 0.02 * e_one
+
+
 def test_one_run_across_processes(run, tmp_path):
   """Everything the two processes computed in one run, checked here (one test, so that
   one pytest worker starts the processes while the other goes on with other tests)."""
@@ -252,6 +333,8 @@ def test_one_run_across_processes(run, tmp_path):
   _auto_policy_chooses_as_one_process(run)
   _report_with_batches_on_each_process(run)
   _streaming_writes_the_one_process_checkpoint(run, tmp_path)
+  _other_styles_equal_one_process(run)
+  _gptq_on_a_scanned_plain_function(run)
 
 
 def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):
