@@ -8,7 +8,7 @@ import pytest
 from references import gptq_reference
 
 import sensorquant_jax as sq
-from sensorquant_jax._src import gptq, schemes
+from sensorquant_jax._src import gptq, qarray, schemes
 from tests.trees import op_level_errors
 
 
@@ -56,7 +56,7 @@ def test_matches_the_paper_reference(scheme, act_order):
   rng = np.random.default_rng(4)
   w = rng.normal(size=(k, n)).astype(np.float32)
   rtn = sq.quantize_array(jnp.asarray(w), scheme, block_size=8 if "block" in scheme else None)
-  scale, zero = (np.asarray(a) for a in gptq.grid(rtn))
+  scale, zero = (np.asarray(a) for a in qarray.grid(rtn))
   qmin, qmax = schemes.code_range(scheme)
   h = x.T @ x
   ref = gptq_reference(w, h, scale, zero, qmin, qmax, act_order=act_order)

@@ -19,27 +19,12 @@ from jax import lax
 from sensorquant_jax._src import blockwise, capture, distributed, schemes, transform
 from sensorquant_jax._src.batching import as_args
 from sensorquant_jax._src.options import Scheme
-from sensorquant_jax._src.qarray import QArray, broadcast_blocks, is_qarray
+from sensorquant_jax._src.qarray import QArray, grid, is_qarray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, dequantize, quantize
 from sensorquant_jax._src.scaled import is_input_scaled
 from sensorquant_jax._src.tree_paths import path_str
 
 Batches = Sequence[Any] | Callable[[], Iterable[Any]]
-
-
-def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:
-  """``qa``'s scale and zero point repeated to its logical shape (float32)."""
-  shape = qa.shape
-
-  def full(a):
-    if a is None:
-      return jnp.zeros(shape, jnp.float32)
-    a = a.astype(jnp.float32)
-    if qa.block_size is not None:
-      return broadcast_blocks(a, shape, qa.axes[0], qa.block_size)
-    return jnp.broadcast_to(a, shape)
-
-  return full(qa.scale), full(qa.zero_point)
 
 
 @functools.partial(jax.jit, static_argnames=("qmin", "qmax", "block", "act_order"))

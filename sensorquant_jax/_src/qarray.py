@@ -210,6 +210,21 @@ def broadcast_blocks(a: jax.Array, shape: tuple[int, ...], axis: int, block: int
   return jnp.broadcast_to(jax.lax.slice_in_dim(a, 0, shape[axis], axis=axis), shape)
 
 
+def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:
+  """``qa``'s scale and zero point repeated to its logical shape (float32)."""
+  shape = qa.shape
+
+  def full(a):
+    if a is None:
+      return jnp.zeros(shape, jnp.float32)
+    a = a.astype(jnp.float32)
+    if qa.block_size is not None:
+      return broadcast_blocks(a, shape, qa.axes[0], qa.block_size)
+    return jnp.broadcast_to(a, shape)
+
+  return full(qa.scale), full(qa.zero_point)
+
+
 def _apply_blocks(
   v: jax.Array, scale: jax.Array, axis: int, block: int, zp: jax.Array | None = None
 ) -> jax.Array:

@@ -200,21 +200,31 @@ def axes_from_uses(
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _quantize_leaf(w: jax.Array, spec: schemes.Spec):
+def quantize_leaf_counted(w: jax.Array, spec: schemes.Spec, scale: jax.Array | None = None):
+  """:func:`schemes.quantize_leaf` (jitted) and the leaf's NaN and Inf counts."""
   wf = w.astype(jnp.float32)
   n_nan = jnp.sum(jnp.isnan(wf), dtype=jnp.int32)
   n_inf = jnp.sum(jnp.isinf(wf), dtype=jnp.int32)
-  return schemes.quantize_leaf(w, spec), n_nan, n_inf
+  return schemes.quantize_leaf(w, spec, scale), n_nan, n_inf
 
 
-def _message(path: str, n_nan: int, n_inf: int, size: int) -> str:
+def uses_of(params: Any, like: tuple | None) -> Uses | None:
+  """How ``like``'s computation reads each leaf (``None`` without ``like``)."""
+  if like is None:
+    return None
+  if not isinstance(like, (tuple, list)) or not like or not callable(like[0]):
+    raise ValueError("like must be a tuple (fn, *example_args) with fn(params, *example_args)")
+  return transform.consumers(like[0], _floats(params), *like[1:])
+
+
+def message(path: str, n_nan: int, n_inf: int, size: int) -> str:
   what = ", ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
   return f"{path or '<root>'}: {what} of {size} values"
 
 
 def _raise_in_callback(path: str, size: int, n_nan, n_inf):
   if int(n_nan) or int(n_inf):
-    raise NonFiniteError("non-finite weights: " + _message(path, int(n_nan), int(n_inf), size))
+    raise NonFiniteError("non-finite weights: " + message(path, int(n_nan), int(n_inf), size))
 
 
 def quantize_array(
@@ -325,11 +335,7 @@ def quantize(
   """
   default = schemes.Spec(scheme, division_fix=division_fix)
   rule_list = as_rules(rules)
-  uses = None
-  if like is not None:
-    if not isinstance(like, (tuple, list)) or not like or not callable(like[0]):
-      raise ValueError("like must be a tuple (fn, *example_args) with fn(params, *example_args)")
-    uses = transform.consumers(like[0], _floats(params), *like[1:])
+  uses = uses_of(params, like)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_special)
   out, pending = [], []
   for path, x in leaves:
@@ -344,7 +350,7 @@ def quantize(
     if spec is None:
       out.append(x if scaled is None else scaled)
       continue
-    qa, n_nan, n_inf = _quantize_leaf(x, spec)
+    qa, n_nan, n_inf = quantize_leaf_counted(x, spec)
     if scaled is not None:
       qa = dataclasses.replace(qa, input_scale=scaled.input_scale.astype(jnp.float32))
     out.append(qa)
@@ -358,7 +364,7 @@ def quantize(
   if pending:
     counts = jax.device_get([(a, b) for _, _, a, b in pending])
     bad = [
-      _message(p, int(a), int(b), size)
+      message(p, int(a), int(b), size)
       for (p, size, _, _), (a, b) in zip(pending, counts, strict=True)
       if int(a) or int(b)
     ]

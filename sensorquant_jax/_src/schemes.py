@@ -268,13 +268,20 @@ def _abs_max(w: jax.Array, axis: tuple[int, ...]) -> jax.Array:
 
 
 def _symmetric(
-  w: jax.Array, reduce_axes: tuple[int, ...], fix: bool, qmax: int = 127
+  w: jax.Array,
+  reduce_axes: tuple[int, ...],
+  fix: bool,
+  qmax: int = 127,
+  given: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """``q`` in ``[-qmax, qmax]`` and ``scale = max(max|w| / qmax, 1e-8)``."""
-  m = _abs_max(w, reduce_axes)
-  s0 = _exact_div(m, jnp.float32(qmax))
-  if fix:
-    s0 = _scale_fix(m, s0, qmax)
+  """``q`` in ``[-qmax, qmax]`` and ``scale = max(max|w| / qmax, 1e-8)`` (or ``given``)."""
+  if given is None:
+    m = _abs_max(w, reduce_axes)
+    s0 = _exact_div(m, jnp.float32(qmax))
+    if fix:
+      s0 = _scale_fix(m, s0, qmax)
+  else:
+    s0 = given.astype(jnp.float32)
   scale = jnp.maximum(s0, MIN_SCALE)
   y = _exact_div(w, scale)
   if fix:
@@ -284,25 +291,37 @@ def _symmetric(
 
 
 def _asymmetric(
-  wf: jax.Array, reduce_axes: tuple[int, ...], fix: bool, qmin: int, qmax: int
+  wf: jax.Array,
+  reduce_axes: tuple[int, ...],
+  fix: bool,
+  qmin: int,
+  qmax: int,
+  given: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``q`` in ``[qmin, qmax]``, ``scale = (hi - lo) / (qmax - qmin)`` and the zero point.
+  """``q`` in ``[qmin, qmax]``, ``scale = (hi - lo) / (qmax - qmin)`` (or ``given``) and
+  the zero point.
 
-  The range ``[lo, hi]`` always includes 0, so 0 is exactly representable.
+  The range ``[lo, hi]`` always includes 0, so 0 is exactly representable (with a
+  ``given`` scale, the zero point still places ``lo`` at ``qmin``).
   """
   levels = qmax - qmin
   finite = jnp.where(jnp.isnan(wf), jnp.float32(0), wf)
   lo = jnp.minimum(jnp.min(finite, axis=reduce_axes, keepdims=True), 0)
-  hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
-  span = hi - lo
-  s0 = _exact_div(span, jnp.float32(levels))
-  if fix:
-    s0 = _scale_fix(span, s0, levels)
-  # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
-  # before subtracting there (a finite scale; exactness is moot at that size).
-  s0 = jnp.where(
-    jnp.isinf(span), _exact_div(hi, jnp.float32(levels)) - _exact_div(lo, jnp.float32(levels)), s0
-  )
+  if given is None:
+    hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
+    span = hi - lo
+    s0 = _exact_div(span, jnp.float32(levels))
+    if fix:
+      s0 = _scale_fix(span, s0, levels)
+    # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
+    # before subtracting there (a finite scale; exactness is moot at that size).
+    s0 = jnp.where(
+      jnp.isinf(span),
+      _exact_div(hi, jnp.float32(levels)) - _exact_div(lo, jnp.float32(levels)),
+      s0,
+    )
+  else:
+    s0 = given.astype(jnp.float32)
   scale = jnp.maximum(s0, MIN_SCALE)
   z0 = _exact_div(lo, scale)
   if fix:
@@ -337,8 +356,19 @@ def resolve(spec: Spec, ndim: int, leaf_name: str = "") -> Spec:
   return dataclasses.replace(spec, axes=axes)
 
 
-def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
-  """Quantizes one array under a resolved :class:`Spec` (traceable)."""
+def quantize_leaf(w: jax.Array, spec: Spec, scale: jax.Array | None = None) -> QArray:
+  """Quantizes one array under a resolved :class:`Spec` (traceable).
+
+  Args:
+    w: the array.
+    spec: a resolved spec (:func:`resolve`).
+    scale: a given scale in the QArray's layout (as ``quantize_leaf(w, spec).scale``)
+      instead of the one the scheme computes from ``w`` (learned scales); at least
+      ``1e-8``. The codes, the zero point and the rounding are the scheme's.
+
+  Returns:
+    The :class:`QArray`.
+  """
   dtype = np.dtype(w.dtype)
   fix = _needs_fix(spec)
   ndim = w.ndim
@@ -347,16 +377,16 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
 
   if spec.scheme == PER_TENSOR:
     axes = tuple(range(ndim))
-    q, scale = _symmetric(wf, axes, fix)
+    q, scale = _symmetric(wf, axes, fix, given=scale)
     return QArray(q, scale, None, PER_TENSOR, neg(axes), None, dtype)
 
   if spec.scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL):
     kept = spec.axes or ()
     reduce_axes = tuple(a for a in range(ndim) if a not in kept)
     if spec.scheme == PER_CHANNEL:
-      q, scale = _symmetric(wf, reduce_axes, fix)
+      q, scale = _symmetric(wf, reduce_axes, fix, given=scale)
       return QArray(q, scale, None, PER_CHANNEL, neg(reduce_axes), None, dtype)
-    q, scale, z8 = _asymmetric(wf, reduce_axes, fix, -128, 127)
+    q, scale, z8 = _asymmetric(wf, reduce_axes, fix, -128, 127, given=scale)
     return QArray(
       q.astype(jnp.int8),
       scale,
@@ -375,15 +405,16 @@ def quantize_leaf(w: jax.Array, spec: Spec) -> QArray:
   assert spec.block_size is not None, "Spec fills in the scheme's default"
   block = int(spec.block_size)
   blocks = split_blocks(wf, axis, block)
+  given = None if scale is None else jnp.expand_dims(scale, axis + 1)
   zp: jax.Array | None = None
   if spec.scheme == ASYMMETRIC_INT4:
-    q, scale, z = _asymmetric(blocks, (axis + 1,), fix, 0, 15)
+    q, scale, z = _asymmetric(blocks, (axis + 1,), fix, 0, 15, given=given)
     zp = jnp.squeeze(z, axis + 1).astype(jnp.int8)
   elif spec.scheme == INT4:
-    q, scale = _symmetric(blocks, (axis + 1,), fix, 7)
+    q, scale = _symmetric(blocks, (axis + 1,), fix, 7, given=given)
     q = q + jnp.int8(SYMMETRIC_INT4_ZERO)
   else:
-    q, scale = _symmetric(blocks, (axis + 1,), fix)
+    q, scale = _symmetric(blocks, (axis + 1,), fix, given=given)
   q = merge_blocks(q, axis, wf.shape[axis])
   scale = jnp.squeeze(scale, axis + 1)
   if spec.scheme not in INT4_SCHEMES:
