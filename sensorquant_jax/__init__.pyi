@@ -55,6 +55,12 @@ from sensorquant_jax._src.policy import Policy as Policy
 from sensorquant_jax._src.policy import auto_policy as auto_policy
 from sensorquant_jax._src.qarray import QArray as QArray
 from sensorquant_jax._src.qarray import is_qarray as is_qarray
+from sensorquant_jax._src.qat import QATWeight as QATWeight
+from sensorquant_jax._src.qat import distill as distill
+from sensorquant_jax._src.qat import fake_quant as fake_quant
+from sensorquant_jax._src.qat import is_qat_weight as is_qat_weight
+from sensorquant_jax._src.qat import qat as qat
+from sensorquant_jax._src.qat import qat_export as qat_export
 from sensorquant_jax._src.quantize import MIN_SIZE as MIN_SIZE
 from sensorquant_jax._src.quantize import NonFiniteError as NonFiniteError
 from sensorquant_jax._src.quantize import Rule as Rule

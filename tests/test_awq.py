@@ -107,3 +107,54 @@ def test_awq_on_kernels_found_at_the_op(scheme):
   y = jax.jit(sq.quantized(M.plain_forward))(q, batches[0])
   np.testing.assert_allclose(y, M.plain_forward(sq.dequantize(q), batches[0]), atol=5e-4, rtol=1e-4)
   assert sq.explain(M.plain_forward, q, batches[0]).dequantized == ()
+
+
+@pytest.mark.parametrize(
+  "scheme, block",
+  [(sq.INT4, 32), (sq.ASYMMETRIC_INT4, 32), (sq.PER_BLOCK, 16), (sq.PER_CHANNEL, None)],
+)
+def test_clip_search_picks_each_groups_least_error(scheme, block):
+  """The clipping bound of every group and column gives that group's least output error
+  among the ratios tried, the errors recomputed in float64 numpy."""
+  from sensorquant_jax._src import awq, schemes
+
+  rng = np.random.default_rng(5)
+  k, n = 80, 6  # 80: not a whole number of 32-groups
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  w[rng.integers(0, k, 6), rng.integers(0, n, 6)] *= 6  # outliers worth clipping
+  x = rng.standard_normal((400, k)).astype(np.float32)
+  h = x.T.astype(np.float64) @ x
+  axes = (0,) if block else (1,)
+  spec = schemes.Spec(scheme, axes, block)
+  bound = np.asarray(awq.clip_search(jnp.asarray(w), jnp.asarray(h, jnp.float32), spec=spec))
+  b = block or k
+  ratios = 1 - np.arange(int(awq.CLIP_MAX_SHRINK * awq.CLIP_GRID)) / awq.CLIP_GRID
+
+  def group_errors(limit):
+    q = np.asarray(schemes.quantize_leaf(jnp.clip(w, -limit, limit), spec).dequantize(), np.float64)
+    d = w - q
+    return np.array(
+      [
+        [d[g : g + b, j] @ h[g : g + b, g : g + b] @ d[g : g + b, j] for j in range(n)]
+        for g in range(0, k, b)
+      ]
+    )
+
+  amax = np.array([np.abs(w[g : g + b]).max(0) for g in range(0, k, b)])
+  tried = np.stack([group_errors(np.repeat(r * amax, b, 0)[:k]) for r in ratios])
+  chosen = group_errors(bound)
+  np.testing.assert_allclose(chosen, tried.min(0), rtol=1e-4, atol=1e-6)
+  assert (chosen <= tried[0] * (1 + 1e-5)).all()  # never worse than no clipping
+  if scheme in sq.INT4_SCHEMES:  # 16 levels: the outliers are worth clipping
+    assert (bound < np.abs(w)).any()
+
+
+@pytest.mark.parametrize("scheme", [sq.INT4, sq.ASYMMETRIC_INT4])
+def test_clipping_lowers_the_error_of_the_scaled_model(scheme, setup):
+  model, params, xs = setup
+  plain = sq.awq(model, params, xs, scheme, min_size=1, clip=False, progress=False)
+  clipped = sq.awq(model, params, xs, scheme, min_size=1, progress=False)
+  assert out_error(model, params, clipped, xs) < out_error(model, params, plain, xs)
+  a, b = plain["params"]["fc1"]["kernel"], clipped["params"]["fc1"]["kernel"]
+  np.testing.assert_array_equal(a.input_scale, b.input_scale)  # the scale search is the same
+  assert not np.array_equal(np.asarray(a.values), np.asarray(b.values))

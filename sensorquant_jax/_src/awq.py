@@ -19,7 +19,7 @@ from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
 from sensorquant_jax._src.options import Scheme
-from sensorquant_jax._src.qarray import QArray, is_qarray
+from sensorquant_jax._src.qarray import QArray, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
 
@@ -64,14 +64,90 @@ def search(
   return scale_for(ratios[jnp.argmin(errors)]), errors
 
 
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5
+"""The clipping search's ratios: ``1, 0.95, ..., 0.55`` of each group's largest weight (the
+paper's ``n_grid = 20``, ``max_shrink = 0.5``)."""
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def clip_search(ws: jax.Array, h: jax.Array, *, spec: schemes.Spec) -> jax.Array:
+  """AWQ's weight clipping for one ``[K, N]`` matrix (its AWQ scale already applied).
+
+  For each group of ``spec`` (a block along ``K``; the whole column for
+  per-channel schemes) and each output column, tries the bounds ``r max|w|`` for
+  ``r`` in ``1, 1 - 1/20, ..., 1 - 0.45``: clamps the group to ``[-bound, bound]``,
+  quantizes the matrix and keeps, per group and column, the ``r`` with the least
+  error of that group's share of the output, ``d^T H_gg d`` with ``d = w - Q(clamp
+  w)`` and ``H_gg`` the group's block of the inputs' ``X^T X`` (the paper's
+  objective over the same tokens). ``r = 1`` is no clipping, so no group's error grows.
+
+  Args:
+    ws: the ``[K, N]`` matrix.
+    h: ``X^T X`` of its (scaled) inputs, ``[K, K]``.
+    spec: the matrix's spec: per-block / per-group along axis 0, or per-channel on axis 1.
+
+  Returns:
+    The bound ``[K, N]`` (each group's, repeated over it).
+  """
+  k, n = ws.shape
+  b = spec.block_size if spec.scheme in schemes.BLOCK_SCHEMES else k
+  assert b is not None
+  g = -(-k // b)
+  wf = ws.astype(jnp.float32)
+  hp = jnp.pad(h.astype(jnp.float32), ((0, g * b - k), (0, g * b - k))).reshape(g, b, g, b)
+  at = jnp.arange(g)
+  hd = hp[at, :, at, :]  # [G, B, B]: each group's diagonal block
+  amax = jnp.max(jnp.abs(split_blocks(wf, 0, b)), axis=1)  # [G, N]
+
+  def full(per_group):  # [G, N] -> [K, N]
+    return jnp.repeat(per_group, b, axis=0)[:k]
+
+  def err(r):
+    bound = full(r * amax)
+    q = schemes.quantize_leaf(jnp.clip(wf, -bound, bound), spec).dequantize(jnp.float32)
+    d = split_blocks(wf - q, 0, b)
+    return jnp.einsum("gbn,gbc,gcn->gn", d, hd, d, precision=lax.Precision.HIGHEST)
+
+  steps = int(CLIP_MAX_SHRINK * CLIP_GRID)
+  ratios = 1.0 - jnp.arange(steps, dtype=jnp.float32) / CLIP_GRID
+  errors = lax.map(err, ratios)  # [R, G, N]
+  return full(ratios[jnp.argmin(errors, axis=0)] * amax)
+
+
+def clip_spec(sub: schemes.Spec, n_in: int) -> schemes.Spec | None:
+  """The spec the clipping search runs with for a matrix searched with ``sub``, or ``None``
+  where it does not apply (per-tensor: one group; a leaf searched whole over several axes)."""
+  if n_in != 1 or sub.scheme == schemes.PER_TENSOR:
+    return None
+  return sub
+
+
 def quantize_layer(
-  w: jax.Array, h: jax.Array, act: jax.Array, spec: schemes.Spec, n_in: int, grid: int
+  w: jax.Array,
+  h: jax.Array,
+  act: jax.Array,
+  spec: schemes.Spec,
+  n_in: int,
+  grid: int,
+  clip: bool = True,
 ) -> tuple[QArray, jax.Array]:
-  """AWQ of one kernel: ``Q(w * s)`` with ``input_scale = 1 / s``, and the errors searched."""
+  """AWQ of one kernel: ``Q(clip(w * s))`` with ``input_scale = 1 / s``, and the errors
+  of the scale search (clipping: 2-D kernels, see :func:`clip_search`)."""
   s, errors = search(w, h, act, spec=spec, n_in=n_in, grid=grid)
   bshape = input_scale_shape(w.shape, n_in)
-  qa = schemes.quantize_leaf(w.astype(jnp.float32) * s.reshape(bshape), spec)
+  ws = w.astype(jnp.float32) * s.reshape(bshape)
+  cs = clip_spec(spec, n_in) if clip and w.ndim == 2 else None
+  if cs is not None:
+    bound = clip_search(ws, _scaled_xtx(h, s), spec=cs)
+    ws = jnp.clip(ws, -bound, bound)
+  qa = schemes.quantize_leaf(ws, spec)
   return dataclasses.replace(qa, input_scale=(1.0 / s).reshape(bshape)), errors
+
+
+def _scaled_xtx(h: jax.Array, s: jax.Array) -> jax.Array:
+  """``X^T X`` of the inputs ``x / s`` the scaled kernel reads."""
+  inv = 1.0 / s.reshape(-1)
+  return h * inv[:, None] * inv[None, :]
 
 
 def awq(
@@ -84,6 +160,7 @@ def awq(
   min_size: int = MIN_SIZE,
   like: tuple | None = None,
   grid: int = 20,
+  clip: bool = True,
   blockwise: bool = True,
   progress: bool = True,
 ) -> Any:
@@ -97,7 +174,11 @@ def awq(
   in. The search minimises the layer's output error over the real inputs
   (through ``X^T X``), so it is never worse there than round-to-nearest
   (``r = 0``). The scales are not folded into the previous op: the input
-  multiply is kept explicit (it is correct for every graph).
+  multiply is kept explicit (it is correct for every graph). Then, as the
+  paper does, each group's weights are clipped to the fraction of their
+  largest magnitude (1 down to 0.55) that leaves the least output error on the
+  same inputs (:func:`clip_search`; per-group, per-block and per-channel
+  schemes, on matrices with one contracted axis).
 
   Every kernel a ``dot_general`` reads is found at the op (``Dense``,
   ``Einsum`` layers, ``@`` in custom code, scanned stacks): one scale search
@@ -118,6 +199,7 @@ def awq(
     min_size: as in ``quantize``.
     like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     grid: number of ratios ``r`` tried.
+    clip: search each group's clipping bound after the scale (on by default).
     blockwise: run the model once, block by block; ``False``: passes.
     progress: print one line per layer to stderr.
 
@@ -131,9 +213,9 @@ def awq(
     model, params, batches, scheme, rules, min_size, like, layers=not blockwise
   )
   if blockwise:
-    rest = _blockwise(model, params, iterate, current, where, floats, grid, progress)
+    rest = _blockwise(model, params, iterate, current, where, floats, grid, clip, progress)
     if rest:
-      _op_level(model, params, iterate, rest, floats, current, where, grid, progress)
+      _op_level(model, params, iterate, rest, floats, current, where, grid, clip, progress)
     return jax.tree_util.tree_unflatten(treedef, current)
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
@@ -150,7 +232,7 @@ def awq(
       assert spec is not None  # the leaf was quantized with it
       st = stats[layer.path]
       assert st.xtx is not None
-      new, errors = quantize_layer(w, st.xtx, st.abs_mean, spec, len(layer.axis), grid)
+      new, errors = quantize_layer(w, st.xtx, st.abs_mean, spec, len(layer.axis), grid, clip)
       current[i] = new
       done += 1
       if progress:
@@ -165,7 +247,7 @@ def awq(
   covered = {layer.kernel for layer in found}
   rest = sorted(p for p, i in where.items() if is_qarray(current[i]) and p not in covered)
   if rest:
-    _op_level(model, params, iterate, rest, floats, current, where, grid, progress)
+    _op_level(model, params, iterate, rest, floats, current, where, grid, clip, progress)
   return jax.tree_util.tree_unflatten(treedef, current)
 
 
@@ -213,22 +295,31 @@ def matrix_scale(
   sub: schemes.Spec,
   grid: int,
   n_in: int = 1,
-) -> tuple[jax.Array, float, float]:
-  """AWQ's scale search for one ``[K, N]`` matrix of the float leaf ``w``.
+  clip: bool = True,
+) -> tuple[jax.Array, jax.Array | None, float, float]:
+  """AWQ's scale search (and clipping search) for one ``[K, N]`` matrix of the float leaf ``w``.
 
   ``n_in > 1``: ``w`` is searched as it is (its first ``n_in`` axes
   contracted, ``sub`` its own spec), for block layouts that a ``[K, N]`` view
   cannot hold (groups along one of several contracted axes).
 
   Returns:
-    ``(scale [K], output error round-to-nearest, output error with the scale)``
-    (both relative, in the matrix's own scheme ``sub``).
+    ``(scale [K], clipping bound [K, N] on the scaled matrix or None, output error
+    round-to-nearest, output error with the scale and bound)`` (errors relative, in
+    the matrix's own scheme ``sub``).
   """
   wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
   act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
   sm, errors = search(w if n_in > 1 else wm, st["xtx"], act, spec=sub, n_in=n_in, grid=grid)
   den = jnp.maximum(jnp.sum(jnp.matmul(st["xtx"], wm, precision=lax.Precision.HIGHEST) * wm), 1e-30)
-  return sm, float(errors[0] / den), float(jnp.min(errors) / den)
+  cs = clip_spec(sub, n_in) if clip else None
+  if cs is None:
+    return sm, None, float(errors[0] / den), float(jnp.min(errors) / den)
+  ws = wm * sm[:, None]
+  bound = clip_search(ws, _scaled_xtx(st["xtx"], sm), spec=cs)
+  q = schemes.quantize_leaf(jnp.clip(ws, -bound, bound), cs).dequantize(jnp.float32)
+  after = output_error(wm, q / sm[:, None], st["xtx"])
+  return sm, bound, float(errors[0] / den), after
 
 
 def scale_tensor(
@@ -247,12 +338,23 @@ def scale_tensor(
 
 
 def with_scales(
-  w: jax.Array, qa: QArray, k_axes: tuple[int, ...], scales: Sequence[tuple[tuple, jax.Array]]
+  w: jax.Array,
+  qa: QArray,
+  k_axes: tuple[int, ...],
+  scales: Sequence[tuple[tuple, jax.Array, jax.Array | None]],
 ) -> QArray:
-  """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales, with ``1 / scale``
-  as the input scale (1 where no matrix was measured)."""
-  scale = scale_tensor(w.shape, k_axes, scales)
-  new = schemes.quantize_leaf(w * scale, _leaf_spec(qa))
+  """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales and clipped to their
+  bounds, with ``1 / scale`` as the input scale (1 where no matrix was measured)."""
+  scale = scale_tensor(w.shape, k_axes, [(index, sm) for index, sm, _ in scales])
+  ws = w * scale
+  if any(bound is not None for _, _, bound in scales):
+    limit = jnp.full(w.shape, jnp.inf, jnp.float32)
+    for index, _, bound in scales:
+      if bound is not None:
+        _, put = gptq_mod.sub_matrix(limit, k_axes, index)
+        limit = put(limit, bound)
+    ws = jnp.clip(ws, -limit, limit)
+  new = schemes.quantize_leaf(ws, _leaf_spec(qa))
   return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
 
 
@@ -278,9 +380,10 @@ def awq_entries(
   sub: schemes.Spec,
   grid: int = 20,
   n_in: int = 1,
+  clip: bool = True,
 ) -> tuple[QArray, float, float]:
-  """AWQ of one leaf found at the op: a scale search per matrix, then the leaf quantized
-  once as ``qa`` was, with its scales.
+  """AWQ of one leaf found at the op: a scale (and clipping) search per matrix, then the
+  leaf quantized once as ``qa`` was, with its scales and bounds.
 
   Args:
     w: the float leaf.
@@ -290,14 +393,16 @@ def awq_entries(
     sub: the scheme of one ``[K, N]`` matrix (:func:`entry_spec`).
     grid: ratios tried.
     n_in: as :func:`entry_spec` gives it (then a single matrix, the whole leaf).
+    clip: search the clipping bounds.
 
   Returns:
     ``(new QArray, mean output error before, after)``.
   """
   k_axes = entries[0][0]
-  scales = [
-    (index, matrix_scale(w, k_axes, index, st, sub, grid, n_in)[0]) for _, index, st in entries
-  ]
+  scales = []
+  for _, index, st in entries:
+    sm, bound, _, _ = matrix_scale(w, k_axes, index, st, sub, grid, n_in, clip)
+    scales.append((index, sm, bound))
   new = with_scales(w, qa, k_axes, scales)
   before = after = 0.0
   for _, index, st in entries:
@@ -309,11 +414,11 @@ def awq_entries(
   return new, before, after
 
 
-def _blockwise(model, params, iterate, current, where, floats, grid, progress) -> list[str]:
+def _blockwise(model, params, iterate, current, where, floats, grid, clip, progress) -> list[str]:
   """AWQ block by block on the float model: each matrix's scale searched at its cut (its
   statistics dropped then), each leaf quantized once its last matrix is measured."""
   leaves = {p for p, i in where.items() if is_qarray(current[i])}
-  scales: dict[str, list[tuple[tuple, jax.Array]]] = {}
+  scales: dict[str, list[tuple[tuple, jax.Array, jax.Array | None]]] = {}
   k_of: dict[str, set] = {}
   skipped: dict[str, str] = {}
   done: set[str] = set()
@@ -330,8 +435,8 @@ def _blockwise(model, params, iterate, current, where, floats, grid, progress) -
       sub, n_in = got
       start = time.perf_counter()
       w = jnp.asarray(floats[m.leaf], jnp.float32)
-      sm, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid, n_in)
-      scales.setdefault(m.leaf, []).append((m.index, sm))
+      sm, bound, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid, n_in, clip)
+      scales.setdefault(m.leaf, []).append((m.index, sm, bound))
       if progress:
         where_in = ",".join(f"{a}:{i}" for a, i in m.index)
         print(
@@ -370,7 +475,7 @@ def _blockwise(model, params, iterate, current, where, floats, grid, progress) -
   return sorted(leaves - done)
 
 
-def _op_level(model, params, iterate, leaves, floats, current, where, grid, progress):
+def _op_level(model, params, iterate, leaves, floats, current, where, grid, clip, progress):
   """AWQ of the kernels found at the op: one scale search per matrix (layer of a stack,
   block of a block-diagonal layer), the leaf quantized once with its scales."""
 
@@ -390,7 +495,7 @@ def _op_level(model, params, iterate, leaves, floats, current, where, grid, prog
       continue
     start = time.perf_counter()
     w = jnp.asarray(floats[leaf], jnp.float32)
-    current[i], before, after = awq_entries(w, qa, entries, sub, grid)
+    current[i], before, after = awq_entries(w, qa, entries, sub, grid, clip=clip)
     if progress:
       print(
         f"awq {leaf} ({len(entries)} matrices): output error {before:.3g} -> {after:.3g} "
