@@ -1,4 +1,4 @@
-"""GPTQ, AWQ, SmoothQuant and bits budgets on the bundled HAPT sensor encoder.
+"""GPTQ, AWQ, QAT, SmoothQuant and bits budgets on the bundled HAPT sensor encoder.
 
 Calibration uses the windows of subjects 22-24 of the bundled held-out split;
 accuracy and logit fidelity (mean cosine and relative L2 error against the
@@ -48,13 +48,25 @@ def main():
 
   print(f"  {'variant':44} {'acc':>7} {'change':>6} {'1-cos':>9} {'rel L2':>8} {'s':>6}")
   for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
-    for method in ("rtn", "gptq", "awq"):
+    for method in ("rtn", "gptq", "awq, no clipping", "awq", "awq+gptq", "qat 300 steps"):
       t0 = time.perf_counter()
       if method == "rtn":
         q = sq.quantize(variables, scheme)
-      else:
-        q = (sq.gptq if method == "gptq" else sq.awq)(
-          model, variables, batches, scheme, progress=False
+      elif method == "gptq":
+        q = sq.gptq(model, variables, batches, scheme, progress=False)
+      elif method.startswith("awq"):
+        q = sq.awq(
+          model,
+          variables,
+          batches,
+          scheme,
+          clip="no clipping" not in method,
+          rounding="gptq" if method == "awq+gptq" else "nearest",
+          progress=False,
+        )
+      else:  # distilled from the float model's logits on the calibration windows
+        q = sq.qat_export(
+          sq.distill(model, variables, batches, scheme, steps=300, loss="kl", progress=False)
         )
       row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
   plain = sq.act_scales(sq.calibrate(model, variables, batches))

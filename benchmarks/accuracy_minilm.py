@@ -162,7 +162,7 @@ def stdlib_sentences(n: int) -> list[str]:
     docs = [m.__doc__ or ""] + [
       getattr(m, a).__doc__ or "" for a in dir(m) if not a.startswith("_")
     ]
-    for doc in docs:
+    for doc in (d for d in docs if isinstance(d, str)):  # some classes' __doc__ is a descriptor
       for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
         words = s.split()
         if 6 <= len(words) <= 40 and s not in seen and not s.startswith((">>>", "...")):
@@ -263,15 +263,25 @@ def main():
   if "methods" not in skip:
     for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
       gaps = {}
-      for method in ("rtn", "gptq", "awq"):
+      for method in ("rtn", "gptq", "awq, no clipping", "awq", "awq+gptq"):
         t0 = time.perf_counter()
         if method == "rtn":
           q = sq.quantize(variables, scheme, keep)
+        elif method == "gptq":
+          q = sq.gptq(model, variables, cal, scheme, keep, progress=False)
         else:
-          fn = sq.gptq if method == "gptq" else sq.awq
-          q = fn(model, variables, cal, scheme, keep, progress=False)
+          q = sq.awq(
+            model,
+            variables,
+            cal,
+            scheme,
+            keep,
+            clip="no clipping" not in method,
+            rounding="gptq" if method == "awq+gptq" else "nearest",
+            progress=False,
+          )
         gaps[method] = row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
-      for method in ("gptq", "awq"):
+      for method in ("gptq", "awq, no clipping", "awq", "awq+gptq"):
         print(f"    {method}: recovers {1 - gaps[method] / gaps['rtn']:.0%} of the RTN gap")
   if "w8a8" not in skip:
     plain_scales = sq.act_scales(sq.calibrate(model, variables, cal))

@@ -183,8 +183,39 @@ def test_bits_per_weight_and_method_options(tmp_path, capsys):
     (["--bits-per-weight", "2"], "below the smallest choice"),
     (["--method", "gptq"], "needs a model and its inputs"),
     (["--method", "sgd"], "invalid choice"),
+    (["--method", "qat"], "needs a model and its inputs"),
+    (["--steps", "10"], "--steps sets the training of --method qat"),
+    (["--method", "qat", "--steps", "0"], "--steps"),
+    (["--method", "qat", "--bits-per-weight", "5"], "not qat"),
   ]:
     code = cli.main(["quantize", src, "--out", str(tmp_path / "x"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, (argv, err)
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_quantize_method_qat_and_the_checkpoint_in_a_new_process(tmp_path, capsys):
+  """``--method qat`` trains the bundled model through int4; its checkpoint, restored in a
+  new process and run through ``sq.apply``, gives the accuracy the command printed."""
+  out = str(tmp_path / "qat")
+  argv = ["quantize", "--method", "qat", "--steps", "20", "--scheme", "symmetric_per_group_int4"]
+  assert cli.main([*argv, "--out", out]) == 0
+  printed = capsys.readouterr().out
+  assert "method qat" in printed and "subjects 25-30" in printed
+  line = next(s for s in printed.splitlines() if s.strip().startswith("int4"))
+  accuracy = line.split("accuracy")[1].split(",")[0].strip()
+  code = (
+    "import jax, sys\n"
+    "import sensorquant_jax as sq\n"
+    "from sensorquant_jax._src.example_model import accuracy, load_example\n"
+    "model, _, split = load_example()\n"
+    "held = split['subject'] > 24\n"
+    "q = sq.restore(sys.argv[1])\n"
+    "acc = accuracy(jax.jit(lambda x: sq.apply(model, q, x)), split['x'][held], split['y'][held])\n"
+    "print(f'{acc:.2%}')\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code, out], capture_output=True, text=True, cwd=ROOT, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == accuracy

@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import flax.linen as nn
 import jax
@@ -114,6 +114,17 @@ def clip_search(ws: jax.Array, h: jax.Array, *, spec: schemes.Spec) -> jax.Array
   return full(ratios[jnp.argmin(errors, axis=0)] * amax)
 
 
+Rounding = Literal["nearest", "gptq"]
+
+
+def _gptq_rounded(
+  ws: jax.Array, qa: QArray, entries: Sequence[tuple[tuple[int, ...], tuple, jax.Array]]
+) -> QArray:
+  """``qa`` (the scaled, clipped leaf ``ws`` rounded to nearest) with GPTQ's codes on the
+  same grid, each matrix against its scaled inputs' ``X^T X``."""
+  return gptq_mod.gptq_entries(ws, qa, entries)[0]
+
+
 def clip_spec(sub: schemes.Spec, n_in: int) -> schemes.Spec | None:
   """The spec the clipping search runs with for a matrix searched with ``sub``, or ``None``
   where it does not apply (per-tensor: one group; a leaf searched whole over several axes)."""
@@ -130,9 +141,10 @@ def quantize_layer(
   n_in: int,
   grid: int,
   clip: bool = True,
+  rounding: Rounding = "nearest",
 ) -> tuple[QArray, jax.Array]:
   """AWQ of one kernel: ``Q(clip(w * s))`` with ``input_scale = 1 / s``, and the errors
-  of the scale search (clipping: 2-D kernels, see :func:`clip_search`)."""
+  of the scale search (clipping and GPTQ rounding: 2-D kernels, see :func:`clip_search`)."""
   s, errors = search(w, h, act, spec=spec, n_in=n_in, grid=grid)
   bshape = input_scale_shape(w.shape, n_in)
   ws = w.astype(jnp.float32) * s.reshape(bshape)
@@ -141,6 +153,8 @@ def quantize_layer(
     bound = clip_search(ws, _scaled_xtx(h, s), spec=cs)
     ws = jnp.clip(ws, -bound, bound)
   qa = schemes.quantize_leaf(ws, spec)
+  if rounding == "gptq" and w.ndim == 2 and n_in == 1:
+    qa = _gptq_rounded(ws, qa, [((0,), (), _scaled_xtx(h, s))])
   return dataclasses.replace(qa, input_scale=(1.0 / s).reshape(bshape)), errors
 
 
@@ -161,6 +175,7 @@ def awq(
   like: tuple | None = None,
   grid: int = 20,
   clip: bool = True,
+  rounding: Rounding = "nearest",
   blockwise: bool = True,
   progress: bool = True,
 ) -> Any:
@@ -200,6 +215,9 @@ def awq(
     like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     grid: number of ratios ``r`` tried.
     clip: search each group's clipping bound after the scale (on by default).
+    rounding: ``"nearest"``, or ``"gptq"``: round the scaled, clipped kernels with
+      GPTQ against their scaled inputs (AWQ then GPTQ, on AWQ's grid; each
+      matrix's ``[K, K]`` sum is kept until its leaf is complete).
     blockwise: run the model once, block by block; ``False``: passes.
     progress: print one line per layer to stderr.
 
@@ -213,9 +231,10 @@ def awq(
     model, params, batches, scheme, rules, min_size, like, layers=not blockwise
   )
   if blockwise:
-    rest = _blockwise(model, params, iterate, current, where, floats, grid, clip, progress)
+    opts = (grid, clip, rounding, progress)
+    rest = _blockwise(model, params, iterate, current, where, floats, *opts)
     if rest:
-      _op_level(model, params, iterate, rest, floats, current, where, grid, clip, progress)
+      _op_level(model, params, iterate, rest, floats, current, where, *opts)
     return jax.tree_util.tree_unflatten(treedef, current)
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
@@ -232,7 +251,9 @@ def awq(
       assert spec is not None  # the leaf was quantized with it
       st = stats[layer.path]
       assert st.xtx is not None
-      new, errors = quantize_layer(w, st.xtx, st.abs_mean, spec, len(layer.axis), grid, clip)
+      new, errors = quantize_layer(
+        w, st.xtx, st.abs_mean, spec, len(layer.axis), grid, clip, rounding
+      )
       current[i] = new
       done += 1
       if progress:
@@ -247,7 +268,7 @@ def awq(
   covered = {layer.kernel for layer in found}
   rest = sorted(p for p, i in where.items() if is_qarray(current[i]) and p not in covered)
   if rest:
-    _op_level(model, params, iterate, rest, floats, current, where, grid, clip, progress)
+    _op_level(model, params, iterate, rest, floats, current, where, grid, clip, rounding, progress)
   return jax.tree_util.tree_unflatten(treedef, current)
 
 
@@ -342,9 +363,11 @@ def with_scales(
   qa: QArray,
   k_axes: tuple[int, ...],
   scales: Sequence[tuple[tuple, jax.Array, jax.Array | None]],
+  xtx: Sequence[tuple[tuple, jax.Array]] = (),
 ) -> QArray:
   """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales and clipped to their
-  bounds, with ``1 / scale`` as the input scale (1 where no matrix was measured)."""
+  bounds, with ``1 / scale`` as the input scale (1 where no matrix was measured); rounded
+  by GPTQ where ``xtx`` gives matrices' ``(index, X^T X of the scaled inputs)``."""
   scale = scale_tensor(w.shape, k_axes, [(index, sm) for index, sm, _ in scales])
   ws = w * scale
   if any(bound is not None for _, _, bound in scales):
@@ -355,6 +378,8 @@ def with_scales(
         limit = put(limit, bound)
     ws = jnp.clip(ws, -limit, limit)
   new = schemes.quantize_leaf(ws, _leaf_spec(qa))
+  if xtx:
+    new = _gptq_rounded(ws, new, [(k_axes, index, h) for index, h in xtx])
   return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
 
 
@@ -381,6 +406,7 @@ def awq_entries(
   grid: int = 20,
   n_in: int = 1,
   clip: bool = True,
+  rounding: Rounding = "nearest",
 ) -> tuple[QArray, float, float]:
   """AWQ of one leaf found at the op: a scale (and clipping) search per matrix, then the
   leaf quantized once as ``qa`` was, with its scales and bounds.
@@ -394,16 +420,19 @@ def awq_entries(
     grid: ratios tried.
     n_in: as :func:`entry_spec` gives it (then a single matrix, the whole leaf).
     clip: search the clipping bounds.
+    rounding: ``"gptq"``: GPTQ on the scaled, clipped leaf (``n_in == 1``).
 
   Returns:
     ``(new QArray, mean output error before, after)``.
   """
   k_axes = entries[0][0]
-  scales = []
+  scales, xtx = [], []
   for _, index, st in entries:
     sm, bound, _, _ = matrix_scale(w, k_axes, index, st, sub, grid, n_in, clip)
     scales.append((index, sm, bound))
-  new = with_scales(w, qa, k_axes, scales)
+    if rounding == "gptq" and n_in == 1:
+      xtx.append((index, _scaled_xtx(st["xtx"], sm)))
+  new = with_scales(w, qa, k_axes, scales, xtx)
   before = after = 0.0
   for _, index, st in entries:
     wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
@@ -414,11 +443,14 @@ def awq_entries(
   return new, before, after
 
 
-def _blockwise(model, params, iterate, current, where, floats, grid, clip, progress) -> list[str]:
+def _blockwise(
+  model, params, iterate, current, where, floats, grid, clip, rounding, progress
+) -> list[str]:
   """AWQ block by block on the float model: each matrix's scale searched at its cut (its
   statistics dropped then), each leaf quantized once its last matrix is measured."""
   leaves = {p for p, i in where.items() if is_qarray(current[i])}
   scales: dict[str, list[tuple[tuple, jax.Array, jax.Array | None]]] = {}
+  kept: dict[str, list[tuple[tuple, jax.Array]]] = {}  # GPTQ rounding: scaled X^T X
   k_of: dict[str, set] = {}
   skipped: dict[str, str] = {}
   done: set[str] = set()
@@ -437,6 +469,8 @@ def _blockwise(model, params, iterate, current, where, floats, grid, clip, progr
       w = jnp.asarray(floats[m.leaf], jnp.float32)
       sm, bound, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid, n_in, clip)
       scales.setdefault(m.leaf, []).append((m.index, sm, bound))
+      if rounding == "gptq" and n_in == 1:
+        kept.setdefault(m.leaf, []).append((m.index, _scaled_xtx(st["xtx"], sm)))
       if progress:
         where_in = ",".join(f"{a}:{i}" for a, i in m.index)
         print(
@@ -452,7 +486,11 @@ def _blockwise(model, params, iterate, current, where, floats, grid, clip, progr
       elif got and leaf not in skipped:
         i = where[leaf]
         current[i] = with_scales(
-          jnp.asarray(floats[leaf], jnp.float32), current[i], next(iter(k_of[leaf])), got
+          jnp.asarray(floats[leaf], jnp.float32),
+          current[i],
+          next(iter(k_of[leaf])),
+          got,
+          kept.pop(leaf, ()),
         )
 
   passes = blockwise.run(
@@ -475,7 +513,9 @@ def _blockwise(model, params, iterate, current, where, floats, grid, clip, progr
   return sorted(leaves - done)
 
 
-def _op_level(model, params, iterate, leaves, floats, current, where, grid, clip, progress):
+def _op_level(
+  model, params, iterate, leaves, floats, current, where, grid, clip, rounding, progress
+):
   """AWQ of the kernels found at the op: one scale search per matrix (layer of a stack,
   block of a block-diagonal layer), the leaf quantized once with its scales."""
 
@@ -495,7 +535,7 @@ def _op_level(model, params, iterate, leaves, floats, current, where, grid, clip
       continue
     start = time.perf_counter()
     w = jnp.asarray(floats[leaf], jnp.float32)
-    current[i], before, after = awq_entries(w, qa, entries, sub, grid, clip=clip)
+    current[i], before, after = awq_entries(w, qa, entries, sub, grid, clip=clip, rounding=rounding)
     if progress:
       print(
         f"awq {leaf} ({len(entries)} matrices): output error {before:.3g} -> {after:.3g} "

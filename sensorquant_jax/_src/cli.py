@@ -178,10 +178,15 @@ def cmd_quantize(args) -> None:
       if code:
         raise _Exit(code)
       return
+  if args.steps is not None and args.method != "qat":
+    raise UsageError("--steps sets the training of --method qat: add --method qat or drop it")
+  args.steps = 300 if args.steps is None else args.steps
+  if args.method == "qat" and args.bits_per_weight is not None:
+    raise UsageError("--bits-per-weight weighs rtn, gptq or awq, not qat: drop one of them")
   if args.src is not None and args.method != "rtn":
     raise UsageError(
       f"--method {args.method} needs a model and its inputs: it runs on the bundled model "
-      "(no src); for your own model call sq.gptq / sq.awq"
+      "(no src); for your own model call sq.gptq / sq.awq / sq.distill"
     )
   calibrated = args.method != "rtn" or args.bits_per_weight is not None
   policy = None
@@ -209,6 +214,13 @@ def cmd_quantize(args) -> None:
         qvars = sq.gptq(model, variables, batches, args.scheme, rules, progress=False)
       elif args.method == "awq":
         qvars = sq.awq(model, variables, batches, args.scheme, rules, progress=False)
+      elif args.method == "qat":
+        # No labels: the float model's class distributions are the targets.
+        bar.update(task, description=f"training through quantization ({args.steps} steps)")
+        tree = sq.distill(
+          model, variables, batches, args.scheme, rules, steps=args.steps, loss="kl", progress=False
+        )
+        qvars = sq.qat_export(tree)
       else:
         qvars = sq.quantize(variables, args.scheme, rules)
       config = model.config.to_json()
@@ -556,8 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument(
     "--method",
     default="rtn",
-    choices=("rtn", "gptq", "awq"),
-    help="rounding: to nearest, or GPTQ / AWQ calibrated on the bundled model's inputs",
+    choices=("rtn", "gptq", "awq", "qat"),
+    help="rounding: to nearest, GPTQ / AWQ calibrated on the bundled model's inputs, or "
+    "quantization-aware training distilled from the float model on them",
+  )
+  q.add_argument(
+    "--steps",
+    type=_positive_int,
+    metavar="N",
+    help="training steps of --method qat (default 300)",
   )
   q.add_argument(
     "--bits-per-weight",

@@ -215,6 +215,7 @@ def distill(
   min_size: int = MIN_SIZE,
   like: tuple | None = None,
   output: Callable[..., jax.Array] | None = None,
+  start: Any = None,
   optimizer: Any = None,
   seed: int = 0,
   progress: bool = True,
@@ -234,12 +235,15 @@ def distill(
     batches: model inputs (a tuple or list is the arguments, else the one argument).
     scheme, rules, min_size, like, learn_scales: as for :func:`qat`.
     steps: optimizer steps.
-    learning_rate: Adam's step size (ignored with ``optimizer``).
+    learning_rate: Adam's first step size (ignored with ``optimizer``).
     loss: ``"mse"`` (mean squared distance), ``"cosine"`` (one minus the cosine
       along the last axis, averaged) or ``"kl"`` (KL divergence of the student's
       softmax over the last axis from the teacher's: logits).
     output: ``output(model_output, *batch)`` to compare instead of the raw output
       (e.g. a pooled embedding).
+    start: float params the student starts from instead of ``params`` (same tree),
+      e.g. ``sq.dequantize(sq.gptq(...))`` to start from GPTQ's rounding: its
+      weights lie on their own grid, so the first forward is GPTQ's model.
     optimizer: an ``optax.GradientTransformation``.
     seed: the batch order.
     progress: one line every tenth of the steps on stderr (the loss and the time left).
@@ -262,8 +266,15 @@ def distill(
     raise ValueError("distill needs at least one batch")
   fn = _as_function(model)
   see = output or (lambda y, *_: y)
-  tree = qat(params, scheme, rules, min_size=min_size, like=like, learn_scales=learn_scales)
-  opt = optimizer or optax.adam(learning_rate)
+  tree = qat(
+    params if start is None else start,
+    scheme,
+    rules,
+    min_size=min_size,
+    like=like,
+    learn_scales=learn_scales,
+  )
+  opt = optimizer or optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   # Integer leaves (if any) ride along untrained.
   trained = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
