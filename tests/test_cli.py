@@ -187,6 +187,7 @@ def test_bits_per_weight_and_method_options(tmp_path, capsys):
     (["--steps", "10"], "--steps sets the training of --method qat"),
     (["--method", "qat", "--steps", "0"], "--steps"),
     (["--method", "qat", "--bits-per-weight", "5"], "not qat"),
+    (["--method", "awq+gptq", "--bits-per-weight", "5"], "not awq+gptq"),
   ]:
     code = cli.main(["quantize", src, "--out", str(tmp_path / "x"), *argv])
     err = capsys.readouterr().err

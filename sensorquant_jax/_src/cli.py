@@ -181,8 +181,10 @@ def cmd_quantize(args) -> None:
   if args.steps is not None and args.method != "qat":
     raise UsageError("--steps sets the training of --method qat: add --method qat or drop it")
   args.steps = 300 if args.steps is None else args.steps
-  if args.method == "qat" and args.bits_per_weight is not None:
-    raise UsageError("--bits-per-weight weighs rtn, gptq or awq, not qat: drop one of them")
+  if args.method in ("qat", "awq+gptq") and args.bits_per_weight is not None:
+    raise UsageError(
+      f"--bits-per-weight weighs rtn, gptq or awq, not {args.method}: drop one of them"
+    )
   if args.src is not None and args.method != "rtn":
     raise UsageError(
       f"--method {args.method} needs a model and its inputs: it runs on the bundled model "
@@ -212,8 +214,16 @@ def cmd_quantize(args) -> None:
       bar.update(task, advance=1, description=f"quantizing ({args.method})")
       if args.method == "gptq":
         qvars = sq.gptq(model, variables, batches, args.scheme, rules, progress=False)
-      elif args.method == "awq":
-        qvars = sq.awq(model, variables, batches, args.scheme, rules, progress=False)
+      elif args.method in ("awq", "awq+gptq"):
+        qvars = sq.awq(
+          model,
+          variables,
+          batches,
+          args.scheme,
+          rules,
+          rounding="gptq" if args.method == "awq+gptq" else "nearest",
+          progress=False,
+        )
       elif args.method == "qat":
         # No labels: the float model's class distributions are the targets.
         bar.update(task, description=f"training through quantization ({args.steps} steps)")
@@ -568,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument(
     "--method",
     default="rtn",
-    choices=("rtn", "gptq", "awq", "qat"),
-    help="rounding: to nearest, GPTQ / AWQ calibrated on the bundled model's inputs, or "
-    "quantization-aware training distilled from the float model on them",
+    choices=("rtn", "gptq", "awq", "awq+gptq", "qat"),
+    help="rounding: to nearest, GPTQ / AWQ / AWQ's scales then GPTQ calibrated on the bundled "
+    "model's inputs, or quantization-aware training distilled from the float model on them",
   )
   q.add_argument(
     "--steps",
