@@ -48,7 +48,7 @@ def main():
 
   print(f"  {'variant':44} {'acc':>7} {'change':>6} {'1-cos':>9} {'rel L2':>8} {'s':>6}")
   for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
-    for method in ("rtn", "gptq", "awq, no clipping", "awq", "awq+gptq", "qat 300 steps"):
+    for method in ("rtn", "gptq", "awq, no clipping", "awq", "awq+gptq", "gptq + qat 300 steps"):
       t0 = time.perf_counter()
       if method == "rtn":
         q = sq.quantize(variables, scheme)
@@ -64,10 +64,12 @@ def main():
           rounding="gptq" if method == "awq+gptq" else "nearest",
           progress=False,
         )
-      else:  # distilled from the float model's logits on the calibration windows
-        q = sq.qat_export(
-          sq.distill(model, variables, batches, scheme, steps=300, loss="kl", progress=False)
+      else:  # from GPTQ, distilled from the float model's logits on the calibration windows
+        start = sq.dequantize(sq.gptq(model, variables, batches, scheme, progress=False))
+        tree = sq.distill(
+          model, variables, batches, scheme, steps=300, loss="kl", start=start, progress=False
         )
+        q = sq.qat_export(tree)
       row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
   plain = sq.act_scales(sq.calibrate(model, variables, batches))
   for weights in ("symmetric_per_tensor_int8", "symmetric_per_channel_int8"):

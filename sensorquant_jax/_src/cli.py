@@ -225,10 +225,21 @@ def cmd_quantize(args) -> None:
           progress=False,
         )
       elif args.method == "qat":
-        # No labels: the float model's class distributions are the targets.
+        # From GPTQ's rounding; no labels: the float model's class distributions are the targets.
+        start = sq.dequantize(
+          sq.gptq(model, variables, batches, args.scheme, rules, progress=False)
+        )
         bar.update(task, description=f"training through quantization ({args.steps} steps)")
         tree = sq.distill(
-          model, variables, batches, args.scheme, rules, steps=args.steps, loss="kl", progress=False
+          model,
+          variables,
+          batches,
+          args.scheme,
+          rules,
+          steps=args.steps,
+          loss="kl",
+          start=start,
+          progress=False,
         )
         qvars = sq.qat_export(tree)
       else:
@@ -580,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     default="rtn",
     choices=("rtn", "gptq", "awq", "awq+gptq", "qat"),
     help="rounding: to nearest, GPTQ / AWQ / AWQ's scales then GPTQ calibrated on the bundled "
-    "model's inputs, or quantization-aware training distilled from the float model on them",
+    "model's inputs, or quantization-aware training from GPTQ's rounding, distilled from the "
+    "float model on them",
   )
   q.add_argument(
     "--steps",
