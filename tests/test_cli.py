@@ -199,7 +199,7 @@ def test_quantize_method_qat_and_the_checkpoint_in_a_new_process(tmp_path, capsy
   """``--method qat`` trains the bundled model through int4; its checkpoint, restored in a
   new process and run through ``sq.apply``, gives the accuracy the command printed."""
   out = str(tmp_path / "qat")
-  argv = ["quantize", "--method", "qat", "--steps", "20", "--scheme", "symmetric_per_group_int4"]
+  argv = ["quantize", "--method", "qat", "--steps", "5", "--scheme", "symmetric_per_group_int4"]
   assert cli.main([*argv, "--out", out]) == 0
   printed = capsys.readouterr().out
   assert "method qat" in printed and "subjects 25-30" in printed

@@ -201,16 +201,12 @@ def test_a_jitted_training_step_on_linen_lowers_the_quantized_loss():
   kw = dict(rules=[sq.Rule("kernel", scheme, block_size=32)], min_size=256)
   before = sq.qat(params, scheme, learn_scales=True, **kw)
   after = sq.distill(
-    model, params, batches, scheme, steps=60, learning_rate=1e-4, progress=False, **kw
+    model, params, batches, scheme, steps=40, learning_rate=1e-4, progress=False, **kw
   )
   fn = jax.jit(model.apply)
   assert _distill_loss(fn, params, after, batches) < 0.7 * _distill_loss(
     fn, params, before, batches
   )
-  again = sq.distill(
-    model, params, batches, scheme, steps=60, learning_rate=1e-4, progress=False, **kw
-  )
-  chex.assert_trees_all_equal(after, again)  # deterministic
   # What the trained student computes is what its export computes.
   np.testing.assert_array_equal(
     fn(sq.fake_quant(after), batches[0]), fn(sq.dequantize(sq.qat_export(after)), batches[0])
@@ -265,6 +261,42 @@ def test_distill_losses(loss):
     fn, params, batches, "symmetric_per_group_int4", steps=1, loss=loss, min_size=1, progress=False
   )
   assert sq.is_qat_weight(tree["w"])
+  if loss == "mse":  # deterministic for a seed; another seed draws other batches
+    again = sq.distill(
+      fn,
+      params,
+      batches,
+      "symmetric_per_group_int4",
+      steps=4,
+      loss=loss,
+      min_size=1,
+      progress=False,
+    )
+    chex.assert_trees_all_equal(
+      sq.distill(
+        fn,
+        params,
+        batches,
+        "symmetric_per_group_int4",
+        steps=4,
+        loss=loss,
+        min_size=1,
+        progress=False,
+      ),
+      again,
+    )
+    other = sq.distill(
+      fn,
+      params,
+      batches,
+      "symmetric_per_group_int4",
+      steps=4,
+      loss=loss,
+      min_size=1,
+      seed=1,
+      progress=False,
+    )
+    assert not np.array_equal(np.asarray(other["w"].weight), np.asarray(again["w"].weight))
   with pytest.raises(ValueError, match="loss must be"):
     sq.distill(fn, params, batches, steps=1, loss="l1", min_size=1, progress=False)
   with pytest.raises(ValueError, match="steps must be"):
