@@ -28,7 +28,14 @@ from sensorquant_jax._src import distributed
 from sensorquant_jax._src.tree_paths import path_str
 
 WORKER = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
-TIMEOUT_S = 300
+TIMEOUT_S = 600
+# One compute thread per process: with the suite's other tests sharing the cores, XLA's
+# thread pools in two processes that wait on each other's collectives slowed this run
+# from 80 s to over 300 s.
+ONE_THREAD = {
+  "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+  + " --xla_cpu_multi_thread_eigen=false"
+}
 
 
 def _env(process: int, port: int) -> dict:
@@ -51,6 +58,7 @@ def run(tmp_path_factory):
     devices=4,
     timeout_s=TIMEOUT_S,
     grace_s=30,
+    env=ONE_THREAD,
   )
   assert code == 0, "the worker processes failed (their output is above)"
   data = np.load(out / "main.npz")
