@@ -32,10 +32,7 @@ TIMEOUT_S = 600
 # One compute thread per process: with the suite's other tests sharing the cores, XLA's
 # thread pools in two processes that wait on each other's collectives slowed this run
 # from 80 s to over 300 s.
-ONE_THREAD = {
-  "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-  + " --xla_cpu_multi_thread_eigen=false"
-}
+ONE_THREAD = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"}
 
 
 def _env(process: int, port: int) -> dict:
