@@ -225,9 +225,9 @@ def distill(
   The float model (``params``) is the teacher; the student is ``qat(params,
   scheme, rules, ...)`` run through :func:`fake_quant`. Each step takes one of
   ``batches`` (drawn with ``seed``) and updates every float leaf of the student
-  (weights, learned scales, biases and norms) with ``optimizer`` (Adam at
-  ``learning_rate`` by default) on the distance between the two outputs.
-  Deterministic for a given ``seed``.
+  (weights, learned scales, biases and norms) with ``optimizer`` (by default Adam,
+  its step decaying from ``learning_rate`` to 0 on a cosine over ``steps``) on the
+  distance between the two outputs. Deterministic for a given ``seed``.
 
   Args:
     model: a Linen module or ``f(params, *batch)``.
