@@ -175,3 +175,30 @@ def test_gptq_rounding_after_the_scales(setup, blockwise):
     assert not np.array_equal(np.asarray(a.values), np.asarray(b.values))
   e = out_error(model, params, both, xs)
   assert e < out_error(model, params, nearest, xs) and e < out_error(model, params, alone, xs)
+
+
+class HeadsOut(nn.Module):
+  """An attention output projection: a DenseGeneral contracting (heads, head size)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.DenseGeneral(32, axis=(-2, -1), name="out")(x.reshape(x.shape[:-1] + (4, 16)))
+
+
+@pytest.mark.parametrize("blockwise", [True, False])
+def test_a_kernel_searched_whole_says_it_gets_scales_only(blockwise):
+  model = HeadsOut()
+  x = planted(n=256)
+  params = model.init(jax.random.key(0), x[:1])
+  with pytest.warns(UserWarning, match=r"no clipping or GPTQ rounding for params/out/kernel"):
+    q = sq.awq(
+      model,
+      params,
+      [x],
+      sq.INT4,
+      min_size=1,
+      rounding="gptq",
+      blockwise=blockwise,
+      progress=False,
+    )
+  assert q["params"]["out"]["kernel"].input_scale is not None  # the scales still apply

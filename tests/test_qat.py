@@ -257,45 +257,25 @@ def test_distill_losses(loss):
   params = {"w": w}
   batches = [jnp.asarray(rng.standard_normal((8, 64)), jnp.float32) for _ in range(3)]
   fn = lambda p, x: x @ p["w"]  # noqa: E731
-  tree = sq.distill(
-    fn, params, batches, "symmetric_per_group_int4", steps=1, loss=loss, min_size=1, progress=False
-  )
-  assert sq.is_qat_weight(tree["w"])
+
+  def run(steps=1, seed=0):
+    return sq.distill(
+      fn,
+      params,
+      batches,
+      "symmetric_per_group_int4",
+      steps=steps,
+      loss=loss,
+      min_size=1,
+      seed=seed,
+      progress=False,
+    )
+
+  assert sq.is_qat_weight(run()["w"])
   if loss == "mse":  # deterministic for a seed; another seed draws other batches
-    again = sq.distill(
-      fn,
-      params,
-      batches,
-      "symmetric_per_group_int4",
-      steps=4,
-      loss=loss,
-      min_size=1,
-      progress=False,
-    )
-    chex.assert_trees_all_equal(
-      sq.distill(
-        fn,
-        params,
-        batches,
-        "symmetric_per_group_int4",
-        steps=4,
-        loss=loss,
-        min_size=1,
-        progress=False,
-      ),
-      again,
-    )
-    other = sq.distill(
-      fn,
-      params,
-      batches,
-      "symmetric_per_group_int4",
-      steps=4,
-      loss=loss,
-      min_size=1,
-      seed=1,
-      progress=False,
-    )
+    again = run(steps=4)
+    chex.assert_trees_all_equal(run(steps=4), again)
+    other = run(steps=4, seed=1)
     assert not np.array_equal(np.asarray(other["w"].weight), np.asarray(again["w"].weight))
   with pytest.raises(ValueError, match="loss must be"):
     sq.distill(fn, params, batches, steps=1, loss="l1", min_size=1, progress=False)

@@ -125,6 +125,18 @@ def _gptq_rounded(
   return gptq_mod.gptq_entries(ws, qa, entries)[0]
 
 
+def _note_whole(leaves: set[str], clip: bool, rounding: Rounding) -> None:
+  """The one-line warning for kernels searched whole over several contracted axes (or
+  not 2-D in passes), which get AWQ's scales but neither clipping nor GPTQ rounding."""
+  what = [w for w, on in (("clipping", clip), ("GPTQ rounding", rounding == "gptq")) if on]
+  if leaves and what:
+    warnings.warn(
+      f"awq: no {' or '.join(what)} for {', '.join(sorted(leaves))} (searched whole over "
+      "several contracted axes: scales only)",
+      stacklevel=4,
+    )
+
+
 def clip_spec(sub: schemes.Spec, n_in: int) -> schemes.Spec | None:
   """The spec the clipping search runs with for a matrix searched with ``sub``, or ``None``
   where it does not apply (per-tensor: one group; a leaf searched whole over several axes)."""
@@ -239,6 +251,7 @@ def awq(
   default = schemes.Spec(scheme)
   rule_list = as_rules(rules)
   done = 0
+  whole: set[str] = set()
   for group in capture.passes(found, capture.xtx_bytes):
     assert isinstance(model, nn.Module)  # found is empty for functions
     stats = capture.input_stats(model, lambda: params, iterate(), group)
@@ -254,6 +267,8 @@ def awq(
       new, errors = quantize_layer(
         w, st.xtx, st.abs_mean, spec, len(layer.axis), grid, clip, rounding
       )
+      if w.ndim != 2 or len(layer.axis) != 1:
+        whole.add(layer.kernel)
       current[i] = new
       done += 1
       if progress:
@@ -265,6 +280,7 @@ def awq(
           f"{before:.3g} -> {after:.3g} ({time.perf_counter() - start:.1f} s)",
           file=sys.stderr,
         )
+  _note_whole(whole, clip, rounding)
   covered = {layer.kernel for layer in found}
   rest = sorted(p for p, i in where.items() if is_qarray(current[i]) and p not in covered)
   if rest:
@@ -454,6 +470,7 @@ def _blockwise(
   k_of: dict[str, set] = {}
   skipped: dict[str, str] = {}
   done: set[str] = set()
+  whole: set[str] = set()
 
   def finalize(group, rows_of, complete):
     for m, st in group:
@@ -465,6 +482,8 @@ def _blockwise(
         skipped[m.leaf] = "its blocks do not run along one contracted axis"
         continue
       sub, n_in = got
+      if n_in > 1:
+        whole.add(m.leaf)
       start = time.perf_counter()
       w = jnp.asarray(floats[m.leaf], jnp.float32)
       sm, bound, before, after = matrix_scale(w, m.k_axes, m.index, st, sub, grid, n_in, clip)
@@ -504,6 +523,7 @@ def _blockwise(
     progress=progress,
   )
   gptq_mod.note_passes("awq", passes)
+  _note_whole(whole, clip, rounding)
   if skipped:
     warnings.warn(
       "awq: round-to-nearest kept for "

@@ -179,7 +179,7 @@ def qat_export(tree: Any, *, check_finite: bool = True) -> Any:
     NonFiniteError: a weight (or learned scale) holds NaN or Inf values.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_kept)
-  out, bad = [], []
+  out, pending = [], []
   for path, x in leaves:
     if not is_qat_weight(x):
       out.append(x)
@@ -189,10 +189,14 @@ def qat_export(tree: Any, *, check_finite: bool = True) -> Any:
       if x.scale is not None:
         n_nan = n_nan + jnp.sum(jnp.isnan(x.scale))
         n_inf = n_inf + jnp.sum(jnp.isinf(x.scale))
-      n_nan, n_inf = int(n_nan), int(n_inf)
-      if n_nan or n_inf:
-        bad.append(message(path_str(path), n_nan, n_inf, int(np.prod(x.shape))))
+      pending.append((path_str(path), int(np.prod(x.shape)), n_nan, n_inf))
     out.append(qa)
+  counts = jax.device_get([(a, b) for _, _, a, b in pending])  # one fetch for every leaf
+  bad = [
+    message(p, int(a), int(b), size)
+    for (p, size, _, _), (a, b) in zip(pending, counts, strict=True)
+    if int(a) or int(b)
+  ]
   if bad:
     raise NonFiniteError("non-finite weights: " + "; ".join(bad))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -348,12 +352,12 @@ def _fake(w: jax.Array, scale: jax.Array | None, spec: schemes.Spec) -> jax.Arra
 
 
 def _fake_fwd(w, scale, spec):
-  return _fake(w, scale, spec), (w, scale)
+  qa = schemes.quantize_leaf(w, spec, scale)
+  return qa.dequantize(), (w, scale, qa)
 
 
 def _fake_bwd(spec, res, g):
-  w, scale = res
-  qa = schemes.quantize_leaf(w, spec, scale)
+  w, scale, qa = res
   s, z = grid(qa)
   v = w.astype(jnp.float32) / s
   lo, hi = schemes.code_range(qa.scheme)
