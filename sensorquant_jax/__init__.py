@@ -32,7 +32,9 @@ _HOMES = {
   "sensorquant_jax._src.packed": "PackedQArray pack unpack",
   "sensorquant_jax._src.policy": "Budget Policy auto_policy",
   "sensorquant_jax._src.qarray": "QArray is_qarray",
-  "sensorquant_jax._src.qat": "QATWeight distill fake_quant is_qat_weight qat qat_export",
+  "sensorquant_jax._src.qat": (
+    "QATWeight distill fake_quant fake_quantized is_qat_weight qat qat_act_scales qat_export"
+  ),
   "sensorquant_jax._src.quantize": (
     "MIN_SIZE NonFiniteError Rule RulesLike dequantize nbytes quantize quantize_array"
   ),

@@ -58,8 +58,10 @@ from sensorquant_jax._src.qarray import is_qarray as is_qarray
 from sensorquant_jax._src.qat import QATWeight as QATWeight
 from sensorquant_jax._src.qat import distill as distill
 from sensorquant_jax._src.qat import fake_quant as fake_quant
+from sensorquant_jax._src.qat import fake_quantized as fake_quantized
 from sensorquant_jax._src.qat import is_qat_weight as is_qat_weight
 from sensorquant_jax._src.qat import qat as qat
+from sensorquant_jax._src.qat import qat_act_scales as qat_act_scales
 from sensorquant_jax._src.qat import qat_export as qat_export
 from sensorquant_jax._src.quantize import MIN_SIZE as MIN_SIZE
 from sensorquant_jax._src.quantize import NonFiniteError as NonFiniteError

@@ -281,3 +281,115 @@ def test_distill_losses(loss):
     sq.distill(fn, params, batches, steps=1, loss="l1", min_size=1, progress=False)
   with pytest.raises(ValueError, match="steps must be"):
     sq.distill(fn, params, batches, steps=0, min_size=1, progress=False)
+
+
+W8A8_WEIGHTS = [
+  "symmetric_per_tensor_int8",
+  "symmetric_per_channel_int8",
+  "asymmetric_per_group_int4",
+]
+
+
+def _w8a8_layer(rng, k=96, n=40):
+  """One matmul of a 3-D kernel (an einsum over two contracted axes) and its inputs."""
+  w = jnp.asarray(rng.standard_normal((k // 8, 8, n)) * 0.1, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 6, k // 8, 8)), jnp.float32)
+  return {"w": w}, x, lambda p, x: jnp.einsum("btij,ijn->btn", x, p["w"])
+
+
+def _round_away(v):
+  return np.where(v < 0, -np.floor(-v + 0.5), np.floor(v + 0.5))
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("scheme", W8A8_WEIGHTS)
+def test_w8a8_fake_quant_is_the_static_w8a8_op(scheme, static):
+  rng = np.random.default_rng(5)
+  params, x, fn = _w8a8_layer(rng)
+  s = float(np.abs(np.asarray(x)).max()) * 0.8 / 127  # the largest activations clip
+  acts = {"w": s} if static else None
+  rules = [sq.Rule("w", scheme, block_size=32 if scheme in sq.INT4_SCHEMES else None)]
+  tree = sq.qat(params, scheme, rules, mode="w8a8", act_scales=acts, min_size=1)
+  got = jax.jit(sq.fake_quantized(fn))(tree, x)
+  served = sq.quantized(fn, mode="w8a8", act_scales=sq.qat_act_scales(tree))(sq.qat_export(tree), x)
+  # Independent: int8 activations rounded in float64 numpy, times the exported weights.
+  xf = np.asarray(x, np.float64).reshape(12, -1)
+  scale = s if static else np.maximum(np.abs(xf).max(-1, keepdims=True) / 127, 1e-12)
+  v = np.asarray(x, np.float32).reshape(12, -1) / np.float32(scale)
+  assert ((np.abs(v) > 127.5).sum() > 0) == static  # static scales clip; per-token ones don't
+  codes = np.clip(_round_away(v), -127, 127)
+  w = np.asarray(sq.dequantize(sq.qat_export(tree))["w"], np.float64).reshape(-1, 40)
+  ref = ((codes * scale) @ w).reshape(2, 6, 40)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(served), ref, rtol=1e-5, atol=1e-5)
+  # Weight-only training ignores the activations' rounding: far from the op.
+  plain = fn(sq.fake_quant(tree), x)
+  assert np.abs(np.asarray(plain) - ref).max() > 100 * np.abs(np.asarray(got) - ref).max()
+
+
+def test_w8a8_activation_gradients_equal_their_closed_form():
+  rng = np.random.default_rng(6)
+  params, x, fn = _w8a8_layer(rng)
+  s = np.float32(np.abs(np.asarray(x)).max() * 0.7 / 127)
+  tree = sq.qat(
+    params,
+    "symmetric_per_channel_int8",
+    mode="w8a8",
+    act_scales={"w": s},
+    min_size=1,
+    learn_scales=True,
+  )
+  g = rng.standard_normal((2, 6, 40)).astype(np.float32)
+  got = jax.grad(lambda t, x: jnp.sum(sq.fake_quantized(fn)(t, x) * g), argnums=(0, 1))(tree, x)
+  # d loss / d x_hat = g @ w_hat^T; then straight through where not clipped, and LSQ for s.
+  w_hat = np.asarray(sq.fake_quant(tree)["w"], np.float64).reshape(-1, 40)
+  gx_hat = (g.reshape(12, 40).astype(np.float64) @ w_hat.T).reshape(x.shape)
+  v = np.asarray(x, np.float32) / s
+  r = _round_away(v)
+  inside = np.abs(r) <= 127
+  assert 0 < (~inside).sum() < inside.sum()
+  gs = np.sum(gx_hat * np.where(inside, r - v, np.clip(r, -127, 127))) / np.sqrt(x.size * 127)
+  np.testing.assert_allclose(np.asarray(got[1]), np.where(inside, gx_hat, 0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(float(got[0]["w"].act_scale), gs, rtol=1e-3)  # float32 sum
+
+
+def test_w8a8_training_on_a_scanned_linen_stack_matches_the_served_model():
+  from tests.llm_models import Config, Transformer
+
+  model = Transformer(Config(), style="scan")
+  batches = [jax.random.randint(jax.random.key(i), (2, 8), 0, 64) for i in range(3)]
+  params = model.init(jax.random.key(0), batches[0])
+  acts = sq.act_scales(sq.calibrate(model, params, batches))
+  scheme = "symmetric_per_channel_int8"
+  kw = dict(min_size=1024, mode="w8a8", act_scales=acts, learn_scales=False)
+  before = sq.qat(params, scheme, **kw)
+  assert all(x.act_scale is not None for x in _leaves(before) if sq.is_qat_weight(x))
+  after = sq.distill(
+    model, params, batches, scheme, steps=20, learning_rate=1e-4, progress=False, **kw
+  )
+  fq = jax.jit(sq.fake_quantized(model.apply))
+  teacher = jax.jit(model.apply)
+
+  def loss(t):
+    return float(np.mean([np.mean((fq(t, b) - teacher(params, b)) ** 2) for b in batches]))
+
+  assert loss(after) < 0.7 * loss(before)
+  served = jax.jit(
+    lambda q, b: sq.quantized(
+      model.apply, mode="w8a8", act_scales=sq.qat_act_scales(after), warn=False
+    )(q, b)
+  )
+  got, want = served(sq.qat_export(after), batches[0]), fq(after, batches[0])
+  # Float sums in another order may flip a rounding of a later layer's activations.
+  close = np.isclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  assert close.mean() > 0.99
+
+
+def test_w8a8_options_are_checked():
+  params = _params()
+  with pytest.raises(ValueError, match='act_scales are for mode="w8a8"'):
+    sq.qat(params, "symmetric_per_channel_int8", act_scales={"a": 0.1}, min_size=100)
+  with pytest.raises(ValueError, match="a/kernel: the static activation scale must be positive"):
+    sq.qat(params, "symmetric_per_channel_int8", mode="w8a8", act_scales={"a": -1.0}, min_size=100)
+  with pytest.raises(ValueError, match="mode"):
+    sq.qat(params, "symmetric_per_channel_int8", mode="w4a4", min_size=100)

@@ -22,6 +22,13 @@ Gradients (the straight-through estimator with LSQ's scale gradient), with
 Without a learned scale the scale follows the weight's range each step (as
 :func:`sensorquant_jax.quantize` computes it) and is held constant in the
 gradient.
+
+W8A8 (``qat(..., mode="w8a8")``): :func:`fake_quantized` also rounds the
+activation operand of every matmul that reads such a weight, as the W8A8 op
+(``quantize_activations``) does: ``x_hat = clip(round(x / s), -127, 127) * s``
+with a static scale ``s`` (trained, LSQ's gradient with ``q_p = 127``, from the
+calibrated one) or per-token ``max|x| / 127`` where none is given (never
+clipped; the scale is held constant in the gradient).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -37,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sensorquant_jax._src import schemes
+from sensorquant_jax._src import options, schemes, transform
 from sensorquant_jax._src.batching import as_args
-from sensorquant_jax._src.options import Scheme
+from sensorquant_jax._src.options import Mode, Scheme
 from sensorquant_jax._src.qarray import QArray, grid, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import (
   MIN_SIZE,
@@ -63,11 +71,19 @@ class QATWeight:
     scale: the learned scale in the QArray's layout (trainable), or ``None``:
       the scale follows the weight's range each step.
     spec: the resolved quantization of this leaf (scheme, axes, group size).
+    act_scale: W8A8's static activation scale (a float32 scalar; trained when
+      ``learn_act_scale``), or ``None``: per-token scales when ``w8a8``.
+    w8a8: the matmuls reading this weight round their activations to int8 (in
+      :func:`fake_quantized`), as ``mode="w8a8"`` serves them.
+    learn_act_scale: ``act_scale`` gets LSQ's gradient (else none: it stays).
   """
 
   weight: jax.Array
   scale: jax.Array | None = None
   spec: schemes.Spec = struct.field(pytree_node=False, default=schemes.Spec())
+  act_scale: jax.Array | None = None
+  w8a8: bool = struct.field(pytree_node=False, default=False)
+  learn_act_scale: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -91,6 +107,8 @@ def qat(
   min_size: int = MIN_SIZE,
   like: tuple | None = None,
   learn_scales: bool = False,
+  mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
   division_fix: bool | None = None,
 ) -> Any:
   """Marks the leaves :func:`sensorquant_jax.quantize` would quantize for training.
@@ -107,16 +125,30 @@ def qat(
     scheme, rules, min_size, like, division_fix: as for
       :func:`sensorquant_jax.quantize`.
     learn_scales: train each scale too (LSQ), starting from the scale
-      :func:`sensorquant_jax.quantize` computes.
+      :func:`sensorquant_jax.quantize` computes, and W8A8's static activation
+      scales from ``act_scales``.
+    mode: ``"w8a8"`` to train with int8 activations too (run the model through
+      :func:`fake_quantized`); ``"weight_only"`` by default.
+    act_scales: W8A8's static activation scales, keyed as for
+      :func:`sensorquant_jax.quantized` (leaf path, or the Linen module path),
+      e.g. ``sq.act_scales(sq.calibrate(...))``: each becomes the weight's
+      ``act_scale``. Leaves without one use per-token scales.
 
   Returns:
     The tree to train.
+
+  Raises:
+    ValueError: an unknown ``mode``, ``act_scales`` without ``"w8a8"``, or a
+      static scale that is not a positive finite number.
 
   Example:
     >>> tree = sq.qat(params, "asymmetric_per_group_int4", learn_scales=True)
     >>> loss = lambda t, x: jnp.mean((model.apply(sq.fake_quant(t), x) - y) ** 2)
     >>> qparams = sq.qat_export(train(tree, loss))
   """
+  options.check("mode", mode, options.MODES)
+  if act_scales and mode != "w8a8":
+    raise ValueError('act_scales are for mode="w8a8"')
   default = schemes.Spec(scheme, division_fix=division_fix)
   rule_list = as_rules(rules)
   uses = uses_of(params, like)
@@ -133,8 +165,22 @@ def qat(
     if learn_scales:
       qa, _, _ = quantize_leaf_counted(x, spec)
       scale = qa.scale
-    out.append(QATWeight(x, scale, spec))
+    name = path_str(path)
+    act = _act_scale_for(name, act_scales or {}) if mode == "w8a8" else None
+    out.append(QATWeight(x, scale, spec, act, w8a8=mode == "w8a8", learn_act_scale=learn_scales))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _act_scale_for(leaf: str, act_scales: Mapping[str, Any]) -> jax.Array | None:
+  """The static scale of ``leaf``: keyed by the leaf or its module (as the W8A8 op looks it up)."""
+  module = leaf.rsplit("/", 1)[0]
+  s = act_scales.get(leaf, act_scales.get(module))
+  if s is None:
+    return None
+  v = np.asarray(jax.device_get(s), np.float32)
+  if v.size != 1 or not np.isfinite(v).all() or float(v.reshape(())) <= 0:
+    raise ValueError(f"{leaf}: the static activation scale must be positive, got {v!r}")
+  return jnp.asarray(v.reshape(()))
 
 
 def _is_kept(x: Any) -> bool:
@@ -160,6 +206,105 @@ def fake_quant(tree: Any) -> Any:
     tree,
     is_leaf=_is_kept,
   )
+
+
+def fake_quantized(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` trained through quantization: runs it on a :func:`qat` tree.
+
+  The weights are :func:`fake_quant`'s. For weights marked W8A8 (``qat(...,
+  mode="w8a8")``), the activation operand of every matmul (``dot_general``)
+  reading them is rounded as the W8A8 op rounds it (see the module doc), found
+  at the op as :func:`sensorquant_jax.quantized` finds its matmuls (through
+  reshapes, scans, ``jit`` and ``remat``). Without W8A8 weights this is
+  ``fn(fake_quant(tree), ...)``.
+
+  Args:
+    fn: any function of a param tree, e.g. ``model.apply``.
+
+  Returns:
+    ``g(tree, *args, **kwargs)``, differentiable in ``tree`` (and jittable).
+
+  Example:
+    >>> tree = sq.qat(params, "symmetric_per_channel_int8", mode="w8a8",
+    ...               act_scales=sq.act_scales(sq.calibrate(model, params, batches)))
+    >>> loss = lambda t, x, y: jnp.mean((sq.fake_quantized(model.apply)(t, x) - y) ** 2)
+  """
+
+  def wrapped(tree: Any, *args: Any, **kwargs: Any) -> Any:
+    params = fake_quant(tree)
+    acts = {
+      path_str(p): x
+      for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_kept)[0]
+      if is_qat_weight(x) and x.w8a8
+    }
+    if not acts:
+      return fn(params, *args, **kwargs)
+    served = _served_quantized(fn, tree, args, kwargs, set(acts))
+
+    def mark(view, x, cw, cx, bw, bx):
+      w = acts.get(view.leaf)
+      if w is None or view.leaf not in served or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+      if w.act_scale is None:
+        return _fake_act_dynamic(x, tuple(cx))
+      s = w.act_scale if w.learn_act_scale else jax.lax.stop_gradient(w.act_scale)
+      return _fake_act(x, s)
+
+    return transform.run_marked(fn, params, args, kwargs, set(acts), mark)
+
+  return wrapped
+
+
+def _served_quantized(
+  fn: Callable[..., Any], tree: Any, args: Sequence[Any], kwargs: Mapping[str, Any], leaves: set
+) -> set[str]:
+  """The W8A8 leaves whose matmuls the W8A8 op serves quantized (traced, nothing runs).
+
+  The op computes a matmul in float where it cannot run it on the quantized
+  layout (e.g. scales that vary along the contracted axes): there the
+  activations stay float, so training leaves them float too.
+  """
+  abstract = jax.eval_shape(lambda t: qat_export(t, check_finite=False), tree)
+  shapes = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a,
+    (tuple(args), dict(kwargs)),
+  )
+  uses = transform.explain(
+    fn, abstract, *shapes[0], mode="w8a8", act_scales=dict.fromkeys(leaves, 1.0), **shapes[1]
+  )
+  quantized = {u.leaf for u in uses if u.kind == "dot"}
+  in_float = {u.leaf for u in uses if u.kind != "dot" and u.detail.startswith("dot ")}
+  mixed = sorted(quantized & in_float)
+  if mixed:
+    warnings.warn(
+      "W8A8 training rounds the activations of every matmul reading "
+      + ", ".join(mixed)
+      + ", but the W8A8 op computes some of them in float (see sq.explain)",
+      stacklevel=3,
+    )
+  return quantized
+
+
+def qat_act_scales(tree: Any) -> dict[str, jax.Array]:
+  """W8A8's static activation scales of a :func:`qat` tree, for the W8A8 op.
+
+  Returns:
+    ``{leaf path: float32 scalar}`` for every W8A8 weight with a static scale:
+    ``sq.quantized(fn, mode="w8a8", act_scales=qat_act_scales(tree))`` runs
+    :func:`qat_export`'s tree as :func:`fake_quantized` trained it.
+
+  Raises:
+    ValueError: a trained scale is not a positive finite number (names the leaf).
+  """
+  out = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_kept)[0]:
+    if is_qat_weight(x) and x.w8a8 and x.act_scale is not None:
+      out[path_str(p)] = x.act_scale
+  got = jax.device_get(out)
+  bad = [k for k, v in got.items() if not (np.isfinite(v) and v > 0)]
+  if bad:
+    raise ValueError("activation scales not positive and finite: " + ", ".join(sorted(bad)))
+  return out
 
 
 def qat_export(tree: Any, *, check_finite: bool = True) -> Any:
@@ -218,6 +363,8 @@ def distill(
   learn_scales: bool = True,
   min_size: int = MIN_SIZE,
   like: tuple | None = None,
+  mode: Mode = "weight_only",
+  act_scales: Mapping[str, Any] | None = None,
   output: Callable[..., jax.Array] | None = None,
   start: Any = None,
   optimizer: Any = None,
@@ -237,7 +384,8 @@ def distill(
     model: a Linen module or ``f(params, *batch)``.
     params: the float params.
     batches: model inputs (a tuple or list is the arguments, else the one argument).
-    scheme, rules, min_size, like, learn_scales: as for :func:`qat`.
+    scheme, rules, min_size, like, learn_scales, mode, act_scales: as for
+      :func:`qat` (the student runs through :func:`fake_quantized`).
     steps: optimizer steps.
     learning_rate: Adam's first step size (ignored with ``optimizer``).
     loss: ``"mse"`` (mean squared distance), ``"cosine"`` (one minus the cosine
@@ -277,7 +425,10 @@ def distill(
     min_size=min_size,
     like=like,
     learn_scales=learn_scales,
+    mode=mode,
+    act_scales=act_scales,
   )
+  student = fake_quantized(fn)
   opt = optimizer or optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   # Integer leaves (if any) ride along untrained.
@@ -296,7 +447,7 @@ def distill(
   targets = [teacher(params, *as_args(b)) for b in batches]
 
   def objective(ws, target, *a):
-    y = see(fn(fake_quant(rebuild(ws)), *a), *a)
+    y = see(student(rebuild(ws), *a), *a)
     return _distance(loss, y.astype(jnp.float32), target.astype(jnp.float32))
 
   @jax.jit
@@ -378,3 +529,54 @@ def _fake_bwd(spec, res, g):
 
 
 _fake.defvjp(_fake_fwd, _fake_bwd)
+
+
+_A_MAX = 127.0  # int8 activations: symmetric codes -127..127, as ops.quantize_activations
+
+
+def _act_codes(x: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(x / s, its int8 codes)`` in float32, rounded as ``ops.quantize_activations``."""
+  v = x.astype(jnp.float32) / s
+  return v, jnp.clip(jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO), -_A_MAX, _A_MAX)
+
+
+@jax.custom_vjp
+def _fake_act(x: jax.Array, s: jax.Array) -> jax.Array:
+  s = s.astype(jnp.float32)
+  return (_act_codes(x, s)[1] * s).astype(x.dtype)
+
+
+def _fake_act_fwd(x, s):
+  return _fake_act(x, s), (x, s)
+
+
+def _fake_act_bwd(res, g):
+  x, s = res
+  s32 = s.astype(jnp.float32)
+  v, c = _act_codes(x, s32)
+  inside = jnp.abs(jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO)) <= _A_MAX
+  g32 = g.astype(jnp.float32)
+  gx = jnp.where(inside, g32, 0).astype(x.dtype)
+  gs = jnp.sum(g32 * (c - jnp.where(inside, v, 0))) / np.sqrt(max(1, x.size) * _A_MAX)
+  return gx, gs.astype(s.dtype).reshape(s.shape)
+
+
+_fake_act.defvjp(_fake_act_fwd, _fake_act_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_act_dynamic(x: jax.Array, k_axes: tuple[int, ...]) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  s = jnp.maximum(jnp.max(jnp.abs(xf), axis=k_axes, keepdims=True) / _A_MAX, 1e-12)
+  return (_act_codes(xf, s)[1] * s).astype(x.dtype)
+
+
+def _fake_act_dynamic_fwd(x, k_axes):
+  return _fake_act_dynamic(x, k_axes), None
+
+
+def _fake_act_dynamic_bwd(k_axes, res, g):
+  return (g,)  # per-token scales never clip: straight through
+
+
+_fake_act_dynamic.defvjp(_fake_act_dynamic_fwd, _fake_act_dynamic_bwd)

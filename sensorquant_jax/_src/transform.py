@@ -1029,6 +1029,31 @@ def with_marks(
   return jax.tree_util.tree_leaves(out), ctx.skipped
 
 
+def run_marked(
+  fn: Callable,
+  params: Any,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+  leaves: set[str],
+  mark: Callable[..., Any],
+) -> Any:
+  """``fn(params, *args, **kwargs)`` with every matmul that reads one of ``leaves`` handing
+  its activation operand to ``mark(view, x, cw, cx, bw, bx)`` (its result replaces ``x``).
+
+  Unlike :func:`with_marks`, bodies keep their form (a scan over stacked layers
+  stays a scan; ``view.index`` does not name the layer), and the output keeps
+  ``fn``'s structure. Differentiable: the leaves are followed as float arrays.
+  """
+  ctx = _Context("weight_only", None)
+  ctx.mark = mark
+
+  def dress(path, x):
+    return _carrier(x) if path_str(path) in leaves else x
+
+  carried = jax.tree_util.tree_map_with_path(dress, params)
+  return _run(fn, (carried, *args), dict(kwargs), ctx)
+
+
 def combine(key: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """Two calls' (or batches') statistic ``key``: maxima (``*max``), minima (``min``) or sums."""
   if key.endswith("max"):
