@@ -17,7 +17,7 @@ from jax import lax
 
 from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
-from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error
+from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error, relative_error
 from sensorquant_jax._src.options import Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
@@ -346,17 +346,26 @@ def matrix_scale(
     the matrix's own scheme ``sub``).
   """
   wm, _ = gptq_mod.sub_matrix(w, k_axes, index)
+  sm, bound, before, after = _matrix_scale(
+    w if n_in > 1 else wm, wm, st, sub=sub, grid=grid, n_in=n_in, clip=clip
+  )
+  return sm, bound, float(before), float(after)
+
+
+# One compilation per matrix shape and spec (the layers of a stack share it), not one
+# per eager op.
+@functools.partial(jax.jit, static_argnames=("sub", "grid", "n_in", "clip"))
+def _matrix_scale(w, wm, st, *, sub, grid, n_in, clip):
   act = st["abs_sum"] / jnp.maximum(st["count"], 1.0)
-  sm, errors = search(w if n_in > 1 else wm, st["xtx"], act, spec=sub, n_in=n_in, grid=grid)
+  sm, errors = search(w, st["xtx"], act, spec=sub, n_in=n_in, grid=grid)
   den = jnp.maximum(jnp.sum(jnp.matmul(st["xtx"], wm, precision=lax.Precision.HIGHEST) * wm), 1e-30)
   cs = clip_spec(sub, n_in) if clip else None
   if cs is None:
-    return sm, None, float(errors[0] / den), float(jnp.min(errors) / den)
+    return sm, None, errors[0] / den, jnp.min(errors) / den
   ws = wm * sm[:, None]
   bound = clip_search(ws, _scaled_xtx(st["xtx"], sm), spec=cs)
   q = schemes.quantize_leaf(jnp.clip(ws, -bound, bound), cs).dequantize(jnp.float32)
-  after = output_error(wm, q / sm[:, None], st["xtx"])
-  return sm, bound, float(errors[0] / den), after
+  return sm, bound, errors[0] / den, relative_error(wm, q / sm[:, None], st["xtx"])
 
 
 def scale_tensor(
@@ -384,19 +393,34 @@ def with_scales(
   """``w`` quantized once as ``qa`` was, times its per-matrix AWQ scales and clipped to their
   bounds, with ``1 / scale`` as the input scale (1 where no matrix was measured); rounded
   by GPTQ where ``xtx`` gives matrices' ``(index, X^T X of the scaled inputs)``."""
-  scale = scale_tensor(w.shape, k_axes, [(index, sm) for index, sm, _ in scales])
+  indices = tuple(index for index, _, _ in scales)
+  ws, scale, new = _scaled_leaf(
+    w,
+    [sm for _, sm, _ in scales],
+    [bound for _, _, bound in scales],
+    k_axes=k_axes,
+    indices=indices,
+    spec=_leaf_spec(qa),
+  )
+  if xtx:
+    new = _gptq_rounded(ws, new, [(k_axes, index, h) for index, h in xtx])
+  return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k_axes", "indices", "spec"))
+def _scaled_leaf(w, sms, bounds, *, k_axes, indices, spec):
+  """:func:`with_scales`' scaled, clipped leaf, its scale tensor and its rounding (one
+  compilation per leaf)."""
+  scale = scale_tensor(w.shape, k_axes, list(zip(indices, sms, strict=True)))
   ws = w * scale
-  if any(bound is not None for _, _, bound in scales):
+  if any(bound is not None for bound in bounds):
     limit = jnp.full(w.shape, jnp.inf, jnp.float32)
-    for index, _, bound in scales:
+    for index, bound in zip(indices, bounds, strict=True):
       if bound is not None:
         _, put = gptq_mod.sub_matrix(limit, k_axes, index)
         limit = put(limit, bound)
     ws = jnp.clip(ws, -limit, limit)
-  new = schemes.quantize_leaf(ws, _leaf_spec(qa))
-  if xtx:
-    new = _gptq_rounded(ws, new, [(k_axes, index, h) for index, h in xtx])
-  return dataclasses.replace(new, input_scale=1.0 / scale, dtype=qa.dtype)
+  return ws, scale, schemes.quantize_leaf(ws, spec)
 
 
 def entry_spec(

@@ -131,11 +131,16 @@ def gptq_matrix(
 
 def output_error(w: jax.Array, approx: jax.Array, h: jax.Array) -> float:
   """``tr(D^T H D) / tr(W^T H W)`` for ``D = W - approx``: the layer's relative output error."""
+  return float(relative_error(w, approx, h))
+
+
+def relative_error(w: jax.Array, approx: jax.Array, h: jax.Array) -> jax.Array:
+  """:func:`output_error` as a traceable scalar."""
   d = (w - approx).astype(jnp.float32)
   hp = lax.Precision.HIGHEST
   num = jnp.sum(jnp.matmul(h, d, precision=hp) * d)
   den = jnp.sum(jnp.matmul(h, w, precision=hp) * w)
-  return float(num / jnp.maximum(den, 1e-30))
+  return num / jnp.maximum(den, 1e-30)
 
 
 def matrix(x: Any, k: int) -> jax.Array:
