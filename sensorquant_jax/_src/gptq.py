@@ -539,21 +539,41 @@ def gptq_entries(
   Returns:
     ``(new QArray, mean output error before, after)``.
   """
-  scale, zero = grid(qa)
-  codes = qa.codes().astype(jnp.int32)
+  scale, zero, codes = _grid_codes(qa)
   if len({k for k, _, _ in entries}) != 1:
     raise ValueError("read by matmuls contracting different axes")
-  before = after = 0.0
+  before = after = jnp.float32(0)
   for k_axes, index, h in entries:
-    wm, put = sub_matrix(w, k_axes, index)
-    sm, _ = sub_matrix(scale, k_axes, index)
-    zm, _ = sub_matrix(zero, k_axes, index)
+    axes, positions = tuple(a for a, _ in index), tuple(i for _, i in index)
+    wm, sm, zm, cm = _entry_matrices(w, scale, zero, codes, positions, k_axes=k_axes, axes=axes)
     c = damped_codes(wm, h, sm, zm, qa.scheme, damp, block, act_order)
-    cm, _ = sub_matrix(codes, k_axes, index)
-    before += output_error(wm, (cm - zm) * sm, h) / len(entries)
-    after += output_error(wm, (c - zm) * sm, h) / len(entries)
-    codes = put(codes, c)
-  return schemes.with_codes(qa, codes), before, after
+    codes, b, a = _entry_result(codes, c, wm, cm, sm, zm, h, positions, k_axes=k_axes, axes=axes)
+    before, after = before + b / len(entries), after + a / len(entries)
+  return _with_codes(qa, codes), float(before), float(after)
+
+
+# The helpers below are jitted so that GPTQ at the op compiles once per matrix shape
+# (the positions of a stack's layers are traced), not once per eager op.
+@jax.jit
+def _grid_codes(qa: QArray) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return (*grid(qa), qa.codes().astype(jnp.int32))
+
+
+_with_codes = jax.jit(schemes.with_codes)
+
+
+@functools.partial(jax.jit, static_argnames=("k_axes", "axes"))
+def _entry_matrices(w, scale, zero, codes, positions, *, k_axes, axes):
+  index = tuple(zip(axes, positions, strict=True))
+  return tuple(sub_matrix(a, k_axes, index)[0] for a in (w, scale, zero, codes))
+
+
+@functools.partial(jax.jit, static_argnames=("k_axes", "axes"))
+def _entry_result(codes, c, wm, cm, sm, zm, h, positions, *, k_axes, axes):
+  index = tuple(zip(axes, positions, strict=True))
+  _, put = sub_matrix(codes, k_axes, index)
+  before = relative_error(wm, (cm - zm) * sm, h)
+  return put(codes, c), before, relative_error(wm, (c - zm) * sm, h)
 
 
 def begin(model, params, batches, scheme, rules, min_size, like=None, layers=True):
