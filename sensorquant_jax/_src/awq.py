@@ -34,13 +34,16 @@ def search(
 ) -> tuple[jax.Array, jax.Array]:
   """The AWQ scale of ``w`` (logical kernel) minimising the layer's output error.
 
-  Tries ``s = act ** r`` (normalised to a geometric mean range of 1) for ``r``
-  in ``0, 1/grid, ..., (grid - 1)/grid``, quantizing ``w * s`` and measuring
-  ``tr(D^T H D)`` for ``D = w - Q(w * s) / s``; ``r = 0`` is round-to-nearest.
+  Tries two families of scales, each normalised to a geometric mean range of
+  1, for ``r`` in ``0, 1/grid, ..., (grid - 1)/grid``: the paper's ``s = act **
+  r`` (``r = 0`` is round-to-nearest), then AutoAWQ's "duo" scales ``act ** r /
+  w_mean ** (1 - r)``, ``w_mean`` the mean over output channels of ``|w|``
+  relative to its group's (or column's) largest. Each is measured by
+  quantizing ``w * s``: ``tr(D^T H D)`` for ``D = w - Q(w * s) / s``.
 
   Returns:
     ``(s, errors)``: the best per-input-channel scale ``[K]`` and the error
-    of every ratio tried.
+    of every scale tried (``errors[0]``: round-to-nearest).
   """
   shape = w.shape
   k = act.shape[0]
@@ -48,20 +51,38 @@ def search(
   w2 = wf.reshape(k, -1)
   bshape = input_scale_shape(shape, n_in)
   act = jnp.maximum(act.astype(jnp.float32), 1e-8)
+  w_mean = _relative_magnitude(w2, spec.block_size if n_in == 1 else None)
 
-  def scale_for(r):
-    s = jnp.maximum(act**r, 1e-4)
+  def scale_for(r, duo):
+    s = act**r / jnp.where(duo, w_mean ** (1 - r) + 1e-4, 1.0)
+    s = jnp.maximum(s, 1e-4)
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
 
-  def err(r):
-    s = scale_for(r)
+  def err(rd):
+    s = scale_for(*rd)
     q = schemes.quantize_leaf(wf * s.reshape(bshape), spec).dequantize(jnp.float32)
     d = w2 - (q / s.reshape(bshape)).reshape(k, -1)
     return jnp.sum(jnp.matmul(h, d, precision=lax.Precision.HIGHEST) * d)
 
-  ratios = jnp.arange(grid, dtype=jnp.float32) / grid
-  errors = lax.map(err, ratios)
-  return scale_for(ratios[jnp.argmin(errors)]), errors
+  ratios = jnp.tile(jnp.arange(grid, dtype=jnp.float32) / grid, 2)
+  duo = jnp.arange(2 * grid) >= grid
+  errors = lax.map(err, (ratios, duo))
+  best = jnp.argmin(errors)
+  return scale_for(ratios[best], duo[best]), errors
+
+
+def _relative_magnitude(w2: jax.Array, block: int | None) -> jax.Array:
+  """``[K]``: the mean over columns of ``|w|`` divided by its group's largest along K (its
+  column's without groups), as AutoAWQ weighs weights in its duo scales."""
+  a = jnp.abs(w2)
+  k = a.shape[0]
+  if block is None or block >= k:
+    top = jnp.max(a, axis=0, keepdims=True)
+  else:
+    pad = -k % block
+    g = jnp.pad(a, ((0, pad), (0, 0))).reshape(-1, block, a.shape[1])
+    top = jnp.repeat(jnp.max(g, axis=1), block, axis=0)[:k]
+  return jnp.mean(a / (top + 1e-6), axis=1)
 
 
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5
@@ -274,9 +295,10 @@ def awq(
       if progress:
         before = output_error(matrix(w, layer.k), matrix(qa, layer.k), st.xtx)
         after = output_error(matrix(w, layer.k), matrix(new, layer.k), st.xtx)
-        ratio = int(jnp.argmin(errors)) / grid
+        best = int(jnp.argmin(errors))
+        ratio = f"{best % grid / grid:.2f}{' duo' if best >= grid else ''}"
         print(
-          f"awq {done}/{len(found)} {layer.kernel}: ratio {ratio:.2f}, output error "
+          f"awq {done}/{len(found)} {layer.kernel}: ratio {ratio}, output error "
           f"{before:.3g} -> {after:.3g} ({time.perf_counter() - start:.1f} s)",
           file=sys.stderr,
         )
