@@ -202,3 +202,52 @@ def test_a_kernel_searched_whole_says_it_gets_scales_only(blockwise):
       progress=False,
     )
   assert q["params"]["out"]["kernel"].input_scale is not None  # the scales still apply
+
+
+@pytest.mark.parametrize(
+  "scheme, block", [(sq.INT4, 32), (sq.ASYMMETRIC_INT4, 32), (sq.PER_CHANNEL, None)]
+)
+def test_scale_search_takes_the_least_error_of_both_families(scheme, block):
+  """The paper's ``mean|x| ** r`` and AutoAWQ's duo ``mean|x| ** r / w_mean ** (1 - r)``,
+  re-derived and measured in float64 numpy: the search returns the scale of least error."""
+  from sensorquant_jax._src import awq, schemes
+
+  rng = np.random.default_rng(7)
+  k, n, grid = 96, 8, 10
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  x = (rng.standard_normal((300, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+  h = x.T.astype(np.float64) @ x
+  act = np.maximum(np.abs(x).mean(0), 1e-8)
+  spec = schemes.Spec(scheme, (0,) if block else (1,), block)
+  a = np.abs(w.astype(np.float64))
+  if block:
+    top = np.concatenate(
+      [np.repeat(a[g : g + block].max(0, keepdims=True), block, 0) for g in range(0, k, block)]
+    )
+  else:
+    top = a.max(0, keepdims=True)
+  w_mean = (a / (top + 1e-6)).mean(1)
+
+  def scale(r, duo):
+    s = act**r / (w_mean ** (1 - r) + 1e-4 if duo else 1.0)
+    s = np.maximum(s, 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+  def error(s):
+    s32 = jnp.asarray(s, jnp.float32)
+    q = schemes.quantize_leaf(jnp.asarray(w) * s32[:, None], spec).dequantize(jnp.float32)
+    d = w.astype(np.float64) - np.asarray(q, np.float64) / np.asarray(s32, np.float64)[:, None]
+    return float(np.sum((h @ d) * d))
+
+  candidates = [scale(i / grid, duo) for duo in (False, True) for i in range(grid)]
+  errors = [error(s) for s in candidates]
+  got, got_errors = awq.search(
+    jnp.asarray(w),
+    jnp.asarray(h, jnp.float32),
+    jnp.asarray(act, jnp.float32),
+    spec=spec,
+    n_in=1,
+    grid=grid,
+  )
+  np.testing.assert_allclose(np.asarray(got_errors), errors, rtol=1e-3)
+  assert error(np.asarray(got, np.float64)) <= min(errors) * (1 + 1e-4)

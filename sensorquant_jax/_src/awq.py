@@ -18,7 +18,7 @@ from jax import lax
 from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error, relative_error
-from sensorquant_jax._src.options import Scheme
+from sensorquant_jax._src.options import BLOCK_SCHEMES, Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
@@ -51,7 +51,8 @@ def search(
   w2 = wf.reshape(k, -1)
   bshape = input_scale_shape(shape, n_in)
   act = jnp.maximum(act.astype(jnp.float32), 1e-8)
-  w_mean = _relative_magnitude(w2, spec.block_size if n_in == 1 else None)
+  along_k = n_in == 1 and spec.scheme in BLOCK_SCHEMES and spec.axes == (0,)
+  w_mean = _relative_magnitude(w2, spec.block_size if along_k else None)
 
   def scale_for(r, duo):
     s = act**r / jnp.where(duo, w_mean ** (1 - r) + 1e-4, 1.0)
