@@ -106,6 +106,9 @@ class QArray:
       An array with the shape of ``values``. For ``symmetric_per_tensor_int8``
       it equals the Rust module's ``dequantize`` bit for bit.
     """
+    return _dequantize(self, dtype)
+
+  def _dequantize(self, dtype: Any) -> jax.Array:
     v = self.codes().astype(jnp.float32)
     zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
     if self.block_size is None:
@@ -208,6 +211,11 @@ def broadcast_blocks(a: jax.Array, shape: tuple[int, ...], axis: int, block: int
   axis %= len(shape)
   a = jnp.repeat(a, block, axis=axis)
   return jnp.broadcast_to(jax.lax.slice_in_dim(a, 0, shape[axis], axis=axis), shape)
+
+
+# One compilation per layout and dtype, not one per eager op (int4: unpacking, zero points);
+# inside a trace it is a nested call like any other.
+_dequantize = jax.jit(lambda q, dtype: q._dequantize(dtype), static_argnames="dtype")
 
 
 def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:

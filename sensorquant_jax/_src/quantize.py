@@ -403,16 +403,12 @@ def dequantize(qparams: Any, dtype: Any = None) -> Any:
 
   def one(x):
     if is_qarray(x):
-      return _dequantize_leaf(x, dtype)
+      return x.dequantize(dtype)
     if is_input_scaled(x):
       return x.fold(dtype)
     return x
 
   return jax.tree_util.tree_map(one, qparams, is_leaf=_is_special)
-
-
-# One compilation per leaf layout, not one per eager op (int4: unpacking, zero points).
-_dequantize_leaf = jax.jit(lambda x, dtype: x.dequantize(dtype), static_argnames="dtype")
 
 
 def nbytes(tree: Any) -> int:
