@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -215,7 +216,9 @@ def broadcast_blocks(a: jax.Array, shape: tuple[int, ...], axis: int, block: int
 
 # One compilation per layout and dtype, not one per eager op (int4: unpacking, zero points);
 # inside a trace it is a nested call like any other.
-_dequantize = jax.jit(lambda q, dtype: q._dequantize(dtype), static_argnames="dtype")
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize(q: QArray, dtype: Any) -> jax.Array:
+  return q._dequantize(dtype)
 
 
 def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:
