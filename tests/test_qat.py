@@ -393,3 +393,43 @@ def test_w8a8_options_are_checked():
     sq.qat(params, "symmetric_per_channel_int8", mode="w8a8", act_scales={"a": -1.0}, min_size=100)
   with pytest.raises(ValueError, match="mode"):
     sq.qat(params, "symmetric_per_channel_int8", mode="w4a4", min_size=100)
+
+
+@pytest.mark.parametrize("style", ["linen", "nnx"])
+def test_w8a8_training_forward_is_the_served_model_in_other_styles(style):
+  """Linen Dense / DenseGeneral / Conv layers and an NNX model (through its pure dict)."""
+  tokens = jax.random.randint(jax.random.key(2), (4, 12), 0, 64)
+  if style == "linen":
+    model = TinyTransformer()
+    params = model.init(jax.random.key(0), tokens)
+    fn = model.apply
+  else:
+    graphdef, state = nnx.split(NNXTransformer(rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+
+    def fn(p, t):
+      s = jax.tree.map(lambda x: x, state)
+      nnx.replace_by_pure_dict(s, p)
+      return nnx.merge(graphdef, s)(t)
+
+  acts = sq.act_scales(sq.calibrate(fn, params, [tokens]))
+  tree = sq.qat(
+    params,
+    "symmetric_per_channel_int8",
+    min_size=1024,
+    like=(fn, tokens),
+    mode="w8a8",
+    act_scales=acts,
+  )
+  assert sum(x.act_scale is not None for x in _leaves(tree) if sq.is_qat_weight(x)) >= 4
+  got = jax.jit(sq.fake_quantized(fn))(tree, tokens)
+  served = sq.quantized(fn, mode="w8a8", act_scales=sq.qat_act_scales(tree), warn=False)(
+    sq.qat_export(tree), tokens
+  )
+  close = np.isclose(np.asarray(got), np.asarray(served), rtol=1e-4, atol=1e-4)
+  assert close.mean() > 0.99  # float summation order may flip a later rounding
+  plain = fn(sq.fake_quant(tree), tokens)  # weight-only: the activations' rounding shows
+  assert (
+    np.abs(np.asarray(plain) - np.asarray(served)).max()
+    > 10 * np.abs(np.asarray(got) - np.asarray(served)).max()
+  )
