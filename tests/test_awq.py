@@ -111,28 +111,37 @@ def test_awq_on_kernels_found_at_the_op(scheme):
 
 @pytest.mark.parametrize(
   "scheme, block",
-  [(sq.INT4, 32), (sq.ASYMMETRIC_INT4, 32), (sq.PER_BLOCK, 16), (sq.PER_CHANNEL, None)],
+  [
+    (sq.INT4, 32),
+    (sq.ASYMMETRIC_INT4, 32),
+    (sq.PER_BLOCK, 16),
+    (sq.PER_CHANNEL, None),
+    (sq.ASYMMETRIC_PER_CHANNEL, None),
+  ],
 )
 def test_clip_search_picks_each_groups_least_error(scheme, block):
-  """The clipping bound of every group and column gives that group's least output error
-  among the ratios tried, the errors recomputed in float64 numpy."""
+  """The clipping bounds of every group and column give that group's least output error
+  among the ratios tried (pairs of independent lower and upper ratios for asymmetric
+  schemes, one ratio of max|w| otherwise), the errors recomputed in float64 numpy."""
   from sensorquant_jax._src import awq, schemes
 
   rng = np.random.default_rng(5)
   k, n = 80, 6  # 80: not a whole number of 32-groups
   w = rng.standard_normal((k, n)).astype(np.float32)
   w[rng.integers(0, k, 6), rng.integers(0, n, 6)] *= 6  # outliers worth clipping
+  w[:, 0] = np.abs(w[:, 0])  # a column with no negative weight
   x = rng.standard_normal((400, k)).astype(np.float32)
   h = x.T.astype(np.float64) @ x
   axes = (0,) if block else (1,)
   spec = schemes.Spec(scheme, axes, block)
-  bound = np.asarray(awq.clip_search(jnp.asarray(w), jnp.asarray(h, jnp.float32), spec=spec))
+  bounds = np.asarray(awq.clip_search(jnp.asarray(w), jnp.asarray(h, jnp.float32), spec=spec))
+  assert bounds.shape == (2, k, n)
   b = block or k
   ratios = 1 - np.arange(int(awq.CLIP_MAX_SHRINK * awq.CLIP_GRID)) / awq.CLIP_GRID
 
-  def group_errors(limit):
-    q = np.asarray(schemes.quantize_leaf(jnp.clip(w, -limit, limit), spec).dequantize(), np.float64)
-    d = w - q
+  def group_errors(lo, hi):
+    q = schemes.quantize_leaf(jnp.clip(w, lo, hi), spec).dequantize()
+    d = w - np.asarray(q, np.float64)
     return np.array(
       [
         [d[g : g + b, j] @ h[g : g + b, g : g + b] @ d[g : g + b, j] for j in range(n)]
@@ -140,13 +149,28 @@ def test_clip_search_picks_each_groups_least_error(scheme, block):
       ]
     )
 
-  amax = np.array([np.abs(w[g : g + b]).max(0) for g in range(0, k, b)])
-  tried = np.stack([group_errors(np.repeat(r * amax, b, 0)[:k]) for r in ratios])
-  chosen = group_errors(bound)
+  def per_group(f):
+    return np.array([f(w[g : g + b], 0) for g in range(0, k, b)])
+
+  if scheme in (sq.ASYMMETRIC_INT4, sq.ASYMMETRIC_PER_CHANNEL):
+    lo_end, hi_end = per_group(np.min).clip(max=0), per_group(np.max).clip(min=0)
+    pairs = [(a, c) for a in ratios for c in ratios]
+  else:
+    hi_end = per_group(lambda v, axis: np.abs(v).max(axis))
+    lo_end = -hi_end
+    pairs = [(r, r) for r in ratios]
+
+  def full(v):
+    return np.repeat(v, b, 0)[:k]
+
+  tried = np.stack([group_errors(full(a * lo_end), full(c * hi_end)) for a, c in pairs])
+  chosen = group_errors(bounds[0], bounds[1])
   np.testing.assert_allclose(chosen, tried.min(0), rtol=1e-4, atol=1e-6)
   assert (chosen <= tried[0] * (1 + 1e-5)).all()  # never worse than no clipping
   if scheme in sq.INT4_SCHEMES:  # 16 levels: the outliers are worth clipping
-    assert (bound < np.abs(w)).any()
+    assert (bounds[1] < w).any()
+  if scheme == sq.ASYMMETRIC_INT4:  # the two ends move apart from each other
+    assert (bounds[0] != -bounds[1]).any()
 
 
 @pytest.mark.parametrize("scheme", [sq.INT4, sq.ASYMMETRIC_INT4])

@@ -18,7 +18,7 @@ from jax import lax
 from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error, relative_error
-from sensorquant_jax._src.options import BLOCK_SCHEMES, Scheme
+from sensorquant_jax._src.options import ASYMMETRIC_SCHEMES, BLOCK_SCHEMES, Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
@@ -103,13 +103,19 @@ def clip_search(ws: jax.Array, h: jax.Array, *, spec: schemes.Spec) -> jax.Array
   w)`` and ``H_gg`` the group's block of the inputs' ``X^T X`` (the paper's
   objective over the same tokens). ``r = 1`` is no clipping, so no group's error grows.
 
+  Asymmetric schemes place their grid on ``[min, max]`` rather than ``[-max|w|,
+  max|w|]``, so for them the two ends shrink independently: ``[r_lo min, r_hi max]``
+  over every pair of the same ratios (the group's error only depends on its own
+  bounds, so each group's least-error pair is the best of all 100 combinations).
+
   Args:
     ws: the ``[K, N]`` matrix.
     h: ``X^T X`` of its (scaled) inputs, ``[K, K]``.
     spec: the matrix's spec: per-block / per-group along axis 0, or per-channel on axis 1.
 
   Returns:
-    The bound ``[K, N]`` (each group's, repeated over it).
+    The bounds ``[2, K, N]``: lower and upper (each group's, repeated over it);
+    apply them with :func:`clipped`.
   """
   k, n = ws.shape
   b = spec.block_size if spec.scheme in schemes.BLOCK_SCHEMES else k
@@ -119,21 +125,36 @@ def clip_search(ws: jax.Array, h: jax.Array, *, spec: schemes.Spec) -> jax.Array
   hp = jnp.pad(h.astype(jnp.float32), ((0, g * b - k), (0, g * b - k))).reshape(g, b, g, b)
   at = jnp.arange(g)
   hd = hp[at, :, at, :]  # [G, B, B]: each group's diagonal block
-  amax = jnp.max(jnp.abs(split_blocks(wf, 0, b)), axis=1)  # [G, N]
+  blocks = split_blocks(wf, 0, b)
+  if spec.scheme in ASYMMETRIC_SCHEMES:
+    # The scheme's range always holds 0, so the ends are min(., 0) and max(., 0).
+    ends = jnp.stack([jnp.min(blocks, axis=1).clip(max=0), jnp.max(blocks, axis=1).clip(min=0)])
+  else:
+    amax = jnp.max(jnp.abs(blocks), axis=1)  # [G, N]
+    ends = jnp.stack([-amax, amax])
 
-  def full(per_group):  # [G, N] -> [K, N]
-    return jnp.repeat(per_group, b, axis=0)[:k]
+  def full(per_group):  # [2, G, N] -> [2, K, N]
+    return jnp.repeat(per_group, b, axis=1)[:, :k]
 
-  def err(r):
-    bound = full(r * amax)
-    q = schemes.quantize_leaf(jnp.clip(wf, -bound, bound), spec).dequantize(jnp.float32)
-    d = split_blocks(wf - q, 0, b)
+  def err(r):  # r: [2] ratios of the lower and upper end
+    q = schemes.quantize_leaf(clipped(wf, full(r[:, None, None] * ends)), spec)
+    d = split_blocks(wf - q.dequantize(jnp.float32), 0, b)
     return jnp.einsum("gbn,gbc,gcn->gn", d, hd, d, precision=lax.Precision.HIGHEST)
 
   steps = int(CLIP_MAX_SHRINK * CLIP_GRID)
   ratios = 1.0 - jnp.arange(steps, dtype=jnp.float32) / CLIP_GRID
-  errors = lax.map(err, ratios)  # [R, G, N]
-  return full(ratios[jnp.argmin(errors, axis=0)] * amax)
+  if spec.scheme in ASYMMETRIC_SCHEMES:
+    pairs = jnp.stack(jnp.meshgrid(ratios, ratios, indexing="ij"), -1).reshape(-1, 2)
+  else:
+    pairs = jnp.stack([ratios, ratios], -1)
+  errors = lax.map(err, pairs)  # [R, G, N]; pair 0 is (1, 1): no clipping
+  best = pairs[jnp.argmin(errors, axis=0)]  # [G, N, 2]
+  return full(jnp.moveaxis(best, -1, 0) * ends)
+
+
+def clipped(w: jax.Array, bounds: jax.Array) -> jax.Array:
+  """``w`` clamped to the ``[2, ...]`` lower and upper ``bounds`` of :func:`clip_search`."""
+  return jnp.clip(w, bounds[0], bounds[1])
 
 
 Rounding = Literal["nearest", "gptq"]
@@ -184,8 +205,7 @@ def quantize_layer(
   ws = w.astype(jnp.float32) * s.reshape(bshape)
   cs = clip_spec(spec, n_in) if clip and w.ndim == 2 else None
   if cs is not None:
-    bound = clip_search(ws, _scaled_xtx(h, s), spec=cs)
-    ws = jnp.clip(ws, -bound, bound)
+    ws = clipped(ws, clip_search(ws, _scaled_xtx(h, s), spec=cs))
   qa = schemes.quantize_leaf(ws, spec)
   if rounding == "gptq" and w.ndim == 2 and n_in == 1:
     qa = _gptq_rounded(ws, qa, [((0,), (), _scaled_xtx(h, s))])
@@ -364,7 +384,7 @@ def matrix_scale(
   cannot hold (groups along one of several contracted axes).
 
   Returns:
-    ``(scale [K], clipping bound [K, N] on the scaled matrix or None, output error
+    ``(scale [K], clipping bounds [2, K, N] on the scaled matrix or None, output error
     round-to-nearest, output error with the scale and bound)`` (errors relative, in
     the matrix's own scheme ``sub``).
   """
@@ -387,7 +407,7 @@ def _matrix_scale(w, wm, st, *, sub, grid, n_in, clip):
     return sm, None, errors[0] / den, jnp.min(errors) / den
   ws = wm * sm[:, None]
   bound = clip_search(ws, _scaled_xtx(st["xtx"], sm), spec=cs)
-  q = schemes.quantize_leaf(jnp.clip(ws, -bound, bound), cs).dequantize(jnp.float32)
+  q = schemes.quantize_leaf(clipped(ws, bound), cs).dequantize(jnp.float32)
   return sm, bound, errors[0] / den, relative_error(wm, q / sm[:, None], st["xtx"])
 
 
@@ -437,12 +457,13 @@ def _scaled_leaf(w, sms, bounds, *, k_axes, indices, spec):
   scale = scale_tensor(w.shape, k_axes, list(zip(indices, sms, strict=True)))
   ws = w * scale
   if any(bound is not None for bound in bounds):
-    limit = jnp.full(w.shape, jnp.inf, jnp.float32)
+    limits = [jnp.full(w.shape, -jnp.inf, jnp.float32), jnp.full(w.shape, jnp.inf, jnp.float32)]
     for index, bound in zip(indices, bounds, strict=True):
       if bound is not None:
-        _, put = gptq_mod.sub_matrix(limit, k_axes, index)
-        limit = put(limit, bound)
-    ws = jnp.clip(ws, -limit, limit)
+        for end in (0, 1):
+          _, put = gptq_mod.sub_matrix(limits[end], k_axes, index)
+          limits[end] = put(limits[end], bound[end])
+    ws = clipped(ws, jnp.stack(limits))
   return ws, scale, schemes.quantize_leaf(ws, spec)
 
 
