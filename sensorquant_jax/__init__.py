@@ -26,8 +26,9 @@ _HOMES = {
   "sensorquant_jax._src.native": "NativeBuildWarning",
   "sensorquant_jax._src.ops": "dense dense_general",
   "sensorquant_jax._src.options": (
-    "ASYMMETRIC_INT4 ASYMMETRIC_PER_CHANNEL IMPLS INT4 INT4_SCHEMES Impl MODES Mode OBSERVERS "
-    "Observer PER_BLOCK PER_CHANNEL PER_TENSOR SCHEMES Scheme bits_of"
+    "ASYMMETRIC_INT4 ASYMMETRIC_PER_CHANNEL FP8_BLOCK FP8_PER_CHANNEL FP8_PER_TENSOR FP8_SCHEMES "
+    "IMPLS INT4 INT4_SCHEMES Impl MODES Mode OBSERVERS Observer PER_BLOCK PER_CHANNEL "
+    "PER_TENSOR SCHEMES Scheme bits_of"
   ),
   "sensorquant_jax._src.packed": "PackedQArray pack unpack",
   "sensorquant_jax._src.policy": "Budget Policy auto_policy",

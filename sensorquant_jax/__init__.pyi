@@ -33,6 +33,10 @@ from sensorquant_jax._src.ops import dense as dense
 from sensorquant_jax._src.ops import dense_general as dense_general
 from sensorquant_jax._src.options import ASYMMETRIC_INT4 as ASYMMETRIC_INT4
 from sensorquant_jax._src.options import ASYMMETRIC_PER_CHANNEL as ASYMMETRIC_PER_CHANNEL
+from sensorquant_jax._src.options import FP8_BLOCK as FP8_BLOCK
+from sensorquant_jax._src.options import FP8_PER_CHANNEL as FP8_PER_CHANNEL
+from sensorquant_jax._src.options import FP8_PER_TENSOR as FP8_PER_TENSOR
+from sensorquant_jax._src.options import FP8_SCHEMES as FP8_SCHEMES
 from sensorquant_jax._src.options import IMPLS as IMPLS
 from sensorquant_jax._src.options import INT4 as INT4
 from sensorquant_jax._src.options import INT4_SCHEMES as INT4_SCHEMES

@@ -1,7 +1,8 @@
-"""Independent numpy references for the int4 schemes (written from their definitions)."""
+"""Independent numpy references for the int4 and fp8 schemes (written from their definitions)."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 
@@ -79,3 +80,30 @@ def gptq_reference(w, xtx, scale, zero, qmin, qmax, damp=0.01, act_order=False):
     W[:, j:] -= np.outer(err, U[j, j:])
   Q = Q[:, np.argsort(perm)]
   return Q.T.astype(np.int32)
+
+
+def fp8_reference(w: np.ndarray, scheme: str, tile: int = 128):
+  """Values and scales of a 2-D ``[K, N]`` array under an fp8 E4M3 scheme, in numpy.
+
+  ``scale = max(fl32(max|w| / 448), 1e-8)`` over the tensor, each column
+  (``fp8_e4m3_per_channel``) or each ``tile x tile`` tile (``fp8_e4m3_block128``,
+  returned in the per-block layout ``[ceil(K / tile), N]``: each tile's scale
+  repeated over its columns); ``values = float8_e4m3fn(clip(fl32(w / scale), -448,
+  448))`` as ``ml_dtypes`` converts (round to nearest, ties to even).
+  """
+  w = np.asarray(w, np.float32)
+  a = np.abs(w)
+  k, n = w.shape
+  if scheme == "fp8_e4m3_per_tensor":
+    m = a.max(keepdims=True)
+  elif scheme == "fp8_e4m3_per_channel":
+    m = a.max(0, keepdims=True)
+  else:
+    nk, nn = -(-k // tile), -(-n // tile)
+    padded = np.zeros((nk * tile, nn * tile), np.float32)
+    padded[:k, :n] = a
+    m = np.repeat(padded.reshape(nk, tile, nn, tile).max((1, 3)), tile, axis=1)[:, :n]
+  s = np.maximum(m / np.float32(448), np.float32(1e-8)).astype(np.float32)
+  full = np.repeat(s, tile, axis=0)[:k] if scheme == "fp8_e4m3_block128" else s
+  q = np.clip(w / full, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+  return q, s

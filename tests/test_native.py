@@ -73,7 +73,11 @@ SHAPES = [(1, 1, 16), (2, 3, 48), (3, 33, 80), (4, 70, 1024), (5, 300, 512), (6,
 SHAPES += [(7, 64, 1040), (13, 1000, 256), (70, 96, 192), (1, 4100, 4096)]
 
 
-@pytest.mark.parametrize("scheme", [s for s in sq.SCHEMES if sq.bits_of(s) == 8])
+# fp8 kernels run on XLA: tests/test_ops.py::test_integer_kernels_refuse_fp8_weights
+INT8 = [s for s in sq.SCHEMES if sq.bits_of(s) == 8 and s not in sq.FP8_SCHEMES]
+
+
+@pytest.mark.parametrize("scheme", INT8)
 @pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_native_dense_matches_float_reference(scheme, mode, rows, k, n):

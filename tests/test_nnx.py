@@ -53,8 +53,9 @@ def test_nnx_quantize_matches_dequantized_model(scheme, mode):
   ref = _dequantized(qmodel)(tokens)
   if mode == "weight_only":
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-  else:
-    assert float(jnp.max(jnp.abs(y - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+  else:  # E4M3 activations keep 3 mantissa bits: up to 6% each (int8: 0.4% of the largest)
+    tol = 0.1 if scheme in sq.FP8_SCHEMES else 0.05
+    assert float(jnp.max(jnp.abs(y - ref))) < tol * float(jnp.max(jnp.abs(ref)))
     assert float(jnp.max(jnp.abs(y - ref))) > 0  # activations are quantized
 
 

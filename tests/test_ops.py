@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -12,9 +13,14 @@ SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4
 rng = np.random.default_rng(0)
 
 
-def _fake_quant_acts(x2):
-  """What W8A8 does to activations, in numpy: per-row max|x|/127, round half away."""
+def _fake_quant_acts(x2, scheme=""):
+  """What W8A8 does to activations, in numpy: per-row max|x|/127, round half away
+  (fp8 kernels: per-row max|x|/448, E4M3 rounding as ml_dtypes)."""
   x2 = np.asarray(x2, np.float32)
+  if scheme in sq.FP8_SCHEMES:
+    s = np.maximum(np.max(np.abs(x2), axis=-1, keepdims=True) / np.float32(448), 1e-12)
+    q = np.clip(x2 / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return q * s
   s = np.maximum(np.max(np.abs(x2), axis=-1, keepdims=True) / np.float32(127), 1e-12)
   y = x2 / s
   q = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), -127, 127)
@@ -32,7 +38,7 @@ def test_dense_matches_float_on_dequantized(scheme, mode, rows, k, n, packed):
   qa = sq.quantize_array(w, scheme)
   kernel = sq.pack(qa) if packed else qa
   wd = np.asarray(qa.dequantize(), np.float64)
-  xin = _fake_quant_acts(x) if mode == "w8a8" else x
+  xin = _fake_quant_acts(x, scheme) if mode == "w8a8" else x
   ref = np.asarray(xin, np.float64) @ wd + b
   for impl, tile in (("auto", "auto"), ("xla", "auto"), ("xla", None), ("xla", 64)):
     y = jax.jit(lambda x, q, b, t=tile, i=impl: sq.dense(x, q, b, mode=mode, tile=t, impl=i))(
@@ -61,8 +67,8 @@ def test_pack_round_trip_and_fallbacks():
   for scheme in SCHEMES:
     qa = sq.quantize_array(w, scheme)
     p = sq.pack(qa, tile=512)
-    if scheme == "symmetric_per_block_int8":
-      assert p is qa  # block scales vary along K: kept canonical
+    if scheme in ("symmetric_per_block_int8", *sq.FP8_SCHEMES):
+      assert p is qa  # block scales vary along K, fp8 values: kept canonical
       continue
     assert isinstance(p, sq.PackedQArray) and p.tiles.shape == (4, 128, 512)
     np.testing.assert_array_equal(sq.unpack(p).dequantize(), qa.dequantize())
@@ -71,6 +77,18 @@ def test_pack_round_trip_and_fallbacks():
     sq.dense(np.ones((1, 128), np.float32), sq.quantize_array(w), mode="int4")
   with pytest.raises(ValueError, match="does not match"):
     sq.dense(np.ones((1, 64), np.float32), sq.quantize_array(w))
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
+def test_integer_kernels_refuse_fp8_weights(mode):
+  """The native and Pallas kernels read integer codes: asked for by name on an fp8
+  kernel they raise; ``impl="auto"`` takes XLA."""
+  qa = sq.quantize_array(rng.standard_normal((64, 32)).astype(np.float32), sq.FP8_PER_CHANNEL)
+  x = rng.standard_normal((3, 64)).astype(np.float32)
+  for impl in ("native", "pallas"):
+    with pytest.raises(ValueError, match="fp8 kernels run on impl='xla'"):
+      sq.dense(x, qa, mode=mode, impl=impl)
+  np.testing.assert_array_equal(sq.dense(x, qa, mode=mode), sq.dense(x, qa, mode=mode, impl="xla"))
 
 
 def test_per_channel_along_contraction_falls_back_correctly():

@@ -58,6 +58,8 @@ def test_dequantize_is_finite_and_within_half_a_step_at_extremes(scheme, dtype, 
     step = np.repeat(step, q.block_size, axis=0)[: wf.shape[0]]
   step = np.broadcast_to(step, wf.shape)
   bound = step / 2 * (1 + 1e-6) + _half_ulp(wf, dtype)
+  if scheme in sq.FP8_SCHEMES:  # E4M3's step is relative: 1/8 of the value's binade
+    bound = np.maximum(np.abs(wf) / 16, step * 2.0**-10) * (1 + 1e-6) + _half_ulp(wf, dtype)
   if scheme == "asymmetric_per_channel_int8" and case == "max":
     # +-max exactly: 256 levels over [-max, max] cannot put a level within
     # half a step of both ends (the top level would be max + step/2, past

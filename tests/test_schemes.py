@@ -1,15 +1,18 @@
-"""Exactness of symmetric_per_tensor_int8 against the Rust module's own output."""
+"""Exactness of symmetric_per_tensor_int8 against the Rust module's own output, and of
+the fp8 schemes against numpy and ml_dtypes."""
 
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax import lax
 
 import sensorquant_jax as sq
 from sensorquant_jax._src import schemes
+from tests.references import fp8_reference
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "oracle", "per_tensor_cases.npz")
 
@@ -75,7 +78,7 @@ def test_dequantize_matches_rust_product():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is XLA:CPU's")
 def test_the_two_traps_are_real():
-  """Guards the reasons for schemes._exact_div and lax.round's default.
+  """Guards the reasons for schemes.exact_div and lax.round's default.
 
   If XLA ever stops rewriting the division, the first assertion tells us the
   workaround is no longer needed; the test is about our formulation staying
@@ -91,10 +94,10 @@ def test_the_two_traps_are_real():
   big = rng.standard_normal((512, 512)).astype(np.float32)
   sc = np.float32(np.max(np.abs(big)) / np.float32(127))
   naive = np.asarray(jax.jit(lambda a, b: a / b)(big, sc))
-  exact = np.asarray(jax.jit(schemes._exact_div)(big, sc))
+  exact = np.asarray(jax.jit(schemes.exact_div)(big, sc))
   np.testing.assert_array_equal(exact, big / sc)
   # The trap itself: XLA:CPU rewrites the naive a / b into a * (1 / b).
-  assert np.sum(naive != big / sc) > 0, "XLA keeps a / b now: _exact_div may be simplified"
+  assert np.sum(naive != big / sc) > 0, "XLA keeps a / b now: exact_div may be simplified"
 
 
 def test_nan_and_inf_follow_rust_when_not_checked():
@@ -119,7 +122,7 @@ def test_dtypes_compute_in_float32(dtype):
 
 @pytest.fixture
 def fresh_jit_cache():
-  # The tests below monkeypatch schemes._exact_div, which jit caches cannot see.
+  # The tests below monkeypatch schemes.exact_div, which jit caches cannot see.
   jax.clear_caches()
   yield
   jax.clear_caches()
@@ -174,7 +177,7 @@ CPU_ONLY = pytest.mark.skipif(
 @pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
 def test_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cache, monkeypatch):
   """Simulates XLA:GPU's approximate f32 division: every quotient off by `ulps`."""
-  monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
+  monkeypatch.setattr(schemes, "exact_div", _sloppy(schemes.exact_div, ulps))
   _check_all_cases(division_fix=True)
   # Without the fix the same division gets values wrong.
   wrong = sum(
@@ -208,7 +211,7 @@ def test_asymmetric_division_fix_repairs_an_inexact_division(ulps, fresh_jit_cac
   """The asymmetric scheme (scale, zero point, quotient) under a sloppy division."""
   w = _asymmetric_cases()
   exact = sq.quantize_array(w, "asymmetric_per_channel_int8", division_fix=False)
-  monkeypatch.setattr(schemes, "_exact_div", _sloppy(schemes._exact_div, ulps))
+  monkeypatch.setattr(schemes, "exact_div", _sloppy(schemes.exact_div, ulps))
   jax.clear_caches()
   wrong = sq.quantize_array(w, "asymmetric_per_channel_int8", division_fix=False)
   # Without the fix the ties break: values, and for some columns zero points.
@@ -231,3 +234,65 @@ def test_div_fix_recovers_correct_rounding_from_neighbours():
       c0 = np.nextafter(c0, np.float32(np.inf if ulps > 0 else -np.inf))
     got = np.asarray(jax.jit(schemes._div_fix)(a, b, c0))
     np.testing.assert_array_equal(got, exact)
+
+
+def _e4m3_grid() -> np.ndarray:
+  """Every finite float8_e4m3fn value as float32, ascending (subnormals included)."""
+  g = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  return np.unique(g[np.isfinite(g)])
+
+
+def test_fp8_rounding_is_ml_dtypes_bit_for_bit_at_ties_subnormals_and_saturation():
+  """With a unit scale the stored values are ``float8_e4m3fn(clip(w, -448, 448))`` as
+  ml_dtypes converts: every E4M3 value, every midpoint between neighbours (ties to
+  even, subnormal ones included), a float32 ulp either side of each, and values past
+  448 (saturated, not NaN)."""
+  grid = _e4m3_grid()
+  mids = (grid[1:] + grid[:-1]) / 2  # exact in float32
+  up, down = np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf))
+  past = np.array([448.5, 464, 465, 480, 1e4, 3e38], np.float32)
+  w = np.concatenate([grid, mids, up, down, past, -past])
+  assert np.sum(np.abs(mids) < 2.0**-6) >= 14  # subnormal ties are in
+  reference = np.clip(w, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+  spec = schemes.Spec(sq.FP8_PER_TENSOR)
+  got = jax.jit(lambda w: schemes.quantize_leaf(w, spec, scale=jnp.ones((1,), jnp.float32)))(w)
+  assert np.asarray(got.values).tobytes() == reference.tobytes()
+  # The scheme's own scale maps the largest |w| onto 448: 1 here, the same values.
+  inside = w[np.abs(w) <= 448]
+  own = sq.quantize_array(np.append(inside, 448), sq.FP8_PER_TENSOR)
+  assert float(own.scale[0]) == 1.0
+  assert np.asarray(own.values)[:-1].tobytes() == reference[np.abs(w) <= 448].tobytes()
+
+
+@pytest.mark.parametrize("scheme", [sq.FP8_PER_TENSOR, sq.FP8_PER_CHANNEL, sq.FP8_BLOCK])
+def test_fp8_values_and_scales_equal_numpy(scheme):
+  """Scales ``max|w| / 448`` per tensor, column or 128 x 128 tile (partial tiles on
+  both axes) and values bit for bit against numpy and ml_dtypes, under jit."""
+  rng = np.random.default_rng(11)
+  w = (rng.standard_normal((300, 260)) * rng.uniform(1e-3, 10, (1, 260))).astype(np.float32)
+  w[5, 7] = 0.0
+  w[:, 3] = 0.0  # an all-zero column: scale 1e-8, values 0
+  q, s = fp8_reference(w, scheme)
+  qa = jax.jit(lambda w: sq.quantize_array(w, scheme))(w)
+  np.testing.assert_array_equal(np.asarray(qa.scale).view(np.uint32), s.view(np.uint32))
+  assert np.asarray(qa.values).tobytes() == q.tobytes()
+  full = np.repeat(s, 128, axis=0)[:300] if scheme == sq.FP8_BLOCK else s
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()), q.astype(np.float32) * full)
+  if scheme == sq.FP8_BLOCK:  # one scale per tile: equal over each tile's 128 columns
+    for t in range(0, 260, 128):
+      assert (s[:, t : t + 128] == s[:, t : t + 1]).all()
+
+
+def test_fp8_scales_are_correctly_rounded_where_a_shard_holds_a_whole_tile():
+  """A (2, 4) mesh over a 256 x 512 kernel gives each device one 128 x 128 tile; the
+  scales still equal the unsharded ones (and numpy's) bit for bit."""
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("a", "b"))
+  w = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+  placed = jax.device_put(w, NamedSharding(mesh, P("a", "b")))
+  qa = sq.quantize({"kernel": placed}, sq.FP8_BLOCK)["kernel"]
+  q, s = fp8_reference(w, sq.FP8_BLOCK)
+  np.testing.assert_array_equal(np.asarray(qa.scale).view(np.uint32), s.view(np.uint32))
+  assert np.asarray(qa.values).tobytes() == q.tobytes()

@@ -371,7 +371,7 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
   if values is None or scale is None or (e["zero_point"] and zp is None):
     raise CheckpointError(f"{where}: arrays are missing")
   int4 = e["scheme"] in options.INT4_SCHEMES
-  kind = "uint8" if int4 else "int8"
+  kind = "uint8" if int4 else "float8_e4m3fn" if e["scheme"] in options.FP8_SCHEMES else "int8"
   if np.dtype(values.dtype) != np.dtype(kind) or np.dtype(scale.dtype) != np.float32:
     raise CheckpointError(
       f"{where}: expected {kind} values and float32 scales, got {values.dtype} and {scale.dtype}"
@@ -380,7 +380,8 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
   axes = e["axes"]
   if any(a < -n for a in axes):
     raise CheckpointError(f"{where}: axes {axes} do not fit values of rank {n}")
-  if e["scheme"] == schemes.PER_TENSOR and sorted(axes) != list(range(-n, 0)):
+  per_tensor = (schemes.PER_TENSOR, options.FP8_PER_TENSOR)
+  if e["scheme"] in per_tensor and sorted(axes) != list(range(-n, 0)):
     raise CheckpointError(f"{where}: a per-tensor leaf reduces every axis, got {axes}")
   logical = list(values.shape)
   if int4:

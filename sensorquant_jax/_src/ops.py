@@ -22,6 +22,7 @@ from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, W8_TARGET
 from sensorquant_jax._src.options import IMPLS, MODES, Impl, Mode
 from sensorquant_jax._src.packed import Matrix, PackedQArray, as_matrix, auto_tile, untile
 from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO, QArray, split_blocks
+from sensorquant_jax._src.schemes import exact_div, fp8_round
 
 
 def _tiled_dot(x2: jax.Array, tiles: jax.Array) -> jax.Array:
@@ -71,7 +72,7 @@ def _pick_tile(
 
 
 def _weights_key(m: Matrix) -> str:
-  parts = [f"int{m.bits}"]
+  parts = ["fp8" if m.fp8 else f"int{m.bits}"]
   if m.tiled:
     parts.append(f"tiled{m.values.shape[-1]}")
   if m.block is not None:
@@ -120,6 +121,8 @@ def _weight_only_candidates(m: Matrix, tile: int | None, rows: int) -> dict[str,
   (until a Pallas kernel is measured faster on the device).
   """
   out: dict[str, Callable] = {}
+  if m.fp8:  # the native and Pallas kernels read integer codes
+    return {"xla": lambda x2, m: _xla_weight_only(x2, m, tile)}
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
     if m.values.shape[1] % 16 == 0 and native_available(target, "auto"):
@@ -152,6 +155,8 @@ def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto"
   if impl == "auto":
     candidates = _weight_only_candidates(m, tile, x2.shape[0])
     return _dispatch("weight_only", candidates, x2, m).astype(cdt)
+  if impl in ("native", "pallas") and m.fp8:
+    raise ValueError(f"impl={impl!r} runs integer kernels; fp8 kernels run on impl='xla'")
   if impl == "pallas":
     return _pallas_weight_only(x2, m).astype(cdt)
   if m.bits == 4:
@@ -300,9 +305,45 @@ def quantize_activations(
   return q.astype(jnp.int8), s
 
 
+def quantize_activations_fp8(
+  x2: jax.Array, act_scale: jax.Array | float | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """fp8 E4M3 activations: per-token dynamic scales ``max|x| / 448``, or a static scale.
+
+  Args:
+    x2: ``[tokens, K]`` floats.
+    act_scale: a calibrated static scale (scalar); ``None`` for per-token scales.
+
+  Returns:
+    ``(float8_e4m3fn values, float32 scales [tokens, 1])``: ``fp8(x / s)``, saturated
+    and rounded to nearest even as :func:`schemes.fp8_round`.
+  """
+  xf = x2.astype(jnp.float32)
+  if act_scale is None:
+    s = exact_div(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), jnp.float32(options.FP8_MAX))
+    s = jnp.maximum(s, 1e-12)
+  else:
+    s = jnp.broadcast_to(jnp.asarray(act_scale, jnp.float32).reshape(1, 1), (xf.shape[0], 1))
+  return fp8_round(exact_div(xf, s)), s
+
+
+def _xla_w8a8_fp8(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  """fp8 x fp8 dots with float32 accumulation (cuBLASLt fp8 GEMMs where XLA has them)."""
+  xq, xs = quantize_activations_fp8(x2, act_scale)
+  values = untile(m.values) if m.tiled else m.values
+  if m.block is not None:
+    xb, qb = split_blocks(xq, 1, m.block), split_blocks(values, 0, m.block)
+    acc = jnp.einsum("bnk,nko->bno", xb, qb, preferred_element_type=jnp.float32)
+    return jnp.sum(acc * m.scale[None], axis=1) * xs
+  acc = lax.dot_general(xq, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return acc * xs * m.scale
+
+
 def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
   """The W8A8 implementations that run here, the shipped fallback first."""
   out: dict[str, Callable] = {}
+  if m.fp8:  # fp8 activations against fp8 weights
+    return {"xla": _xla_w8a8_fp8}
   if (
     m.bits == 8
     and m.block is None
@@ -325,6 +366,10 @@ def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array
     if scale is None:
       return _dispatch("w8a8", candidates, x2, m)
     return _dispatch("w8a8", candidates, x2, m, scale)
+  if m.fp8:
+    if impl in ("native", "pallas"):
+      raise ValueError(f"impl={impl!r} runs integer kernels; fp8 kernels run on impl='xla'")
+    return _xla_w8a8_fp8(x2, m, scale)
   if impl == "pallas":
     return _pallas_w8a8(x2, m, scale)
   if impl == "native":
@@ -432,9 +477,10 @@ def dense_general(
       ``input_scale``, ``x`` is multiplied by it first) or :class:`PackedQArray`.
     bias: optional float bias of shape ``kernel.shape[n_in:]``.
     n_in: number of contracted kernel axes.
-    mode: ``"weight_only"`` (int8 weights, float activations and
+    mode: ``"weight_only"`` (quantized weights, float activations and
       accumulation) or ``"w8a8"`` (int8 activations with per-token dynamic
-      scales, or ``act_scale`` when given; int32 accumulation).
+      scales, or ``act_scale`` when given; int32 accumulation; for fp8 kernels
+      fp8 E4M3 activations, ``max|x| / 448`` per token, float32 accumulation).
     act_scale: static activation scale for ``w8a8`` (from calibration).
     tile: columns converted per step by the XLA weight-only path; ``"auto"``:
       512 on CPU, one fused dot elsewhere; ``None``: one dot.

@@ -14,6 +14,9 @@ Scheme = Literal[
   "asymmetric_per_channel_int8",
   "symmetric_per_group_int4",
   "asymmetric_per_group_int4",
+  "fp8_e4m3_per_tensor",
+  "fp8_e4m3_per_channel",
+  "fp8_e4m3_block128",
 ]
 SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
 """Scheme names, the Rust module's first."""
@@ -24,14 +27,22 @@ ASYMMETRIC_PER_CHANNEL: Final = "asymmetric_per_channel_int8"
 INT4: Final = "symmetric_per_group_int4"
 ASYMMETRIC_INT4: Final = "asymmetric_per_group_int4"
 INT4_SCHEMES: Final = (INT4, ASYMMETRIC_INT4)
-BLOCK_SCHEMES: Final = ("symmetric_per_block_int8", INT4, ASYMMETRIC_INT4)
-"""Schemes with one scale per block (group) of values along one axis."""
+FP8_PER_TENSOR: Final = "fp8_e4m3_per_tensor"
+FP8_PER_CHANNEL: Final = "fp8_e4m3_per_channel"
+FP8_BLOCK: Final = "fp8_e4m3_block128"
+FP8_SCHEMES: Final = (FP8_PER_TENSOR, FP8_PER_CHANNEL, FP8_BLOCK)
+"""Schemes storing ``float8_e4m3fn`` values (OCP E4M3: no infinities, max 448)."""
+FP8_MAX: Final = 448.0
+"""The largest finite ``float8_e4m3fn``: fp8 scales map ``max|w|`` onto it."""
+BLOCK_SCHEMES: Final = ("symmetric_per_block_int8", INT4, ASYMMETRIC_INT4, FP8_BLOCK)
+"""Schemes with one scale per block (group) of values along one axis (``fp8_e4m3_block128``:
+one per block and column, equal over each tile of ``block`` columns, see ``schemes``)."""
 ASYMMETRIC_SCHEMES: Final = (ASYMMETRIC_PER_CHANNEL, ASYMMETRIC_INT4)
 """Schemes that store a zero point."""
 
 
 def bits_of(scheme: str) -> int:
-  """Bits per stored value of ``scheme`` (4 or 8)."""
+  """Bits per stored value of ``scheme`` (4 or 8; the fp8 schemes are 8)."""
   return 4 if scheme in INT4_SCHEMES else 8
 
 

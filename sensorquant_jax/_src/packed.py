@@ -92,6 +92,11 @@ class Matrix:
   tiled: bool = False
   bits: int = 8
 
+  @property
+  def fp8(self) -> bool:
+    """Whether the values are ``float8_e4m3fn`` (the fp8 schemes)."""
+    return self.values.dtype == jnp.float8_e4m3fn
+
 
 def as_matrix(w: QArray | PackedQArray, n_in: int) -> Matrix | None:
   """Views a kernel whose first ``n_in`` axes are contracted as ``[K, N]``.
@@ -147,11 +152,11 @@ def default_pack_tile() -> int:
 
 
 def pack(qparams: Any, tile: int | None = None) -> Any:
-  """Converts 2-D per-tensor/per-channel QArray kernels to :class:`PackedQArray`.
+  """Converts 2-D per-tensor/per-channel int8 QArray kernels to :class:`PackedQArray`.
 
   Other leaves (and kernels the tiled op cannot use: other ranks, block or
-  row-wise scales, an ``input_scale``, ``N`` not a multiple of ``tile``) are
-  returned unchanged.
+  row-wise scales, an ``input_scale``, ``N`` not a multiple of ``tile``, fp8
+  values, which the tiled integer kernels do not read) are returned unchanged.
   Cheap (one int8 transpose per kernel) and explicit; every op and
   :func:`sensorquant_jax.apply` accept packed and unpacked trees alike.
 
@@ -165,6 +170,8 @@ def pack(qparams: Any, tile: int | None = None) -> Any:
 
   def one(x):
     if not is_qarray(x) or x.ndim != 2 or x.block_size is not None or x.input_scale is not None:
+      return x
+    if x.scheme in schemes.FP8_SCHEMES:
       return x
     m = as_matrix(x, 1)
     if m is None or x.shape[1] % tile or x.shape[1] == tile:

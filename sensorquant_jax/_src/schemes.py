@@ -1,4 +1,4 @@
-"""Int8 quantization schemes: the arithmetic, one function per scheme.
+"""Quantization schemes (int8, int4, fp8 E4M3): the arithmetic, one function per scheme.
 
 Exactness notes. The Rust ``sensorlm`` module computes, in float32,
 ``scale = max(max|w| / 127, 1e-8)`` and ``q = clamp(round(w / scale))`` with
@@ -8,7 +8,7 @@ Exactness notes. The Rust ``sensorlm`` module computes, in float32,
   (``AWAY_FROM_ZERO``) is what Rust does.
 * XLA's algebraic simplifier rewrites ``a / broadcast(b)`` (and ``a / const``)
   into ``a * (1 / b)``, which is off by one ulp for a large share of inputs and
-  then flips rounding decisions. :func:`_exact_div` divides by
+  then flips rounding decisions. :func:`exact_div` divides by
   ``where(isnan(a), 1, b)`` instead: the same value, but no longer a broadcast
   or a constant, so the rewrite does not match and the division stays a true
   IEEE division, which is just as fast on CPU (the op is memory bound).
@@ -38,6 +38,11 @@ from sensorquant_jax._src.options import (
   ASYMMETRIC_INT4,
   ASYMMETRIC_PER_CHANNEL,
   BLOCK_SCHEMES,
+  FP8_BLOCK,
+  FP8_MAX,
+  FP8_PER_CHANNEL,
+  FP8_PER_TENSOR,
+  FP8_SCHEMES,
   INT4,
   INT4_SCHEMES,
   MIN_SCALE,
@@ -55,8 +60,14 @@ DEFAULT_GROUP_SIZE = 128
 """Values per group of the int4 schemes."""
 
 
+FP8_TILE = 128
+"""Rows and columns of an ``fp8_e4m3_block128`` tile (DeepSeek-V3's weight blocks)."""
+
+
 def default_block_size(scheme: str) -> int:
   """The block (group) size ``scheme`` uses when none is given."""
+  if scheme == FP8_BLOCK:
+    return FP8_TILE
   return DEFAULT_GROUP_SIZE if scheme in INT4_SCHEMES else DEFAULT_BLOCK_SIZE
 
 
@@ -71,6 +82,8 @@ def code_range(scheme: str) -> tuple[int, int]:
     return 0, 15
   if scheme == INT4:
     return -7, 7
+  if scheme in FP8_SCHEMES:
+    raise ValueError(f"{scheme} stores float8 values, not integer codes")
   return -127, 127
 
 
@@ -133,7 +146,7 @@ def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...]
   Returns:
     A tuple of axes, or ``None`` for the per-tensor scheme.
   """
-  if scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL):
+  if scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL, FP8_PER_CHANNEL):
     if ndim == 0:
       return ()
     return (0,) if leaf_name == "embedding" else (ndim - 1,)
@@ -146,7 +159,7 @@ def default_axes(scheme: str, ndim: int, leaf_name: str = "") -> tuple[int, ...]
   return None
 
 
-def _exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
+def exact_div(a: jax.Array, b: jax.Array) -> jax.Array:
   """IEEE ``a / b`` that XLA cannot turn into ``a * (1 / b)`` (see module doc)."""
   return a / jnp.where(jnp.isnan(a), jnp.float32(1), b)
 
@@ -277,13 +290,13 @@ def _symmetric(
   """``q`` in ``[-qmax, qmax]`` and ``scale = max(max|w| / qmax, 1e-8)`` (or ``given``)."""
   if given is None:
     m = _abs_max(w, reduce_axes)
-    s0 = _exact_div(m, jnp.float32(qmax))
+    s0 = exact_div(m, jnp.float32(qmax))
     if fix:
       s0 = _scale_fix(m, s0, qmax)
   else:
     s0 = given.astype(jnp.float32)
   scale = jnp.maximum(s0, MIN_SCALE)
-  y = _exact_div(w, scale)
+  y = exact_div(w, scale)
   if fix:
     y = _quotient_round_fix(w, scale, y)
   q = _round_clip(y, -qmax, qmax).astype(jnp.int8)
@@ -310,24 +323,24 @@ def _asymmetric(
   if given is None:
     hi = jnp.maximum(jnp.max(finite, axis=reduce_axes, keepdims=True), 0)
     span = hi - lo
-    s0 = _exact_div(span, jnp.float32(levels))
+    s0 = exact_div(span, jnp.float32(levels))
     if fix:
       s0 = _scale_fix(span, s0, levels)
     # hi - lo overflows for ranges wider than float32 max (e.g. +-2e38): divide
     # before subtracting there (a finite scale; exactness is moot at that size).
     s0 = jnp.where(
       jnp.isinf(span),
-      _exact_div(hi, jnp.float32(levels)) - _exact_div(lo, jnp.float32(levels)),
+      exact_div(hi, jnp.float32(levels)) - exact_div(lo, jnp.float32(levels)),
       s0,
     )
   else:
     s0 = given.astype(jnp.float32)
   scale = jnp.maximum(s0, MIN_SCALE)
-  z0 = _exact_div(lo, scale)
+  z0 = exact_div(lo, scale)
   if fix:
     z0 = _div_fix(lo, scale, z0)
   zp = _round_clip(jnp.float32(qmin) - z0, qmin, qmax)
-  y = _exact_div(wf, scale)
+  y = exact_div(wf, scale)
   if fix:
     y = _quotient_round_fix(wf, scale, y)
   q = _round_clip(_round_clip(y, -levels, levels) + zp, qmin, qmax)
@@ -348,7 +361,7 @@ def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
 def resolve(spec: Spec, ndim: int, leaf_name: str = "") -> Spec:
   """Fills in default axes and validates them for an array of rank ``ndim``."""
   axes = spec.axes if spec.axes is not None else default_axes(spec.scheme, ndim, leaf_name)
-  if spec.scheme == PER_TENSOR or axes is None:
+  if spec.scheme in (PER_TENSOR, FP8_PER_TENSOR) or axes is None:
     return dataclasses.replace(spec, axes=None)
   axes = _normalize_axes(axes, ndim)
   if spec.scheme in BLOCK_SCHEMES and len(axes) != 1:
@@ -379,6 +392,8 @@ def quantize_leaf(w: jax.Array, spec: Spec, scale: jax.Array | None = None) -> Q
     axes = tuple(range(ndim))
     q, scale = _symmetric(wf, axes, fix, given=scale)
     return QArray(q, scale, None, PER_TENSOR, neg(axes), None, dtype)
+  if spec.scheme in FP8_SCHEMES:
+    return _fp8_leaf(wf, spec, fix, scale, dtype)
 
   if spec.scheme in (PER_CHANNEL, ASYMMETRIC_PER_CHANNEL):
     kept = spec.axes or ()
@@ -426,8 +441,83 @@ def quantize_leaf(w: jax.Array, spec: Spec, scale: jax.Array | None = None) -> Q
   return QArray(packed, scale, zp, spec.scheme, (axis - ndim,), block, dtype, n % 2)
 
 
+def fp8_round(y: jax.Array) -> jax.Array:
+  """``y`` (float32) saturated to ``[-448, 448]`` and rounded to the nearest
+  ``float8_e4m3fn``, ties to even, as ``ml_dtypes`` converts (NaN stays NaN)."""
+  return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _fp8_scale(m: jax.Array) -> jax.Array:
+  """The correctly rounded ``m / 448``: ``fl(m / 7) / 64`` (a power of two divides
+  exactly while the result is normal), with the odd-divisor fix on every backend:
+  where a shard holds a whole tile, XLA:CPU turns the division by a per-shard
+  scalar into a multiply by its reciprocal (one ulp off)."""
+  return _scale_fix(m, exact_div(m, jnp.float32(7)), 7) / jnp.float32(64)
+
+
+def _fp8_leaf(
+  wf: jax.Array, spec: Spec, fix: bool, given: jax.Array | None, dtype: np.dtype
+) -> QArray:
+  """fp8 E4M3 values ``fp8(w / scale)`` with ``scale = max(max|w| / 448, 1e-8)`` per
+  tensor, channel or tile (see :func:`quantize_leaf`)."""
+  ndim = wf.ndim
+  if spec.scheme == FP8_PER_TENSOR:
+    axes = tuple(range(ndim))
+  elif spec.scheme == FP8_PER_CHANNEL:
+    axes = tuple(a for a in range(ndim) if a not in (spec.axes or ()))
+  else:
+    axes = ()
+  if spec.scheme != FP8_BLOCK:
+    s = given if given is not None else _fp8_scale(_abs_max(wf, axes))
+    scale = jnp.maximum(s.astype(jnp.float32), MIN_SCALE)
+    q = fp8_round(_fp8_quotient(wf, scale, fix))
+    return QArray(q, scale, None, spec.scheme, tuple(a - ndim for a in axes), None, dtype)
+  assert spec.axes is not None and spec.block_size is not None
+  (axis,) = spec.axes
+  block = int(spec.block_size)
+  if given is None:
+    scale = _fp8_scale(_tile_abs_max(wf, axis, block))
+  else:
+    scale = given.astype(jnp.float32)
+  scale = jnp.maximum(scale, MIN_SCALE)
+  full = jnp.repeat(scale, block, axis=axis)[tuple(slice(0, d) for d in wf.shape)]
+  q = fp8_round(_fp8_quotient(wf, full, fix))
+  return QArray(q, scale, None, FP8_BLOCK, (axis - ndim,), block, dtype)
+
+
+def tile_axis(ndim: int, axis: int) -> int | None:
+  """The second axis of an ``fp8_e4m3_block128`` tile: the last axis other than the
+  block axis ``axis`` (``None`` for 1-D arrays, whose tiles are blocks)."""
+  others = [a for a in range(ndim) if a != axis % ndim]
+  return others[-1] if others else None
+
+
+def _tile_abs_max(wf: jax.Array, axis: int, block: int) -> jax.Array:
+  """``max|w|`` of each ``block x block`` tile (the block axis and :func:`tile_axis`),
+  in the per-block scale layout: one entry per block along ``axis``, each tile's
+  value repeated over its columns."""
+  m = jnp.squeeze(_abs_max(split_blocks(wf, axis, block), (axis + 1,)), axis + 1)
+  col = tile_axis(wf.ndim, axis)
+  if col is None:
+    return m
+  tiles = jnp.max(split_blocks(m, col, block), axis=col + 1)  # zero padding: never a max
+  return lax.slice_in_dim(jnp.repeat(tiles, block, axis=col), 0, m.shape[col], axis=col)
+
+
+def _fp8_quotient(wf: jax.Array, scale: jax.Array, fix: bool) -> jax.Array:
+  """``fl(w / scale)``, correctly rounded off CPU too (an fp8 rounding decision
+  depends on every bit of the float32 quotient)."""
+  y = exact_div(wf, scale)
+  if fix:
+    y = _div_fix(wf, jnp.broadcast_to(scale, wf.shape), y)
+  return y
+
+
 def with_codes(qa: QArray, codes: jax.Array) -> QArray:
-  """``qa`` holding new ``codes`` (logical shape, in :func:`code_range`), scales kept."""
+  """``qa`` holding new ``codes`` (logical shape, in :func:`code_range`; fp8 schemes:
+  float32 values on the fp8 grid), scales kept."""
+  if qa.scheme in FP8_SCHEMES:
+    return dataclasses.replace(qa, values=fp8_round(codes.astype(jnp.float32)))
   if qa.bits == 8:
     return dataclasses.replace(qa, values=codes.astype(jnp.int8))
   # Symmetric int4 stores code + 8, and pads an odd axis with its 0.
