@@ -54,14 +54,21 @@ def pack_reference(codes: np.ndarray, axis: int, fill: int) -> np.ndarray:
   return np.moveaxis(out, 0, axis)
 
 
-def gptq_reference(w, xtx, scale, zero, qmin, qmax, damp=0.01, act_order=False):
+def fp8_grid(y):
+  """``y`` rounded onto the E4M3 grid as ml_dtypes converts (saturated at 448), as floats."""
+  y32 = np.asarray(y, np.float32)
+  return np.clip(y32, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+def gptq_reference(w, xtx, scale, zero, qmin, qmax, damp=0.01, act_order=False, fp8=False):
   """GPTQ (Frantar et al. 2022, Algorithm 1) in float64 numpy, in the paper's layout.
 
   The paper's ``W`` is ``[d_row, d_col]`` (outputs x inputs) and quantizes one
   input column at a time: ``q = quant(w_:,j)``, ``err = (w - q) / [H^-1]_jj``,
   ``W_:,j: -= err [H^-1]_j,j:`` with ``H^-1`` the upper Cholesky factor of the
   inverse of ``H = X^T X + damp * mean(diag) * I``; no lazy batching here.
-  Takes and returns our ``[K, N]`` (inputs x outputs) layout.
+  Takes and returns our ``[K, N]`` (inputs x outputs) layout. ``fp8``: the grid is
+  E4M3 (``q = fp8(w / s)``, float values returned), ``zero``, ``qmin``, ``qmax`` unused.
   """
   W = np.array(w, np.float64).T.copy()  # [N, K]
   S, Z = np.asarray(scale, np.float64).T, np.asarray(zero, np.float64).T
@@ -74,12 +81,15 @@ def gptq_reference(w, xtx, scale, zero, qmin, qmax, damp=0.01, act_order=False):
   U = np.linalg.cholesky(np.linalg.inv(H)).T
   Q = np.zeros_like(W)
   for j in range(W.shape[1]):
-    q = np.clip(rnd(W[:, j] / S[:, j]) + Z[:, j], qmin, qmax)
+    if fp8:
+      q = fp8_grid(W[:, j] / S[:, j])
+    else:
+      q = np.clip(rnd(W[:, j] / S[:, j]) + Z[:, j], qmin, qmax)
     Q[:, j] = q
     err = (W[:, j] - (q - Z[:, j]) * S[:, j]) / U[j, j]
     W[:, j:] -= np.outer(err, U[j, j:])
   Q = Q[:, np.argsort(perm)]
-  return Q.T.astype(np.int32)
+  return Q.T if fp8 else Q.T.astype(np.int32)
 
 
 def fp8_reference(w: np.ndarray, scheme: str, tile: int = 128):

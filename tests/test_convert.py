@@ -61,10 +61,13 @@ def test_dense_kernel_is_transposed_and_bias_kept():
   chex.assert_trees_all_equal(sq.dequantize(restored), sq.dequantize(q))
 
 
-def test_other_schemes_need_requantize():
+@pytest.mark.parametrize("scheme", ["symmetric_per_channel_int8", sq.FP8_PER_CHANNEL])
+def test_other_schemes_need_requantize(scheme):
+  """The Rust manifest holds per-tensor int8 only: other schemes (fp8 too) are refused,
+  the message naming the scheme, or requantized on request."""
   _, _, params = _deep_params()
-  q = sq.quantize(params, "symmetric_per_channel_int8", min_size=256)
-  with pytest.raises(ValueError, match="requantize=True"):
+  q = sq.quantize(params, scheme, min_size=256)
+  with pytest.raises(ValueError, match=f"scheme {scheme} does not fit.*requantize=True"):
     sq.to_manifest(q)
   with pytest.warns(sq.RequantizationWarning, match="attn_0.query: max abs"):
     man = sq.to_manifest(q, requantize=True)

@@ -273,7 +273,15 @@ def cmd_quantize(args) -> None:
       + (f", calibrated on subjects 22-{_CALIBRATION_SUBJECTS}" if calibrated else "")
     )
     console.print(f"  float32: accuracy {f_acc:.2%}, params {_fmt_bytes(sq.nbytes(variables))}")
-    label = "mixed" if policy is not None else "int4" if sq.bits_of(args.scheme) == 4 else "int8"
+    label = (
+      "mixed"
+      if policy is not None
+      else "fp8 "
+      if args.scheme in sq.FP8_SCHEMES
+      else "int4"
+      if sq.bits_of(args.scheme) == 4
+      else "int8"
+    )
     console.print(
       f"  {label}   : accuracy {q_acc:.2%}, params {_fmt_bytes(sq.nbytes(qvars))} "
       f"({sq.nbytes(variables) / sq.nbytes(qvars):.2f}x smaller), "

@@ -18,7 +18,7 @@ from jax import lax
 
 from sensorquant_jax._src import blockwise, capture, distributed, schemes, transform
 from sensorquant_jax._src.batching import as_args
-from sensorquant_jax._src.options import Scheme
+from sensorquant_jax._src.options import FP8_SCHEMES, Scheme
 from sensorquant_jax._src.qarray import QArray, grid, is_qarray
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, dequantize, quantize
 from sensorquant_jax._src.scaled import is_input_scaled
@@ -27,7 +27,7 @@ from sensorquant_jax._src.tree_paths import path_str
 Batches = Sequence[Any] | Callable[[], Iterable[Any]]
 
 
-@functools.partial(jax.jit, static_argnames=("qmin", "qmax", "block", "act_order"))
+@functools.partial(jax.jit, static_argnames=("qmin", "qmax", "block", "act_order", "fp8"))
 def gptq_matrix(
   w: jax.Array,
   h: jax.Array,
@@ -39,6 +39,7 @@ def gptq_matrix(
   damp: float = 0.01,
   block: int = 128,
   act_order: bool = False,
+  fp8: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """GPTQ codes for ``w`` ``[K, N]`` (rows are inputs) on a fixed grid.
 
@@ -59,10 +60,12 @@ def gptq_matrix(
     block: rows per lazy batch update.
     act_order: quantize rows by decreasing Hessian diagonal (the order is
       undone in the result).
+    fp8: round onto the fp8 E4M3 grid, ``fp8(w / scale)`` as the fp8 schemes do
+      (``zero``, ``qmin`` and ``qmax`` unused).
 
   Returns:
-    ``(codes, ok)``: int32 codes ``[K, N]`` in the original row order, and
-    whether the Hessian factorised (``False``: raise ``damp``).
+    ``(codes, ok)``: int32 codes ``[K, N]`` (fp8: the float32 E4M3 values) in the
+    original row order, and whether the Hessian factorised (``False``: raise ``damp``).
   """
   k, n = w.shape
   w = w.astype(jnp.float32)
@@ -95,6 +98,9 @@ def gptq_matrix(
   hp = lax.Precision.HIGHEST
 
   def quant(x, s, z):
+    if fp8:
+      q = schemes.fp8_round(schemes.exact_div(x, s)).astype(jnp.float32)
+      return q, q * s
     q = jnp.clip(lax.round(x / s, lax.RoundingMethod.AWAY_FROM_ZERO) + z, qmin, qmax)
     return q, (q - z) * s
 
@@ -126,7 +132,7 @@ def gptq_matrix(
   q = q[:k]
   if act_order:
     q = q[jnp.argsort(perm)]
-  return q.astype(jnp.int32), ok
+  return (q if fp8 else q.astype(jnp.int32)), ok
 
 
 def output_error(w: jax.Array, approx: jax.Array, h: jax.Array) -> float:
@@ -190,6 +196,7 @@ def damped_codes(
       damp=damp * 10**attempt,
       block=min(block, max(k, 1)),
       act_order=act_order,
+      fp8=scheme in FP8_SCHEMES,
     )
     if bool(ok):
       return codes
@@ -556,7 +563,8 @@ def gptq_entries(
 # (the positions of a stack's layers are traced), not once per eager op.
 @jax.jit
 def _grid_codes(qa: QArray) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return (*grid(qa), qa.codes().astype(jnp.int32))
+  fp8 = qa.scheme in FP8_SCHEMES
+  return (*grid(qa), qa.codes().astype(jnp.float32 if fp8 else jnp.int32))
 
 
 _with_codes = jax.jit(schemes.with_codes)

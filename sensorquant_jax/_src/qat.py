@@ -47,7 +47,7 @@ from flax import struct
 
 from sensorquant_jax._src import options, schemes, transform
 from sensorquant_jax._src.batching import as_args
-from sensorquant_jax._src.options import Mode, Scheme
+from sensorquant_jax._src.options import FP8_SCHEMES, Mode, Scheme
 from sensorquant_jax._src.qarray import QArray, grid, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import (
   MIN_SIZE,
@@ -138,8 +138,9 @@ def qat(
     The tree to train.
 
   Raises:
-    ValueError: an unknown ``mode``, ``act_scales`` without ``"w8a8"``, or a
-      static scale that is not a positive finite number.
+    ValueError: an unknown ``mode``, ``act_scales`` without ``"w8a8"``, a
+      static scale that is not a positive finite number, or ``"w8a8"`` on an fp8
+      scheme.
 
   Example:
     >>> tree = sq.qat(params, "asymmetric_per_group_int4", learn_scales=True)
@@ -166,6 +167,11 @@ def qat(
       qa, _, _ = quantize_leaf_counted(x, spec)
       scale = qa.scale
     name = path_str(path)
+    if mode == "w8a8" and spec.scheme in FP8_SCHEMES:
+      raise ValueError(
+        f'{name}: mode="w8a8" trains int8 activations; fp8 ({spec.scheme}) serves fp8 '
+        'activations, which training does not round yet: use mode="weight_only"'
+      )
     act = _act_scale_for(name, act_scales or {}) if mode == "w8a8" else None
     out.append(QATWeight(x, scale, spec, act, w8a8=mode == "w8a8", learn_act_scale=learn_scales))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -512,8 +518,11 @@ def _fake_bwd(spec, res, g):
   s, z = grid(qa)
   v = w.astype(jnp.float32) / s
   lo, hi = schemes.code_range(qa.scheme)
-  r = jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO) + z
-  inside = (r >= lo) & (r <= hi)
+  if qa.scheme in FP8_SCHEMES:  # saturates past 448
+    inside = jnp.abs(v) <= hi
+  else:
+    r = jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO) + z
+    inside = (r >= lo) & (r <= hi)
   g32 = g.astype(jnp.float32)
   gw = jnp.where(inside, g32, 0).astype(w.dtype)
   if scale is None:

@@ -75,6 +75,8 @@ def code_range(scheme: str) -> tuple[int, int]:
   """The integer range of ``scheme``'s codes as :meth:`QArray.codes` gives them.
 
   A weight is ``(code - zero_point) * scale``; symmetric int4 codes are centred.
+  The fp8 schemes' "codes" are their E4M3 values, in ``[-448, 448]`` (not integers:
+  round them with :func:`fp8_round`).
   """
   if scheme == ASYMMETRIC_PER_CHANNEL:
     return -128, 127
@@ -83,7 +85,7 @@ def code_range(scheme: str) -> tuple[int, int]:
   if scheme == INT4:
     return -7, 7
   if scheme in FP8_SCHEMES:
-    raise ValueError(f"{scheme} stores float8 values, not integer codes")
+    return -int(FP8_MAX), int(FP8_MAX)
   return -127, 127
 
 
