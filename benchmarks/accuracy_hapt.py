@@ -47,6 +47,12 @@ def main():
     )
 
   print(f"  {'variant':44} {'acc':>7} {'change':>6} {'1-cos':>9} {'rel L2':>8} {'s':>6}")
+  for scheme in sq.FP8_SCHEMES:  # weight-only, and W8A8-fp8 (per-token activation scales)
+    t0 = time.perf_counter()
+    q = sq.quantize(variables, scheme)
+    seconds = time.perf_counter() - t0
+    row(scheme, q, seconds)
+    row(f"{scheme} W8A8-fp8", q, seconds, "w8a8")
   for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
     for method in ("rtn", "gptq", "awq, no clipping", "awq", "awq+gptq", "gptq + qat 300 steps"):
       t0 = time.perf_counter()

@@ -204,7 +204,7 @@ def main():
   ap.add_argument("--calibration", type=int, default=128, help="other sentences, for GPTQ etc.")
   ap.add_argument("--max-len", type=int, default=64)
   ap.add_argument(
-    "--skip", default="", help="comma list of sections to skip: rtn,methods,w8a8,bits,qat"
+    "--skip", default="", help="comma list of sections to skip: rtn,fp8,methods,w8a8,bits,qat"
   )
   ap.add_argument("--qat-steps", type=int, default=1000, help="distillation steps (qat section)")
   ap.add_argument("--qat-lr", type=float, default=2e-4, help="distillation learning rate")
@@ -269,6 +269,13 @@ def main():
       rules = [sq.Rule(".", scheme, block_size=group)] if group else None
       q = sq.quantize(variables, scheme, rules=rules)
       row(f"{scheme} g{group or '-'} (all, tables too)", q, time.perf_counter() - t0)
+  if "fp8" not in skip:  # weight-only, and W8A8-fp8 with per-token activation scales
+    for scheme in sq.FP8_SCHEMES:
+      t0 = time.perf_counter()
+      q = sq.quantize(variables, scheme)
+      seconds = time.perf_counter() - t0
+      row(f"{scheme} (all, tables too)", q, seconds)
+      row(f"{scheme} W8A8-fp8 (all, tables too)", q, seconds, "w8a8")
   if "methods" not in skip:
     for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
       gaps = {}

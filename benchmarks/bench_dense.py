@@ -86,15 +86,18 @@ def main():
     variants["bf16"] = _stack(lambda x, w: x.astype(jnp.bfloat16) @ w)
   targets = native.ffi_targets()
   have = {"weight_only": native.WO_TARGET, "w8a8": native.W8_TARGET, "int4": native.INT4_TARGET}
+  fp8 = args.scheme in sq.FP8_SCHEMES  # fp8 kernels run on XLA only
   for mode in modes:
     impls = ("xla", kernel, "auto") if gpu or have[mode] in targets else ("xla", "auto")
+    if fp8 and mode != "int4":
+      impls = ("xla", "auto")
     for impl in impls:
       variants[f"{tag[mode]}/{impl}"] = _stack(
         lambda x, w, mode=mode, impl=impl: sq.dense(
           x, w, mode="w8a8" if mode == "w8a8" else "weight_only", impl=impl
         )
       )
-  if not gpu and "weight_only" in modes:  # sq.pack's layout, for the native kernel
+  if not gpu and "weight_only" in modes and not fp8:  # sq.pack's layout, for the native kernel
     variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))

@@ -6,7 +6,8 @@ float32 weight size and whether a single fusion holds both the convert and the
 dot. Then, each step under a timeout: the Pallas and dispatcher tests compiled for
 the GPU (``tests/test_pallas.py``, ``tests/test_tuning.py``),
 ``bench_dense.py`` (bf16, XLA int8, Pallas int8 and ``auto`` at batches 1 to
-4096, GB/s at batch 1) and ``bench_decode.py`` (the ~1B Llama-style decoder).
+4096, GB/s at batch 1; then fp8 E4M3 weight-only and W8A8-fp8 against bf16) and
+``bench_decode.py`` (the ~1B Llama-style decoder).
 Run from the repository root with the project on ``PYTHONPATH``.
 """
 
@@ -79,13 +80,31 @@ def exactness_report(fixture="tests/fixtures/oracle/per_tensor_cases.npz"):
     )
 
 
+def fp8_exactness_report():
+  """Whether the fp8 schemes' scales and values on the default device equal XLA:CPU's
+  (bit for bit; the CPU's are tested against ml_dtypes)."""
+  rng = np.random.default_rng(0)
+  w = (rng.standard_normal((700, 520)) * rng.uniform(1e-4, 30, (1, 520))).astype(np.float32)
+  for scheme in sq.FP8_SCHEMES:
+    got = sq.quantize_array(jax.device_put(w, jax.devices()[0]), scheme)
+    with jax.default_device(jax.devices("cpu")[0]):
+      ref = sq.quantize_array(w, scheme)
+    dv = int(np.sum(np.asarray(got.values).view(np.uint8) != np.asarray(ref.values).view(np.uint8)))
+    ds = int(np.sum(np.asarray(got.scale) != np.asarray(ref.scale)))
+    print(f"{scheme} on {jax.devices()[0].platform}: {dv} values and {ds} scales differ from CPU")
+
+
 if __name__ == "__main__":
   print(jax.devices())
   exactness_report()
+  fp8_exactness_report()
   for rows in (1, 64):
     fusion_report(rows=rows)
   py, here = sys.executable, os.path.dirname(os.path.abspath(__file__))
   # The Pallas kernels compiled for the GPU against XLA, then the dispatcher.
   run([py, "-m", "pytest", "-q", "-x", "tests/test_pallas.py", "tests/test_tuning.py"], 240)
   run([py, os.path.join(here, "bench_dense.py"), "--layers", "8", "--repeats", "10"], 420)
+  # W8A8-fp8 (fp8 x fp8 dots, cuBLASLt fp8 GEMMs where XLA rewrites them) against bf16.
+  fp8 = ["--scheme", "fp8_e4m3_per_channel", "--modes", "weight_only,w8a8", "--layers", "4"]
+  run([py, os.path.join(here, "bench_dense.py"), *fp8, "--repeats", "5"], 300)
   run([py, os.path.join(here, "bench_decode.py"), "--repeats", "3"], 240)

@@ -3,6 +3,13 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+import sensorquant_jax as sq
+
+MODEL_SCHEMES = tuple(s for s in sq.SCHEMES if s not in (sq.FP8_PER_TENSOR, sq.FP8_PER_CHANNEL))
+"""The schemes model-level tests run: every integer scheme and one fp8 scheme. The three
+fp8 schemes share their rounding (tests/test_schemes.py checks each bit for bit), and
+their layouts are those of per-tensor, per-channel and per-block int8."""
+
 
 class Block(nn.Module):
   d_model: int = 64

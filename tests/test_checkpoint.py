@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import sensorquant_jax as sq
 from sensorquant_jax import checkpoint
 from sensorquant_jax.example_model import load_example
+from tests.models import MODEL_SCHEMES
 from tests.trees import assert_same_qtree, float_tree
 
 
@@ -24,7 +25,7 @@ def example():
   return load_example()
 
 
-@pytest.mark.parametrize("scheme", list(sq.SCHEMES))
+@pytest.mark.parametrize("scheme", MODEL_SCHEMES)
 def test_round_trip_exact_with_and_without_target(scheme, example, tmp_path):
   model, variables, split = example
   q = sq.quantize(variables, scheme)

@@ -9,6 +9,7 @@ from references import gptq_reference
 
 import sensorquant_jax as sq
 from sensorquant_jax._src import gptq, qarray, schemes
+from tests.models import MODEL_SCHEMES
 from tests.trees import op_level_errors
 
 
@@ -71,7 +72,7 @@ def test_matches_the_paper_reference(scheme, act_order):
   np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(rtn.scale))
 
 
-@pytest.mark.parametrize("scheme", sq.SCHEMES)
+@pytest.mark.parametrize("scheme", MODEL_SCHEMES)
 def test_lowers_the_output_error_below_round_to_nearest(scheme, two_dense):
   model, params, xs = two_dense
   rtn = sq.quantize(params, scheme, min_size=1)

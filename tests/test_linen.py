@@ -8,9 +8,9 @@ import pytest
 
 import sensorquant_jax as sq
 from sensorquant_jax._src import ops
-from tests.models import TinyTransformer
+from tests.models import MODEL_SCHEMES, TinyTransformer
 
-SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
+SCHEMES = [s for s in MODEL_SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
 rng = np.random.default_rng(0)
 
 

@@ -13,9 +13,9 @@ from flax import nnx
 
 import sensorquant_jax as sq
 from tests import llm_models as M
-from tests.models import NNXTransformer
+from tests.models import MODEL_SCHEMES, NNXTransformer
 
-SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
+SCHEMES = [s for s in MODEL_SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
 
 
 def _dequantized(qmodel: sq.nnx.QuantizedModel) -> nnx.Module:

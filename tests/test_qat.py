@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import sensorquant_jax as sq
 from sensorquant_jax._src import schemes
-from tests.models import NNXTransformer, TinyTransformer
+from tests.models import MODEL_SCHEMES, NNXTransformer, TinyTransformer
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -59,7 +59,7 @@ def _trained(tree, steps=3):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("learn", [False, True])
-@pytest.mark.parametrize("scheme", sq.SCHEMES)
+@pytest.mark.parametrize("scheme", MODEL_SCHEMES)
 def test_forward_weights_are_the_exported_qarrays_bit_for_bit(scheme, learn, dtype):
   tree = _trained(sq.qat(_params(dtype), rules=_rules(scheme), learn_scales=learn))
   exported = sq.qat_export(tree)
@@ -81,7 +81,7 @@ def test_forward_weights_are_the_exported_qarrays_bit_for_bit(scheme, learn, dty
 
 
 @pytest.mark.parametrize("learn", [False, True])
-@pytest.mark.parametrize("scheme", sq.SCHEMES)
+@pytest.mark.parametrize("scheme", MODEL_SCHEMES)
 def test_untrained_export_is_quantize(scheme, learn):
   params = _params()
   tree = sq.qat(params, scheme, min_size=100, learn_scales=learn)

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sensorquant_jax as sq
-from tests.models import TinyTransformer
+from tests.models import MODEL_SCHEMES, TinyTransformer
 from tests.references import fp8_reference, int4_reference
 
 SCHEMES = list(sq.SCHEMES)
@@ -159,7 +159,7 @@ def test_default_selection_on_a_linen_transformer():
   assert sq.nbytes(q) < sq.nbytes(params) / 2.5
 
 
-@pytest.mark.parametrize("scheme", INT8)
+@pytest.mark.parametrize("scheme", [s for s in MODEL_SCHEMES if sq.bits_of(s) == 8])
 def test_linen_transformer_end_to_end(scheme):
   model, tokens, params = _params()
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 96)

@@ -135,9 +135,12 @@ def to_manifest(
     bias = None if bias_path is None else np.asarray(by_path[bias_path], np.float32)
     if x.scheme != SCHEME or x.input_scale is not None:
       if not requantize:
-        what = f"scheme {x.scheme}" if x.scheme != SCHEME else "an input scale (AWQ/SmoothQuant)"
+        why = [f"scheme {x.scheme}"] if x.scheme != SCHEME else []
+        if x.input_scale is not None:
+          why.append("an input scale (AWQ/SmoothQuant)")
         raise ValueError(
-          f"{path}: {what} does not fit the manifest, which holds only plain {SCHEME}; "
+          f"{path}: {' and '.join(why)} does not fit the manifest, which holds only plain "
+          f"{SCHEME}; "
           "pass requantize=True to requantize it per-tensor"
         )
       w = x.dequantize(jnp.float32)
