@@ -1,0 +1,195 @@
+"""GGUF files (llama.cpp) read into QArrays exactly, through the ``gguf`` package's reader.
+
+Each tensor maps onto the QArray layout that holds its type exactly (the
+dequantized values equal the ``gguf`` package's dequantizer bit for bit):
+
+========  =========================================================================
+``F32``   a float32 array; ``F16`` and ``BF16`` keep their dtype
+``Q8_0``  ``symmetric_per_block_int8``, blocks of 32 along the last axis: the
+          block's int8 codes and its float16 scale ``d`` (as float32)
+``Q4_0``  ``asymmetric_per_group_int4``, groups of 32 along the last axis, zero
+          point 8: ``(q - 8) * d``, ``q`` in ``[0, 15]``
+========  =========================================================================
+
+Other types (Q4_1, Q5_0, the K-quants, ...) need layouts the ops do not run
+yet: they are refused by name, never requantized. Arrays keep GGUF's order
+(numpy's: ``ne[0]``, the contiguous axis that blocks run along, last), so a
+Linear weight is ``[out, in]``; transpose it (``qlayout.transpose``) for a Flax
+``[in, out]`` kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from sensorquant_jax._src import nibbles
+from sensorquant_jax._src.checkpoint import CheckpointError
+from sensorquant_jax._src.options import ASYMMETRIC_INT4, PER_BLOCK
+from sensorquant_jax._src.qarray import QArray
+
+GGUF_BLOCK = 32
+"""Values per block of Q8_0 and Q4_0 (``QK8_0``, ``QK4_0`` in ggml)."""
+Q4_0_ZERO = 8
+"""Q4_0's implicit zero point: a weight is ``(q - 8) * d``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+  """What :func:`load_quantized` read.
+
+  Attributes:
+    params: nested dicts of QArrays and float arrays, keyed by ``rename``.
+    format: the file's format (``"gguf"``).
+    metadata: the file's key-value metadata (scalars, strings and lists).
+    types: each tensor's stored type by its name in the file (``"Q8_0"``, ...).
+  """
+
+  params: dict[str, Any]
+  format: str
+  metadata: dict[str, Any]
+  types: dict[str, str]
+
+
+def _reader(path: str) -> Any:
+  try:
+    import gguf
+  except ImportError as e:  # pragma: no cover - the test extra installs it
+    raise ImportError(
+      "reading GGUF files needs the gguf package: pip install 'sensorquant_jax[gguf]'"
+    ) from e
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _field_value(field: Any) -> Any:
+  try:
+    return field.contents()
+  except Exception:  # a malformed value: keep the key, say so
+    return None
+
+
+def default_rename(name: str) -> tuple[str, ...]:
+  """``"blk.0.attn_q.weight"`` -> ``("blk", "0", "attn_q", "weight")``."""
+  return tuple(name.split("."))
+
+
+def _blocks(raw: np.ndarray, shape: tuple[int, ...], bytes_per_block: int) -> np.ndarray:
+  """The raw bytes of a block-quantized tensor as ``[*rows, n_blocks, bytes_per_block]``."""
+  n = shape[-1]
+  return raw.reshape(shape[:-1] + (n // GGUF_BLOCK, bytes_per_block))
+
+
+def _q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  blocks = _blocks(raw, shape, 2 + GGUF_BLOCK)
+  d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+  q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(shape)
+  return QArray(
+    jnp.asarray(q), jnp.asarray(d), None, PER_BLOCK, (-1,), GGUF_BLOCK, np.dtype(np.float32)
+  )
+
+
+def _q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  blocks = _blocks(raw, shape, 2 + GGUF_BLOCK // 2)
+  d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+  packed = blocks[..., 2:]
+  # ggml stores a block's first 16 values in the low nibbles, the last 16 in the high ones.
+  codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(shape)
+  zero = jnp.full(d.shape, Q4_0_ZERO, jnp.int8)
+  values = nibbles.pack(jnp.asarray(codes), len(shape) - 1, 0)
+  return QArray(
+    values, jnp.asarray(d), zero, ASYMMETRIC_INT4, (-1,), GGUF_BLOCK, np.dtype(np.float32), 0
+  )
+
+
+_QUANTIZED = {"Q8_0": (_q8_0, 2 + GGUF_BLOCK), "Q4_0": (_q4_0, 2 + GGUF_BLOCK // 2)}
+_FLOATS: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+
+
+def _tensor(path: str, t: Any) -> tuple[str, Any]:
+  """One tensor of the reader as ``(type name, array or QArray)``."""
+  kind = t.tensor_type.name
+  shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+  where = f"{path}: tensor {t.name!r}"
+  if any(d < 0 for d in shape) or not shape:
+    raise CheckpointError(f"{where}: bad shape {shape}")
+  raw = np.asarray(t.data)
+  if kind in _FLOATS:
+    dtype = np.dtype(_FLOATS[kind])
+    if raw.nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      raise CheckpointError(f"{where}: {raw.nbytes} bytes do not hold {kind} of shape {shape}")
+    return kind, np.frombuffer(raw.tobytes(), dtype).reshape(shape)
+  if kind not in _QUANTIZED:
+    raise CheckpointError(
+      f"{where}: type {kind} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0)"
+    )
+  convert, per_block = _QUANTIZED[kind]
+  if shape[-1] % GGUF_BLOCK:
+    raise CheckpointError(f"{where}: {kind} rows of {shape[-1]} are not whole blocks of 32")
+  want = int(np.prod(shape, dtype=np.int64)) // GGUF_BLOCK * per_block
+  if raw.nbytes != want:
+    raise CheckpointError(f"{where}: {raw.nbytes} bytes do not hold {kind} of shape {shape}")
+  return kind, convert(raw.reshape(-1), shape)
+
+
+def load_quantized(
+  path: str | os.PathLike,
+  *,
+  rename: Callable[[str], tuple[str, ...] | None] = default_rename,
+) -> Imported:
+  """Reads a quantized checkpoint made elsewhere into QArrays, without requantizing.
+
+  Supported: GGUF files (llama.cpp) with ``F32``, ``F16``, ``BF16``, ``Q8_0`` and
+  ``Q4_0`` tensors, mapped as the module doc says; ``QArray.dequantize`` equals
+  the ``gguf`` package's dequantizer bit for bit. Memory: the file is memory-mapped
+  and each tensor copied once.
+
+  Args:
+    path: a ``.gguf`` file.
+    rename: maps a tensor name to its path in the returned tree (a tuple of keys),
+      or ``None`` to leave the tensor out; by default the name split on ``"."``.
+
+  Returns:
+    An :class:`Imported`: the params, the format, the metadata and each tensor's type.
+
+  Raises:
+    CheckpointError: the file is missing, not GGUF, truncated or inconsistent, or
+      holds a type that is not supported (the message names the file and tensor).
+
+  Example:
+    >>> got = sq.load_quantized("model-Q8_0.gguf")
+    >>> got.params["blk"]["0"]["attn_q"]["weight"]  # QArray, [out, in], blocks of 32
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise CheckpointError(f"{path}: not a GGUF file (other formats are not supported yet)")
+  reader = _reader(path)
+  metadata = {k: _field_value(v) for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+  params: dict[str, Any] = {}
+  types: dict[str, str] = {}
+  for t in reader.tensors:
+    keys = rename(t.name)
+    if keys is None:
+      continue
+    kind, value = _tensor(path, t)
+    types[t.name] = kind
+    node = params
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+      if not isinstance(node, dict):
+        raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken by a tensor")
+    if keys[-1] in node:
+      raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken")
+    node[keys[-1]] = value
+  return Imported(params, "gguf", metadata, types)

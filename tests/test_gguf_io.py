@@ -1,0 +1,181 @@
+"""GGUF import: files written by the gguf package's writer and quantizers, read into QArrays
+that dequantize to the gguf package's own dequantizer bit for bit; hostile files refused."""
+
+import os
+import struct
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import sensorquant_jax as sq
+from sensorquant_jax._src import qlayout
+
+rng = np.random.default_rng(7)
+# Rows that are no multiple of anything, a 3-D tensor, outliers and an all-zero block.
+FLOATS = {
+  "blk.0.attn_q.weight": rng.standard_normal((7, 96)).astype(np.float32),
+  "blk.0.ffn_up.weight": (rng.standard_normal((64, 160)) * 3).astype(np.float32),
+  "blk.0.stack.weight": rng.standard_normal((2, 5, 64)).astype(np.float32),
+}
+FLOATS["blk.0.ffn_up.weight"][3, 40] = 250.0
+FLOATS["blk.0.ffn_up.weight"][5, :32] = 0.0
+TYPES = [T.Q8_0, T.Q4_0, T.F32, T.F16, T.BF16]
+
+
+def _write(path, tensors, metadata=True):
+  """A GGUF file by the gguf package: each float array stored as the given type."""
+  w = gguf.GGUFWriter(str(path), arch="llama")
+  if metadata:
+    w.add_uint32("llama.block_count", 1)
+    w.add_string("general.name", "tiny")
+  for name, (x, qtype) in tensors.items():
+    if qtype == T.F32:
+      w.add_tensor(name, x)
+    elif qtype == T.F16:
+      w.add_tensor(name, x.astype(np.float16))
+    else:
+      w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def _reference(path):
+  """Each tensor dequantized by the gguf package, as float32."""
+  r = gguf.GGUFReader(str(path))
+  out = {}
+  for t in r.tensors:
+    if t.tensor_type in (T.F32, T.F16):
+      out[t.name] = np.asarray(t.data, np.float32)
+    else:
+      out[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+  return out
+
+
+def _leaf(tree, name):
+  for k in name.split("."):
+    tree = tree[k]
+  return tree
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_the_gguf_dequantizer_bit_for_bit(qtype, tmp_path):
+  path = _write(tmp_path / "m.gguf", {n: (x, qtype) for n, x in FLOATS.items()})
+  got = sq.load_quantized(path)
+  ref = _reference(path)
+  assert got.format == "gguf" and set(got.types.values()) == {qtype.name}
+  assert got.metadata["llama.block_count"] == 1 and got.metadata["general.name"] == "tiny"
+  for name, want in ref.items():
+    x = _leaf(got.params, name)
+    if qtype in (T.Q8_0, T.Q4_0):
+      assert sq.is_qarray(x)
+      assert x.scheme == (sq.PER_BLOCK if qtype == T.Q8_0 else sq.ASYMMETRIC_INT4)
+      assert (x.block_size, x.axes, x.shape) == (32, (-1,), FLOATS[name].shape)
+      mine = np.asarray(jax.jit(lambda q: q.dequantize())(x))
+    else:
+      mine = np.asarray(x).astype(np.float32)
+    assert mine.shape == want.shape, name
+    np.testing.assert_array_equal(mine.view(np.uint32), want.view(np.uint32), err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_ops_run_on_the_imported_codes(qtype, tmp_path):
+  """A GGUF weight is ``[out, in]``: as a Flax kernel (transposed, which keeps the blocks
+  along the contraction) ``sq.dense`` matches the dequantized float matmul, and a plain
+  function's ``x @ w.T`` runs on the quantized op."""
+  name = "blk.0.ffn_up.weight"
+  path = _write(tmp_path / "m.gguf", {name: (FLOATS[name], qtype)})
+  w = _leaf(sq.load_quantized(path).params, name)
+  deq = np.asarray(w.dequantize(), np.float64)
+  x = rng.standard_normal((5, 160)).astype(np.float32)
+  kernel = qlayout.transpose(w, (1, 0))
+  y = jax.jit(sq.dense)(x, kernel)
+  np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-4)
+
+  def fn(p, x):
+    return x @ p["w"].T
+
+  params = {"w": w}
+  np.testing.assert_allclose(jax.jit(sq.quantized(fn))(params, x), x @ deq.T, rtol=1e-5, atol=1e-4)
+  assert sq.explain(fn, params, x).dequantized == ()
+
+
+def test_rename_maps_and_drops_tensors(tmp_path):
+  path = _write(tmp_path / "m.gguf", {n: (x, T.Q8_0) for n, x in FLOATS.items()})
+  got = sq.load_quantized(
+    path, rename=lambda n: None if "stack" in n else ("layers", n.split(".")[2], "kernel")
+  )
+  assert set(got.params["layers"]) == {"attn_q", "ffn_up"}
+  assert "blk.0.stack.weight" not in got.types
+  with pytest.raises(sq.CheckpointError, match="is taken"):
+    sq.load_quantized(path, rename=lambda n: ("same",))
+
+
+def _header_offset_of(data: bytes, name: str) -> int:
+  """Where the tensor info of ``name`` continues after its name (n_dims, dims, type, offset)."""
+  key = struct.pack("<Q", len(name)) + name.encode()
+  return data.index(key) + len(key)
+
+
+def _hostile_files(tmp_path):
+  name = "blk.0.attn_q.weight"
+  good = _write(tmp_path / "good.gguf", {name: (FLOATS[name], T.Q8_0)})
+  data = good.read_bytes()
+  at = _header_offset_of(data, name)
+  n_dims = struct.unpack_from("<I", data, at)[0]
+  dims_at, type_at = at + 4, at + 4 + 8 * n_dims
+  offset_at = type_at + 4
+
+  def patched(fname, pos, fmt, value):
+    b = bytearray(data)
+    struct.pack_into(fmt, b, pos, value)
+    (tmp_path / fname).write_bytes(bytes(b))
+    return tmp_path / fname, name
+
+  (tmp_path / "magic.gguf").write_bytes(b"GGUX" + data[4:])
+  (tmp_path / "header_cut.gguf").write_bytes(data[:40])
+  (tmp_path / "data_cut.gguf").write_bytes(data[:-100])
+  (tmp_path / "empty.gguf").write_bytes(b"")
+  return [
+    (tmp_path / "magic.gguf", "not a GGUF file"),
+    (tmp_path / "header_cut.gguf", "not a readable GGUF file"),
+    (tmp_path / "data_cut.gguf", "not a readable GGUF file|bytes do not hold"),
+    (tmp_path / "empty.gguf", "not a GGUF file"),
+    (tmp_path / "missing.gguf", "no such file"),
+    (*patched("huge_dims.gguf", dims_at, "<Q", 2**40), "GGUF|bytes do not hold"),
+    (*patched("odd_row.gguf", dims_at, "<Q", 33), "not a multiple|not whole blocks"),
+    (*patched("bad_offset.gguf", offset_at, "<Q", 2**50), "GGUF|bytes do not hold"),
+    (*patched("bad_type.gguf", type_at, "<I", 3), "type Q4_1 is not supported"),
+    (*patched("no_type.gguf", type_at, "<I", 999), "not a readable GGUF file"),
+  ]
+
+
+def test_hostile_files_end_in_one_error_naming_the_file(tmp_path):
+  cases = _hostile_files(tmp_path)
+  for case in cases:
+    path, pattern = case[0], case[-1]
+    with pytest.raises(sq.CheckpointError, match=pattern) as e:
+      sq.load_quantized(path)
+    message = str(e.value)
+    assert str(path) in message and "\n" not in message, message
+    if len(case) == 3:  # a tensor's own fields: the message names it when the reader got that far
+      assert "GGUF file" in message or case[1] in message, message
+  for path, _ in [(c[0], None) for c in cases if os.path.exists(c[0])]:
+    assert os.path.getsize(path) < 10_000  # everything above stayed within the file's size
+
+
+def test_imported_trees_save_and_restore(tmp_path):
+  path = _write(tmp_path / "m.gguf", {n: (x, T.Q4_0) for n, x in FLOATS.items()})
+  got = sq.load_quantized(path).params
+  sq.save(tmp_path / "ck", got)
+  back = sq.restore(tmp_path / "ck")
+  for name in FLOATS:
+    a, b = _leaf(got, name), _leaf(back, name)
+    np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()))
+  assert jnp.asarray(_leaf(back, "blk.0.ffn_up.weight").zero_point).dtype == jnp.int8
