@@ -179,3 +179,51 @@ def test_imported_trees_save_and_restore(tmp_path):
     a, b = _leaf(got, name), _leaf(back, name)
     np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()))
   assert jnp.asarray(_leaf(back, "blk.0.ffn_up.weight").zero_point).dtype == jnp.int8
+
+
+def _tensor_bytes(path):
+  r = gguf.GGUFReader(str(path))
+  return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_export_of_an_imported_file_is_byte_for_byte(qtype, tmp_path):
+  src = _write(tmp_path / "m.gguf", {n: (x, qtype) for n, x in FLOATS.items()})
+  got = sq.load_quantized(src)
+  written = sq.export_gguf(tmp_path / "out.gguf", got.params)
+  assert written == got.types
+  assert _tensor_bytes(tmp_path / "out.gguf") == _tensor_bytes(src)
+
+
+def test_export_of_our_trees(tmp_path):
+  """Exact where Q8_0 / Q4_0 hold the QArray (a Flax [in, out] kernel written as GGUF's
+  [out, in]); otherwise refused by name, or requantized by gguf's own Q8_0 quantizer."""
+  w = rng.standard_normal((64, 48)).astype(np.float32)  # Flax [in, out]
+  for scheme in (sq.PER_BLOCK, sq.INT4, sq.ASYMMETRIC_INT4):
+    qa = sq.quantize_array(w, scheme, block_size=32)  # blocks along the input axis 0
+    # float16 scales and zero points 8: what GGUF holds (as imported trees have)
+    fitted = qa.replace(scale=qa.scale.astype(jnp.float16).astype(jnp.float32))
+    if fitted.zero_point is not None:
+      fitted = fitted.replace(zero_point=jnp.full_like(fitted.zero_point, 8))
+    out = tmp_path / f"{scheme}.gguf"
+    assert sq.export_gguf(out, {"fc": {"kernel": fitted}}) == {
+      "fc.kernel": "Q8_0" if scheme == sq.PER_BLOCK else "Q4_0"
+    }
+    back = sq.load_quantized(out).params["fc"]["kernel"]
+    assert back.shape == (48, 64)  # [out, in]
+    np.testing.assert_array_equal(np.asarray(back.dequantize()).T, fitted.dequantize())
+    with pytest.raises(ValueError, match="fc/kernel: .*requantize=True"):
+      sq.export_gguf(tmp_path / "refused.gguf", {"fc": {"kernel": qa}})
+    assert not (tmp_path / "refused.gguf").exists()
+  qa = sq.quantize_array(w, sq.PER_CHANNEL)
+  with pytest.warns(sq.RequantizationWarning, match="fc/kernel"):
+    sq.export_gguf(tmp_path / "req.gguf", {"fc": {"kernel": qa}}, requantize=True)
+  data = gguf.GGUFReader(str(tmp_path / "req.gguf")).tensors[0].data
+  ref = gguf.quants.quantize(np.ascontiguousarray(np.asarray(qa.dequantize()).T), T.Q8_0)
+  assert np.asarray(data).tobytes() == ref.tobytes()  # gguf's own quantizer, as it is
+  with pytest.raises(sq.DestinationError, match="overwrite"):
+    sq.export_gguf(tmp_path / "req.gguf", {"b": np.zeros(4, np.float32)})
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(sq.DestinationError, match="not a GGUF file"):
+    sq.export_gguf(tmp_path / "notes.txt", {"b": np.zeros(4, np.float32)}, overwrite=True)
+  assert (tmp_path / "notes.txt").read_text() == "mine"

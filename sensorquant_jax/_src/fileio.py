@@ -298,6 +298,37 @@ def write_file_atomic(
     fsync_dir(folder)
 
 
+def write_path_atomic(path: str, write_to: Callable[[str], object]) -> None:
+  """:func:`write_file_atomic` for writers that open a path themselves: ``write_to``
+  gets a unique temporary path in the destination's folder (named so that
+  :func:`remove_leftovers` cleans it up after a crash), then fsync and rename.
+
+  Raises:
+    OSError: from the filesystem, with ``filename`` set to ``path``.
+  """
+  folder, name = os.path.split(path)
+  remove_leftovers(folder, name)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(name)}{os.getpid()}-", dir=folder)
+    os.close(fd)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror or str(e), path) from None
+  try:
+    write_to(tmp)
+    if hasattr(os, "chmod"):
+      os.chmod(tmp, default_file_mode(path))
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    _remove(tmp)
+    raise OSError(e.errno, e.strerror or str(e), path) from None
+  except BaseException:
+    _remove(tmp)
+    raise
+  fsync_dir(folder)
+
+
 # ---------------------------------------------------------------------------
 # Folder swaps.
 # ---------------------------------------------------------------------------

@@ -16,22 +16,30 @@ yet: they are refused by name, never requantized. Arrays keep GGUF's order
 (numpy's: ``ne[0]``, the contiguous axis that blocks run along, last), so a
 Linear weight is ``[out, in]``; transpose it (``qlayout.transpose``) for a Flax
 ``[in, out]`` kernel.
+
+:func:`export_gguf` writes the other way: QArrays that Q8_0 or Q4_0 hold exactly
+(blocks of 32, float16-exact scales; symmetric int4 codes become ``c + 8``) as
+they are, with the block axis moved last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import nibbles
+from sensorquant_jax._src import fileio, nibbles
 from sensorquant_jax._src.checkpoint import CheckpointError
-from sensorquant_jax._src.options import ASYMMETRIC_INT4, PER_BLOCK
-from sensorquant_jax._src.qarray import QArray
+from sensorquant_jax._src.convert import RequantizationWarning
+from sensorquant_jax._src.options import ASYMMETRIC_INT4, INT4, PER_BLOCK
+from sensorquant_jax._src.qarray import QArray, is_qarray
+from sensorquant_jax._src.tree_paths import path_str
 
 GGUF_BLOCK = 32
 """Values per block of Q8_0 and Q4_0 (``QK8_0``, ``QK4_0`` in ggml)."""
@@ -193,3 +201,161 @@ def load_quantized(
       raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken")
     node[keys[-1]] = value
   return Imported(params, "gguf", metadata, types)
+
+
+def _exact_type(qa: QArray) -> str | None:
+  """``"Q8_0"`` / ``"Q4_0"`` where that type holds ``qa`` exactly, else why not."""
+  if qa.block_size != GGUF_BLOCK or qa.input_scale is not None:
+    return None
+  if qa.scheme == PER_BLOCK:
+    kind = "Q8_0"
+  elif qa.scheme == INT4:
+    kind = "Q4_0"
+  elif qa.scheme == ASYMMETRIC_INT4 and bool(np.all(np.asarray(qa.zero_point) == Q4_0_ZERO)):
+    kind = "Q4_0"
+  else:
+    return None
+  s = np.asarray(qa.scale, np.float32)
+  if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+    return None
+  return kind
+
+
+def _block_bytes(qa: QArray, kind: str) -> tuple[np.ndarray, tuple[int, ...]]:
+  """``qa``'s codes and float16 scales as GGUF blocks, its block axis moved last."""
+  axis = qa.axes[0] % qa.ndim
+  codes = np.moveaxis(np.asarray(qa.codes(), np.int32), axis, -1)
+  if qa.scheme == INT4:  # centred codes: (c + 8 - 8) * d
+    codes = codes + Q4_0_ZERO
+  shape = codes.shape
+  nb = shape[-1] // GGUF_BLOCK
+  d = np.moveaxis(np.asarray(qa.scale, np.float32), axis, -1).astype(np.float16)
+  d = d.reshape(shape[:-1] + (nb, 1)).view(np.uint8)
+  blocks = codes.reshape(shape[:-1] + (nb, GGUF_BLOCK))
+  if kind == "Q8_0":
+    body = blocks.astype(np.int8).view(np.uint8)
+  else:  # the first 16 codes in the low nibbles, the last 16 in the high ones
+    half = GGUF_BLOCK // 2
+    body = (blocks[..., :half] | (blocks[..., half:] << 4)).astype(np.uint8)
+  return np.concatenate([d, body], axis=-1).reshape(shape[:-1] + (-1,)), shape
+
+
+def export_gguf(
+  path: str | os.PathLike,
+  params: Any,
+  *,
+  arch: str = "llama",
+  metadata: Mapping[str, Any] | None = None,
+  name_fn: Callable[[str], str] | None = None,
+  requantize: bool = False,
+  overwrite: bool = False,
+) -> dict[str, str]:
+  """Writes a param tree as a GGUF file that llama.cpp (and :func:`load_quantized`) reads.
+
+  QArrays that a GGUF type holds exactly are written as they are:
+  ``symmetric_per_block_int8`` as Q8_0, ``symmetric_per_group_int4`` and
+  ``asymmetric_per_group_int4`` with zero points 8 as Q4_0, when blocks are 32
+  values and every scale is a float16 value (so a tree read by
+  :func:`load_quantized` comes back byte for byte). The block axis is moved last,
+  so a Flax ``[in, out]`` kernel becomes GGUF's ``[out, in]``. Float arrays are
+  written as F32, F16 or BF16.
+
+  Args:
+    path: the ``.gguf`` file to write (atomically).
+    params: a tree of QArrays and float arrays.
+    arch: ``general.architecture``.
+    metadata: more key-values (ints, floats, strings, bools).
+    name_fn: a leaf's tensor name from its path (``"a/b/c"``); default: ``/`` -> ``.``.
+    requantize: write other QArrays as Q8_0 made by the ``gguf`` package's own
+      quantizer from their dequantized values, blocks along axis 0 (a Flax
+      kernel's input axis) moved last (a :class:`RequantizationWarning` names them
+      with the added error); otherwise they are refused.
+    overwrite: replace an existing GGUF file at ``path``.
+
+  Returns:
+    Each tensor's name and written type.
+
+  Raises:
+    ValueError: a leaf no GGUF type holds (named, with the reason), or a destination
+      that is not a GGUF file (:class:`DestinationError`).
+  """
+  import gguf
+
+  dest = fileio.check_file_destination(
+    os.fspath(path),
+    overwrite=overwrite,
+    is_ours=lambda p: fileio.file_starts_with(p, b"G", (b"GGUF",), 4),
+    kind="GGUF file",
+  )
+  name_fn = name_fn or (lambda p: p.replace("/", "."))
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
+  tensors: list[tuple[str, np.ndarray, Any]] = []
+  written: dict[str, str] = {}
+  added: dict[str, float] = {}
+  types = gguf.GGMLQuantizationType
+  for p, x in leaves:
+    where = path_str(p)
+    name = name_fn(where)
+    if is_qarray(x):
+      kind = _exact_type(x)
+      if kind is not None:
+        data, _ = _block_bytes(x, kind)
+        tensors.append((name, data, types[kind]))
+      elif requantize:
+        w = np.asarray(x.dequantize(jnp.float32))
+        # Blocks run along the contraction: the block axis, else a Flax kernel's axis 0.
+        w = np.moveaxis(w, x.axes[0] % x.ndim if x.block_size is not None else 0, -1)
+        if w.shape[-1] % GGUF_BLOCK:
+          raise ValueError(f"{where}: {w.shape[-1]} values per row are not whole blocks of 32")
+        data = gguf.quants.quantize(np.ascontiguousarray(w), types.Q8_0)
+        back = gguf.quants.dequantize(data, types.Q8_0)
+        added[where] = float(np.linalg.norm(back - w) / max(np.linalg.norm(w), 1e-30))
+        tensors.append((name, data, types.Q8_0))
+        kind = "Q8_0"
+      else:
+        raise ValueError(
+          f"{where}: {x.scheme} (block {x.block_size}) is not held exactly by GGUF's Q8_0 "
+          "or Q4_0 (blocks of 32 with float16 scales, Q4_0 zero points 8, no input "
+          "scale); pass requantize=True to write it as Q8_0"
+        )
+      written[name] = kind
+      continue
+    a = np.asarray(x) if hasattr(x, "dtype") else None
+    if a is None or a.dtype.name not in ("float32", "float16", "bfloat16"):
+      what = a.dtype.name if a is not None else type(x).__name__
+      raise ValueError(f"{where}: {what} is not a GGUF tensor type (F32, F16, BF16)")
+    if a.dtype.name == "bfloat16":
+      tensors.append((name, a.view(np.uint16).view(np.uint8), types.BF16))
+    else:
+      tensors.append((name, a, None))
+    written[name] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[a.dtype.name]
+  if added:
+    warnings.warn(
+      "requantized as Q8_0, relative L2 error added: "
+      + ", ".join(f"{k} {v:.3g}" for k, v in sorted(added.items())),
+      RequantizationWarning,
+      stacklevel=2,
+    )
+
+  def write_to(tmp: str) -> None:
+    w = gguf.GGUFWriter(tmp, arch=arch)
+    for key, value in (metadata or {}).items():
+      if isinstance(value, bool):
+        w.add_bool(key, value)
+      elif isinstance(value, int):
+        w.add_int64(key, value)
+      elif isinstance(value, float):
+        w.add_float32(key, value)
+      elif isinstance(value, str):
+        w.add_string(key, value)
+      else:
+        raise ValueError(f"metadata {key!r}: {type(value).__name__} is not supported")
+    for name, data, raw in tensors:
+      w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+  fileio.write_path_atomic(dest, write_to)
+  return written
