@@ -20,7 +20,7 @@ _HOMES = {
     "RequantizationWarning default_layer_name from_manifest to_manifest"
   ),
   "sensorquant_jax._src.fileio": "DestinationError",
-  "sensorquant_jax._src.gguf_io": "Imported export_gguf load_quantized",
+  "sensorquant_jax._src.gguf_io": "Imported export_gguf gguf_llama_names load_quantized",
   "sensorquant_jax._src.gptq": "gptq",
   "sensorquant_jax._src.linen": "QuantizedDense QuantizedDenseGeneral apply quantized_module",
   "sensorquant_jax._src.manifest": "ManifestError",

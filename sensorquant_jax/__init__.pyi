@@ -24,6 +24,7 @@ from sensorquant_jax._src.convert import to_manifest as to_manifest
 from sensorquant_jax._src.fileio import DestinationError as DestinationError
 from sensorquant_jax._src.gguf_io import Imported as Imported
 from sensorquant_jax._src.gguf_io import export_gguf as export_gguf
+from sensorquant_jax._src.gguf_io import gguf_llama_names as gguf_llama_names
 from sensorquant_jax._src.gguf_io import load_quantized as load_quantized
 from sensorquant_jax._src.gptq import gptq as gptq
 from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense

@@ -272,3 +272,78 @@ class Llama(nn.Module):
       for i in range(c.layers):
         x = LlamaBlock(c, name=f"layers_{i}")(x)
     return nn.Dense(c.vocab, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
+
+
+class _HFRMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * w
+
+
+class _HFAttention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, h):
+    c = self.cfg
+    hd = c.dim // c.heads
+    proj = lambda name: nn.Dense(c.dim, use_bias=False, name=name)  # noqa: E731
+    q, k, v = (proj(n)(h).reshape(h.shape[:2] + (c.heads, hd)) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k = rope(q), rope(k)
+    t = h.shape[1]
+    att = jnp.einsum("bthd,bshd->bhts", q, k) * hd**-0.5
+    att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e30)
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(att, axis=-1), v)
+    return proj("o_proj")(o.reshape(h.shape))
+
+
+class _HFMLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, h):
+    c = self.cfg
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+    g = jax.nn.silu(dense(c.hidden, "gate_proj")(h)) * dense(c.hidden, "up_proj")(h)
+    return dense(c.dim, "down_proj")(g)
+
+
+class _HFLayer(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + _HFAttention(self.cfg, name="self_attn")(_HFRMSNorm(name="input_layernorm")(x))
+    return x + _HFMLP(self.cfg, name="mlp")(_HFRMSNorm(name="post_attention_layernorm")(x))
+
+
+class _HFLayers(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.cfg.layers):
+      x = _HFLayer(self.cfg, name=str(i))(x)
+    return x
+
+
+class _HFModel(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.cfg.vocab, self.cfg.dim, name="embed_tokens")(tokens)
+    return _HFRMSNorm(name="norm")(_HFLayers(self.cfg, name="layers")(x))
+
+
+class HFLlama(nn.Module):
+  """A Llama decoder with Hugging Face's ``FlaxLlamaForCausalLM`` param names
+  (``model/layers/{i}/self_attn/q_proj/kernel``, ``lm_head/kernel``, ...)."""
+
+  cfg: LlamaConfig = LlamaConfig()
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = _HFModel(self.cfg, name="model")(tokens)
+    return nn.Dense(self.cfg.vocab, use_bias=False, name="lm_head")(x)

@@ -197,7 +197,8 @@ def test_export_of_an_imported_file_is_byte_for_byte(qtype, tmp_path):
 
 def test_export_of_our_trees(tmp_path):
   """Exact where Q8_0 / Q4_0 hold the QArray (a Flax [in, out] kernel written as GGUF's
-  [out, in]); otherwise refused by name, or requantized by gguf's own Q8_0 quantizer."""
+  [out, in], and read back as a kernel); otherwise refused by name, or requantized by
+  gguf's own Q8_0 quantizer."""
   w = rng.standard_normal((64, 48)).astype(np.float32)  # Flax [in, out]
   for scheme in (sq.PER_BLOCK, sq.INT4, sq.ASYMMETRIC_INT4):
     qa = sq.quantize_array(w, scheme, block_size=32)  # blocks along the input axis 0
@@ -209,9 +210,11 @@ def test_export_of_our_trees(tmp_path):
     assert sq.export_gguf(out, {"fc": {"kernel": fitted}}) == {
       "fc.kernel": "Q8_0" if scheme == sq.PER_BLOCK else "Q4_0"
     }
-    back = sq.load_quantized(out).params["fc"]["kernel"]
-    assert back.shape == (48, 64)  # [out, in]
-    np.testing.assert_array_equal(np.asarray(back.dequantize()).T, fitted.dequantize())
+    stored = gguf.GGUFReader(str(out)).tensors[0]
+    assert tuple(int(d) for d in reversed(stored.shape.tolist())) == (48, 64)  # [out, in]
+    back = sq.load_quantized(out).params["fc"]["kernel"]  # a "kernel": back to [in, out]
+    assert back.shape == (64, 48) and back.axes == (-2,)
+    np.testing.assert_array_equal(back.dequantize(), fitted.dequantize())
     with pytest.raises(ValueError, match="fc/kernel: .*requantize=True"):
       sq.export_gguf(tmp_path / "refused.gguf", {"fc": {"kernel": qa}})
     assert not (tmp_path / "refused.gguf").exists()
@@ -227,3 +230,67 @@ def test_export_of_our_trees(tmp_path):
   with pytest.raises(sq.DestinationError, match="not a GGUF file"):
     sq.export_gguf(tmp_path / "notes.txt", {"b": np.zeros(4, np.float32)}, overwrite=True)
   assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+LLAMA_LAYER_NAMES = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"]
+LLAMA_LAYER_NAMES += ["ffn_gate", "ffn_up", "ffn_down"]
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_a_llama_gguf_file_runs_greedy_decoding_through_a_flax_llama(qtype, tmp_path):
+  """A tiny Llama written by the gguf package with llama.cpp's tensor names, read with
+  ``gguf_llama_names`` into Hugging Face's Flax Llama layout: the quantized model
+  decodes the same greedy tokens as the float model on the dequantized weights, and
+  every matmul runs on the quantized ops."""
+  from tests import llm_models as M
+
+  cfg = M.LlamaConfig(vocab=96, dim=64, heads=2, hidden=128, layers=2)
+  model = M.HFLlama(cfg)
+  params = model.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
+  names = ["token_embd.weight", "output_norm.weight", "output.weight"]
+  names += [f"blk.{i}.{n}.weight" for i in range(cfg.layers) for n in LLAMA_LAYER_NAMES]
+  tensors = {}
+  for name in names:
+    keys = sq.gguf_llama_names(name)
+    x = params
+    for k in keys:
+      x = x[k]
+    x = np.asarray(x, np.float32)
+    x = x.T if keys[-1] == "kernel" else x  # GGUF holds [out, in]
+    tensors[name] = (np.ascontiguousarray(x), T.F32 if x.ndim == 1 else qtype)
+  path = _write(tmp_path / "llama.gguf", tensors)
+  got = sq.load_quantized(path, rename=sq.gguf_llama_names)
+  assert "unmapped" not in got.params
+  q = got.params
+  floats = sq.dequantize(q)
+  assert jax.tree_util.tree_structure(floats) == jax.tree_util.tree_structure(params)
+  chex_shapes = jax.tree.map(lambda a, b: a.shape == b.shape, floats, params)
+  assert all(jax.tree_util.tree_leaves(chex_shapes))
+  reference = _reference(path)
+  for name in names:  # each leaf is the gguf dequantizer's value, in Flax's layout
+    keys = sq.gguf_llama_names(name)
+    want = reference[name]
+    got_leaf = _leaf_by_keys(floats, keys)
+    np.testing.assert_array_equal(np.asarray(got_leaf), want.T if keys[-1] == "kernel" else want)
+
+  quantized = jax.jit(lambda p, t: sq.apply(model, {"params": p}, t))
+  float_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
+
+  def greedy(fn, p, prompt=(1, 17, 42), steps=8):
+    # One shape for every step (one compilation): the model is causal, so the
+    # positions after the last token never change the logits read.
+    tokens = np.zeros((1, len(prompt) + steps), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    for n in range(len(prompt), len(prompt) + steps):
+      tokens[0, n] = int(jnp.argmax(fn(p, jnp.asarray(tokens))[0, n - 1]))
+    return tokens
+
+  np.testing.assert_array_equal(greedy(quantized, q), greedy(float_fn, floats))
+  tokens = jnp.asarray([[1, 17, 42, 5]], jnp.int32)
+  assert sq.explain(lambda p, t: model.apply({"params": p}, t), q, tokens).dequantized == ()
+
+
+def _leaf_by_keys(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree

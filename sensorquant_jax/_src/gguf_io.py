@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import fileio, nibbles
+from sensorquant_jax._src import fileio, nibbles, qlayout
 from sensorquant_jax._src.checkpoint import CheckpointError
 from sensorquant_jax._src.convert import RequantizationWarning
 from sensorquant_jax._src.options import ASYMMETRIC_INT4, INT4, PER_BLOCK
@@ -87,6 +87,52 @@ def _field_value(field: Any) -> Any:
 def default_rename(name: str) -> tuple[str, ...]:
   """``"blk.0.attn_q.weight"`` -> ``("blk", "0", "attn_q", "weight")``."""
   return tuple(name.split("."))
+
+
+_LLAMA_LAYER = {
+  "attn_norm.weight": ("input_layernorm", "weight"),
+  "attn_q.weight": ("self_attn", "q_proj", "kernel"),
+  "attn_k.weight": ("self_attn", "k_proj", "kernel"),
+  "attn_v.weight": ("self_attn", "v_proj", "kernel"),
+  "attn_output.weight": ("self_attn", "o_proj", "kernel"),
+  "ffn_norm.weight": ("post_attention_layernorm", "weight"),
+  "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
+  "ffn_up.weight": ("mlp", "up_proj", "kernel"),
+  "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+}
+_LLAMA_TOP = {
+  "token_embd.weight": ("model", "embed_tokens", "embedding"),
+  "output_norm.weight": ("model", "norm", "weight"),
+  "output.weight": ("lm_head", "kernel"),
+}
+
+
+def gguf_llama_names(name: str) -> tuple[str, ...]:
+  """llama.cpp's Llama tensor names as the Flax Llama param tree (Hugging Face's
+  ``FlaxLlamaForCausalLM`` layout), for :func:`load_quantized`'s ``rename``.
+
+  ============================  ==================================================
+  ``token_embd.weight``         ``model/embed_tokens/embedding``
+  ``blk.{i}.attn_norm.weight``  ``model/layers/{i}/input_layernorm/weight``
+  ``blk.{i}.attn_q.weight``     ``model/layers/{i}/self_attn/q_proj/kernel`` (k, v;
+                                ``attn_output``: ``o_proj``)
+  ``blk.{i}.ffn_norm.weight``   ``model/layers/{i}/post_attention_layernorm/weight``
+  ``blk.{i}.ffn_gate.weight``   ``model/layers/{i}/mlp/gate_proj/kernel`` (up, down)
+  ``output_norm.weight``        ``model/norm/weight``
+  ``output.weight``             ``lm_head/kernel``
+  ============================  ==================================================
+
+  Other names go to ``unmapped/{name}`` (never dropped). ``kernel`` leaves are
+  transposed to Flax's ``[in, out]``. llama.cpp's converter permutes the rows of
+  ``attn_q`` / ``attn_k`` for its rotary embedding; a model whose rotary pairs
+  are the two halves of each head (Hugging Face's) needs them permuted back.
+  """
+  if name in _LLAMA_TOP:
+    return _LLAMA_TOP[name]
+  parts = name.split(".", 2)
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LLAMA_LAYER:
+    return ("model", "layers", parts[1], *_LLAMA_LAYER[parts[2]])
+  return ("unmapped", name)
 
 
 def _blocks(raw: np.ndarray, shape: tuple[int, ...], bytes_per_block: int) -> np.ndarray:
@@ -163,6 +209,8 @@ def load_quantized(
     path: a ``.gguf`` file.
     rename: maps a tensor name to its path in the returned tree (a tuple of keys),
       or ``None`` to leave the tensor out; by default the name split on ``"."``.
+      A path ending in ``"kernel"`` gets the 2-D tensor transposed to Flax's
+      ``[in, out]`` (:func:`gguf_llama_names` maps Llama-family files).
 
   Returns:
     An :class:`Imported`: the params, the format, the metadata and each tensor's type.
@@ -191,6 +239,10 @@ def load_quantized(
     if keys is None:
       continue
     kind, value = _tensor(path, t)
+    if keys[-1] == "kernel":  # a Flax matmul weight: [in, out], GGUF's [out, in] transposed
+      if len(value.shape) != 2:
+        raise CheckpointError(f"{path}: tensor {t.name!r}: a kernel must be 2-D, got {value.shape}")
+      value = qlayout.transpose(value, (1, 0)) if is_qarray(value) else value.T
     types[t.name] = kind
     node = params
     for k in keys[:-1]:
@@ -258,7 +310,7 @@ def export_gguf(
   values and every scale is a float16 value (so a tree read by
   :func:`load_quantized` comes back byte for byte). The block axis is moved last,
   so a Flax ``[in, out]`` kernel becomes GGUF's ``[out, in]``. Float arrays are
-  written as F32, F16 or BF16.
+  written as F32, F16 or BF16 (2-D ``kernel`` leaves transposed likewise).
 
   Args:
     path: the ``.gguf`` file to write (atomically).
@@ -324,6 +376,8 @@ def export_gguf(
     if a is None or a.dtype.name not in ("float32", "float16", "bfloat16"):
       what = a.dtype.name if a is not None else type(x).__name__
       raise ValueError(f"{where}: {what} is not a GGUF tensor type (F32, F16, BF16)")
+    if a.ndim == 2 and where.endswith("kernel"):  # a Flax [in, out] kernel: GGUF's [out, in]
+      a = np.ascontiguousarray(a.T)
     if a.dtype.name == "bfloat16":
       tensors.append((name, a.view(np.uint16).view(np.uint8), types.BF16))
     else:
