@@ -289,7 +289,8 @@ class _HFAttention(nn.Module):
     c = self.cfg
     hd = c.dim // c.heads
     proj = lambda name: nn.Dense(c.dim, use_bias=False, name=name)  # noqa: E731
-    q, k, v = (proj(n)(h).reshape(h.shape[:2] + (c.heads, hd)) for n in ("q_proj", "k_proj", "v_proj"))
+    heads = h.shape[:2] + (c.heads, hd)
+    q, k, v = (proj(n)(h).reshape(heads) for n in ("q_proj", "k_proj", "v_proj"))
     q, k = rope(q), rope(k)
     t = h.shape[1]
     att = jnp.einsum("bthd,bshd->bhts", q, k) * hd**-0.5
