@@ -294,3 +294,17 @@ def _leaf_by_keys(tree, keys):
   for k in keys:
     tree = tree[k]
   return tree
+
+
+def test_cli_inspect_reads_gguf_files(tmp_path, capsys):
+  from sensorquant_jax import cli
+
+  name = "blk.0.ffn_up.weight"
+  path = _write(tmp_path / "m.gguf", {name: (FLOATS[name], T.Q4_0)})
+  assert cli.main(["inspect", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "blk/0/ffn_up/weight" in out and "asymmetric_per_group_int4" in out
+  (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 20)
+  assert cli.main(["inspect", str(tmp_path / "bad.gguf")]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "bad.gguf" in err and "Traceback" not in err

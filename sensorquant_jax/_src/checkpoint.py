@@ -214,6 +214,15 @@ class CheckpointWriter:
       self.abort()
 
 
+def file_magic(path: str | os.PathLike, n: int = 4) -> bytes:
+  """The first ``n`` bytes of a file (fewer when it is shorter; none when unreadable)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(n)
+  except OSError:
+    return b""
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
   """Whether ``path`` is a folder holding a sensorquant checkpoint spec."""
   return os.path.isfile(os.path.join(os.fspath(path), SPEC_FILE))

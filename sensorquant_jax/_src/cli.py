@@ -369,10 +369,15 @@ def cmd_inspect(args) -> None:
       f"compression {float(man.compression_ratio()):.2f}x"
     )
     return
-  if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+  gguf_file = os.path.isfile(path) and checkpoint.file_magic(path) == b"GGUF"
+  if gguf_file or (os.path.isdir(path) and checkpoint.is_checkpoint(path)):
     with _progress() as bar:
       bar.add_task(f"reading {path}", total=None)
-      tree = checkpoint.restore(path)
+      if gguf_file:
+        tree = sq.load_quantized(path).params
+        table.title = f"{path} (GGUF; Q8_0 and Q4_0 read as the schemes shown)"
+      else:
+        tree = checkpoint.restore(path)
     total_q = total_f = 0
     for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=sq.is_qarray)[0]:
       if sq.is_qarray(x):

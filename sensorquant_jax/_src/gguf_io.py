@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensorquant_jax._src import fileio, nibbles, qlayout
-from sensorquant_jax._src.checkpoint import CheckpointError
+from sensorquant_jax._src.checkpoint import CheckpointError, file_magic
 from sensorquant_jax._src.convert import RequantizationWarning
 from sensorquant_jax._src.options import ASYMMETRIC_INT4, INT4, PER_BLOCK
 from sensorquant_jax._src.qarray import QArray, is_qarray
@@ -226,9 +226,7 @@ def load_quantized(
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
-  with open(path, "rb") as f:
-    magic = f.read(4)
-  if magic != b"GGUF":
+  if file_magic(path) != b"GGUF":
     raise CheckpointError(f"{path}: not a GGUF file (other formats are not supported yet)")
   reader = _reader(path)
   metadata = {k: _field_value(v) for k, v in reader.fields.items() if not k.startswith("GGUF.")}
