@@ -22,8 +22,8 @@ class QArray:
   """A quantized array: integer ``values`` plus float32 ``scale``.
 
   For the int8 schemes ``values`` is int8 with the logical shape of the
-  original array. For the int4 schemes (``bits == 4``) it is uint8 holding
-  two 4-bit codes a byte along the group axis (see
+  original array (``float8_e4m3fn`` for the fp8 schemes). For the int4
+  schemes (``bits == 4``) it is uint8 holding two 4-bit codes a byte along the group axis (see
   :mod:`sensorquant_jax._src.nibbles`: low nibble first), so that axis has
   ``ceil(n / 2)`` entries and ``pad`` (0 or 1) says whether the last high
   nibble is padding; :attr:`shape` is always the logical shape. ``scale`` (and
@@ -34,7 +34,8 @@ class QArray:
   end), and lets sharding propagate from values to scales.
 
   Attributes:
-    values: int8 array with the original shape, or packed uint8 nibbles.
+    values: int8 (fp8 schemes: ``float8_e4m3fn``) array with the original shape,
+      or packed uint8 nibbles.
     scale: float32 array, see above.
     zero_point: optional int8 array shaped like ``scale`` (asymmetric schemes).
     scheme: scheme name, e.g. ``"symmetric_per_tensor_int8"`` (static).
@@ -130,7 +131,7 @@ class QArray:
   def codes(self) -> jax.Array:
     """The integer values with the logical shape, centred for symmetric int4.
 
-    int8 schemes: ``values`` itself. int4: the unpacked nibbles as int8,
+    int8 and fp8 schemes: ``values`` itself. int4: the unpacked nibbles as int8,
     minus 8 for the symmetric scheme (so ``[-7, 7]``), as stored (``[0, 15]``)
     for the asymmetric one, whose ``zero_point`` is subtracted later.
     """
