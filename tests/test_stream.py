@@ -5,13 +5,15 @@ import zipfile
 
 import jax
 import numpy as np
+import pytest
 
 import sensorquant_jax as sq
 from sensorquant_jax import checkpoint, stream
 from tests.trees import assert_same_qtree, float_tree
 
 
-def test_streaming_matches_in_memory_quantize(tmp_path):
+@pytest.mark.parametrize("scheme", ["symmetric_per_channel_int8", sq.FP8_BLOCK])
+def test_streaming_matches_in_memory_quantize(scheme, tmp_path):
   tree = float_tree()
   path = tmp_path / "big.npz"
   with zipfile.ZipFile(path, "w") as zf:  # written leaf by leaf, as bench_stream does
@@ -23,11 +25,10 @@ def test_streaming_matches_in_memory_quantize(tmp_path):
       with zf.open(key + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, value)
   seen = []
-  summary = stream.quantize_file(
-    path, tmp_path / "out", "symmetric_per_channel_int8", progress=lambda p, n: seen.append(p)
-  )
+  out = tmp_path / "out"
+  summary = stream.quantize_file(path, out, scheme, progress=lambda p, n: seen.append(p))
   assert summary["leaves"] == 3 and summary["quantized"] == 2 and len(seen) == 3
-  assert_same_qtree(sq.restore(tmp_path / "out"), sq.quantize(tree, "symmetric_per_channel_int8"))
+  assert_same_qtree(sq.restore(out), sq.quantize(tree, scheme))
 
 
 def test_streaming_writes_bounded_parts(tmp_path):
