@@ -1,5 +1,6 @@
 """AWQ: the scaling leaves the float function alone and lowers the quantized error."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,17 @@ def test_clip_search_picks_each_groups_least_error(scheme, block):
     assert (bounds[1] < w).any()
   if scheme == sq.ASYMMETRIC_INT4:  # the two ends move apart from each other
     assert (bounds[0] != -bounds[1]).any()
+
+
+def test_fp8_gets_scales_without_clipping(setup):
+  """E4M3's spacing is relative and block128's tile scales couple columns: AWQ on fp8
+  is its scale search alone, and no worse than round-to-nearest."""
+  model, params, xs = setup
+  on = sq.awq(model, params, xs, sq.FP8_BLOCK, min_size=1, progress=False)
+  off = sq.awq(model, params, xs, sq.FP8_BLOCK, min_size=1, clip=False, progress=False)
+  chex.assert_trees_all_equal(on, off)
+  rtn = sq.quantize(params, sq.FP8_BLOCK, min_size=1)
+  assert out_error(model, params, on, xs) <= out_error(model, params, rtn, xs) * 1.0001
 
 
 @pytest.mark.parametrize("scheme", [sq.INT4, sq.ASYMMETRIC_INT4])

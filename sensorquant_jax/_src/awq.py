@@ -18,7 +18,7 @@ from jax import lax
 from sensorquant_jax._src import blockwise, capture, schemes
 from sensorquant_jax._src import gptq as gptq_mod
 from sensorquant_jax._src.gptq import Batches, begin, matrix, output_error, relative_error
-from sensorquant_jax._src.options import ASYMMETRIC_SCHEMES, BLOCK_SCHEMES, Scheme
+from sensorquant_jax._src.options import ASYMMETRIC_SCHEMES, BLOCK_SCHEMES, FP8_SCHEMES, Scheme
 from sensorquant_jax._src.qarray import QArray, is_qarray, split_blocks
 from sensorquant_jax._src.quantize import MIN_SIZE, RulesLike, as_rules, select_spec
 
@@ -182,8 +182,10 @@ def _note_whole(leaves: set[str], clip: bool, rounding: Rounding) -> None:
 
 def clip_spec(sub: schemes.Spec, n_in: int) -> schemes.Spec | None:
   """The spec the clipping search runs with for a matrix searched with ``sub``, or ``None``
-  where it does not apply (per-tensor: one group; a leaf searched whole over several axes)."""
-  if n_in != 1 or sub.scheme == schemes.PER_TENSOR:
+  where it does not apply (per-tensor: one group; a leaf searched whole over several axes;
+  fp8: E4M3's spacing is relative to each value, and block128's tile scales couple the
+  columns that the search takes one at a time)."""
+  if n_in != 1 or sub.scheme == schemes.PER_TENSOR or sub.scheme in FP8_SCHEMES:
     return None
   return sub
 
@@ -268,7 +270,8 @@ def awq(
     min_size: as in ``quantize``.
     like: as in ``quantize``: axes read from ``(fn, *example_args)``.
     grid: number of ratios ``r`` tried.
-    clip: search each group's clipping bound after the scale (on by default).
+    clip: search each group's clipping bound after the scale (on by default; not
+      for per-tensor or fp8 schemes, see :func:`clip_spec`).
     rounding: ``"nearest"``, or ``"gptq"``: round the scaled, clipped kernels with
       GPTQ against their scaled inputs (AWQ then GPTQ, on AWQ's grid; each
       matrix's ``[K, K]`` sum is kept until its leaf is complete).
