@@ -45,7 +45,7 @@ def _forward(model):
   return fwd
 
 
-@pytest.mark.parametrize("scheme", [sq.PER_CHANNEL, sq.INT4, sq.ASYMMETRIC_INT4])
+@pytest.mark.parametrize("scheme", [sq.PER_CHANNEL, sq.INT4, sq.ASYMMETRIC_INT4, sq.FP8_BLOCK])
 def test_every_matmul_runs_quantized(griffin, scheme):
   model, params = griffin
   fwd = _forward(model)
@@ -71,6 +71,8 @@ def test_every_matmul_runs_quantized(griffin, scheme):
   assert {u.leaf for u in ex if u.kind == "dot"} >= set(leaves) - {
     "params/embedder/input_embedding"
   }
+  if scheme in sq.FP8_SCHEMES:
+    return  # XLA:CPU converts an fp8 kernel to float whole (README, "fp8"): no kernel of ours
   # the compiled model holds no float copy of a kernel
   text = (
     jax.jit(lambda q, t, p: sq.apply(model, q, t, p, return_cache=False)[0])

@@ -19,7 +19,7 @@ from tests import llm_models as M
 
 CFG = M.Config()
 TOKENS = jax.random.randint(jax.random.key(1), (1, 5), 0, CFG.vocab)
-SCHEMES = [sq.PER_CHANNEL, sq.INT4, sq.PER_TENSOR, sq.ASYMMETRIC_INT4]
+SCHEMES = [sq.PER_CHANNEL, sq.INT4, sq.PER_TENSOR, sq.ASYMMETRIC_INT4, sq.FP8_BLOCK]
 
 
 def _qleaves(tree):

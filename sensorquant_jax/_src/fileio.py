@@ -273,19 +273,35 @@ def write_file_atomic(
     OSError: from the filesystem, with ``filename`` set to ``path`` (never the
       temporary's name).
   """
+
+  def write_to(tmp: str) -> None:
+    with open(tmp, "wb", buffering=1 << 20) as f:
+      write(f)
+
+  write_path_atomic(path, write_to, fsync=fsync)
+
+
+def write_path_atomic(path: str, write_to: Callable[[str], object], *, fsync: bool = True) -> None:
+  """:func:`write_file_atomic` for writers that open a path themselves: ``write_to``
+  gets a unique temporary path in the destination's folder (named so that
+  :func:`remove_leftovers` cleans it up after a crash), then fsync and rename.
+
+  Raises:
+    OSError: from the filesystem, with ``filename`` set to ``path`` (never the
+      temporary's name).
+  """
   folder, name = os.path.split(path)
   remove_leftovers(folder, name)
   try:
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(name)}{os.getpid()}-", dir=folder)
+    os.close(fd)
   except OSError as e:
     raise OSError(e.errno, e.strerror or str(e), path) from None
   try:
-    if hasattr(os, "fchmod"):
-      os.fchmod(fd, default_file_mode(path))
-    with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-      write(f)
-      f.flush()
-      if fsync:
+    os.chmod(tmp, default_file_mode(path))
+    write_to(tmp)
+    if fsync:
+      with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
   except OSError as e:
@@ -296,37 +312,6 @@ def write_file_atomic(
     raise
   if fsync:
     fsync_dir(folder)
-
-
-def write_path_atomic(path: str, write_to: Callable[[str], object]) -> None:
-  """:func:`write_file_atomic` for writers that open a path themselves: ``write_to``
-  gets a unique temporary path in the destination's folder (named so that
-  :func:`remove_leftovers` cleans it up after a crash), then fsync and rename.
-
-  Raises:
-    OSError: from the filesystem, with ``filename`` set to ``path``.
-  """
-  folder, name = os.path.split(path)
-  remove_leftovers(folder, name)
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(name)}{os.getpid()}-", dir=folder)
-    os.close(fd)
-  except OSError as e:
-    raise OSError(e.errno, e.strerror or str(e), path) from None
-  try:
-    write_to(tmp)
-    if hasattr(os, "chmod"):
-      os.chmod(tmp, default_file_mode(path))
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    _remove(tmp)
-    raise OSError(e.errno, e.strerror or str(e), path) from None
-  except BaseException:
-    _remove(tmp)
-    raise
-  fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------
