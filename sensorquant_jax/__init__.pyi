@@ -22,11 +22,13 @@ from sensorquant_jax._src.convert import default_layer_name as default_layer_nam
 from sensorquant_jax._src.convert import from_manifest as from_manifest
 from sensorquant_jax._src.convert import to_manifest as to_manifest
 from sensorquant_jax._src.fileio import DestinationError as DestinationError
-from sensorquant_jax._src.gguf_io import Imported as Imported
 from sensorquant_jax._src.gguf_io import export_gguf as export_gguf
 from sensorquant_jax._src.gguf_io import gguf_llama_names as gguf_llama_names
-from sensorquant_jax._src.gguf_io import load_quantized as load_quantized
 from sensorquant_jax._src.gptq import gptq as gptq
+from sensorquant_jax._src.hf_quantized import export_gptq as export_gptq
+from sensorquant_jax._src.hf_quantized import hf_flax_names as hf_flax_names
+from sensorquant_jax._src.imported import Imported as Imported
+from sensorquant_jax._src.imported import load_quantized as load_quantized
 from sensorquant_jax._src.linen import QuantizedDense as QuantizedDense
 from sensorquant_jax._src.linen import QuantizedDenseGeneral as QuantizedDenseGeneral
 from sensorquant_jax._src.linen import apply as apply

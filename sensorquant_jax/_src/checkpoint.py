@@ -623,6 +623,7 @@ _SAFETENSORS_DTYPES = {
   "I8": "int8",
   "U8": "uint8",
   "BOOL": "bool",
+  "F8_E4M3": "float8_e4m3fn",
 }
 
 Region = Callable[[tuple[slice, ...]], np.ndarray]
@@ -649,7 +650,7 @@ def iter_float_regions(
     return
   try:
     with open(path, "rb") as f:
-      index = _safetensors_index(path, f.fileno())
+      index = safetensors_index(path, f.fileno())
   except OSError as e:
     raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
   for key, shape, dtype, offset in index:
@@ -658,7 +659,7 @@ def iter_float_regions(
       # Opened per read: a reader stays valid after the iteration moves on.
       try:
         with open(path, "rb") as f:
-          return _read_rows(path, f.fileno(), key, shape, dtype, offset, region)
+          return read_rows(path, f.fileno(), key, shape, dtype, offset, region)
       except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
 
@@ -668,7 +669,7 @@ def iter_float_regions(
 _MAX_SAFETENSORS_HEADER = 100 << 20
 
 
-def _safetensors_index(path: str, fd: int) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
+def safetensors_index(path: str, fd: int) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
   """``(name, shape, dtype, file offset)`` of every tensor, the header checked strictly."""
   bad = f"{path}: not a valid .safetensors file"
   size = os.fstat(fd).st_size
@@ -713,7 +714,7 @@ def _safetensors_index(path: str, fd: int) -> list[tuple[str, tuple[int, ...], n
   return out
 
 
-def _read_rows(
+def read_rows(
   path: str,
   fd: int,
   key: str,

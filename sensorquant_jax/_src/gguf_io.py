@@ -9,13 +9,17 @@ dequantized values equal the ``gguf`` package's dequantizer bit for bit):
           block's int8 codes and its float16 scale ``d`` (as float32)
 ``Q4_0``  ``asymmetric_per_group_int4``, groups of 32 along the last axis, zero
           point 8: ``(q - 8) * d``, ``q`` in ``[0, 15]``
+``Q5_0``  ``symmetric_per_block_int8``, blocks of 32: codes ``q - 16`` in
+          ``[-16, 15]`` (5 bits held in 8) and ``d``
+``Q6_K``  ``symmetric_per_block_int8``, blocks of 16: codes ``q - 32`` in
+          ``[-32, 31]`` (6 bits held in 8), scale ``fl(d * sc)``
 ========  =========================================================================
 
-Other types (Q4_1, Q5_0, the K-quants, ...) need layouts the ops do not run
-yet: they are refused by name, never requantized. Arrays keep GGUF's order
-(numpy's: ``ne[0]``, the contiguous axis that blocks run along, last), so a
-Linear weight is ``[out, in]``; transpose it (``qlayout.transpose``) for a Flax
-``[in, out]`` kernel.
+Other types (Q4_1, Q5_1, Q4_K, Q5_K, the I-quants, ...) need layouts the ops do
+not run yet (a float offset per group): they are refused by name, never
+requantized. Arrays keep GGUF's order (numpy's: ``ne[0]``, the contiguous axis
+that blocks run along, last), so a Linear weight is ``[out, in]``; transpose it
+(``qlayout.transpose``) for a Flax ``[in, out]`` kernel.
 
 :func:`export_gguf` writes the other way: QArrays that Q8_0 or Q4_0 hold exactly
 (blocks of 32, float16-exact scales; symmetric int4 codes become ``c + 8``) as
@@ -24,7 +28,6 @@ they are, with the block axis moved last.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensorquant_jax._src import fileio, nibbles, qlayout
-from sensorquant_jax._src.checkpoint import CheckpointError, file_magic
+from sensorquant_jax._src.checkpoint import CheckpointError
 from sensorquant_jax._src.convert import RequantizationWarning
 from sensorquant_jax._src.options import ASYMMETRIC_INT4, INT4, PER_BLOCK
 from sensorquant_jax._src.qarray import QArray, is_qarray
@@ -45,23 +48,6 @@ GGUF_BLOCK = 32
 """Values per block of Q8_0 and Q4_0 (``QK8_0``, ``QK4_0`` in ggml)."""
 Q4_0_ZERO = 8
 """Q4_0's implicit zero point: a weight is ``(q - 8) * d``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Imported:
-  """What :func:`load_quantized` read.
-
-  Attributes:
-    params: nested dicts of QArrays and float arrays, keyed by ``rename``.
-    format: the file's format (``"gguf"``).
-    metadata: the file's key-value metadata (scalars, strings and lists).
-    types: each tensor's stored type by its name in the file (``"Q8_0"``, ...).
-  """
-
-  params: dict[str, Any]
-  format: str
-  metadata: dict[str, Any]
-  types: dict[str, str]
 
 
 def _reader(path: str) -> Any:
@@ -135,27 +121,38 @@ def gguf_llama_names(name: str) -> tuple[str, ...]:
   return ("unmapped", name)
 
 
-def _blocks(raw: np.ndarray, shape: tuple[int, ...], bytes_per_block: int) -> np.ndarray:
-  """The raw bytes of a block-quantized tensor as ``[*rows, n_blocks, bytes_per_block]``."""
-  n = shape[-1]
-  return raw.reshape(shape[:-1] + (n // GGUF_BLOCK, bytes_per_block))
+def _blocks(raw: np.ndarray, shape: tuple[int, ...], block: int, nbytes: int) -> np.ndarray:
+  """The raw bytes of a block-quantized tensor as ``[*rows, n_blocks, nbytes]``."""
+  return raw.reshape(shape[:-1] + (shape[-1] // block, nbytes))
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+  """Two bytes (the last axis) as a float16 value, as float32."""
+  return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _int8_blocks(codes: np.ndarray, d: np.ndarray, block: int) -> QArray:
+  return QArray(
+    jnp.asarray(codes.astype(np.int8)), jnp.asarray(d), None, PER_BLOCK, (-1,), block,
+    np.dtype(np.float32),
+  )  # fmt: skip
 
 
 def _q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
-  blocks = _blocks(raw, shape, 2 + GGUF_BLOCK)
-  d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+  blocks = _blocks(raw, shape, GGUF_BLOCK, 2 + GGUF_BLOCK)
   q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(shape)
-  return QArray(
-    jnp.asarray(q), jnp.asarray(d), None, PER_BLOCK, (-1,), GGUF_BLOCK, np.dtype(np.float32)
-  )
+  return _int8_blocks(q, _f16(blocks[..., :2]), GGUF_BLOCK)
+
+
+def _low_high(packed: np.ndarray) -> np.ndarray:
+  """ggml's nibble order: a run's first half in the low nibbles, its second in the high."""
+  return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
 
 
 def _q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
-  blocks = _blocks(raw, shape, 2 + GGUF_BLOCK // 2)
-  d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
-  packed = blocks[..., 2:]
-  # ggml stores a block's first 16 values in the low nibbles, the last 16 in the high ones.
-  codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(shape)
+  blocks = _blocks(raw, shape, GGUF_BLOCK, 2 + GGUF_BLOCK // 2)
+  d = _f16(blocks[..., :2])
+  codes = _low_high(blocks[..., 2:]).reshape(shape)
   zero = jnp.full(d.shape, Q4_0_ZERO, jnp.int8)
   values = nibbles.pack(jnp.asarray(codes), len(shape) - 1, 0)
   return QArray(
@@ -163,18 +160,58 @@ def _q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
   )
 
 
-_QUANTIZED = {"Q8_0": (_q8_0, 2 + GGUF_BLOCK), "Q4_0": (_q4_0, 2 + GGUF_BLOCK // 2)}
+def _q5_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  """``(q - 16) * d`` with 5-bit ``q``: int8 codes in ``[-16, 15]``, blocks of 32."""
+  blocks = _blocks(raw, shape, GGUF_BLOCK, 2 + 4 + GGUF_BLOCK // 2)
+  high = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")  # bit j: value j's fifth bit
+  high = (high >> np.arange(GGUF_BLOCK, dtype=np.uint32)) & 1
+  codes = (_low_high(blocks[..., 6:]) | (high.astype(np.uint8) << 4)).astype(np.int16) - 16
+  return _int8_blocks(codes.reshape(shape), _f16(blocks[..., :2]), GGUF_BLOCK)
+
+
+K_BLOCK = 256
+"""Values per K-quant super-block (``QK_K``)."""
+Q6_K_GROUP = 16
+"""Values per Q6_K sub-block scale."""
+
+
+def _q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  """``(q - 32) * (d * sc)`` with 6-bit ``q``: int8 codes in ``[-32, 31]``, blocks of 16
+  with scale ``fl(d * sc)`` (the super-block's float16 ``d`` times the int8 ``sc``)."""
+  blocks = _blocks(raw, shape, K_BLOCK, 210)
+  rows = blocks.shape[:-1]
+  ql = blocks[..., :128].reshape(rows + (2, 64))  # two halves of 128 values
+  qh = blocks[..., 128:192].reshape(rows + (2, 1, 32))
+  sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+  low = _low_high(ql).reshape(rows + (2, 4, 32))
+  high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+  codes = (low | (high << 4)).astype(np.int16) - 32
+  d = (_f16(blocks[..., 208:210])[..., None] * sc).reshape(shape[:-1] + (-1,))
+  return _int8_blocks(codes.reshape(shape), d, Q6_K_GROUP)
+
+
+# type: (converter, values per block, bytes per block)
+_QUANTIZED = {
+  "Q8_0": (_q8_0, GGUF_BLOCK, 2 + GGUF_BLOCK),
+  "Q4_0": (_q4_0, GGUF_BLOCK, 2 + GGUF_BLOCK // 2),
+  "Q5_0": (_q5_0, GGUF_BLOCK, 6 + GGUF_BLOCK // 2),
+  "Q6_K": (_q6_k, K_BLOCK, 210),
+}
 _FLOATS: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+_SUPPORTED = ", ".join([*_FLOATS, *_QUANTIZED])
 
 
 def _tensor(path: str, t: Any) -> tuple[str, Any]:
   """One tensor of the reader as ``(type name, array or QArray)``."""
-  kind = t.tensor_type.name
-  shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-  where = f"{path}: tensor {t.name!r}"
+  try:
+    kind = t.tensor_type.name
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    where = f"{path}: tensor {t.name!r}"
+    raw = np.asarray(t.data)
+  except (ValueError, IndexError, TypeError, OverflowError, AttributeError) as e:
+    raise CheckpointError(f"{path}: tensor {getattr(t, 'name', '?')!r}: {e}") from None
   if any(d < 0 for d in shape) or not shape:
     raise CheckpointError(f"{where}: bad shape {shape}")
-  raw = np.asarray(t.data)
   if kind in _FLOATS:
     dtype = np.dtype(_FLOATS[kind])
     if raw.nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
@@ -182,52 +219,21 @@ def _tensor(path: str, t: Any) -> tuple[str, Any]:
     return kind, np.frombuffer(raw.tobytes(), dtype).reshape(shape)
   if kind not in _QUANTIZED:
     raise CheckpointError(
-      f"{where}: type {kind} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0)"
+      f"{where}: type {kind} has no exact layout here yet (supported: {_SUPPORTED})"
     )
-  convert, per_block = _QUANTIZED[kind]
-  if shape[-1] % GGUF_BLOCK:
-    raise CheckpointError(f"{where}: {kind} rows of {shape[-1]} are not whole blocks of 32")
-  want = int(np.prod(shape, dtype=np.int64)) // GGUF_BLOCK * per_block
+  convert, block, per_block = _QUANTIZED[kind]
+  if shape[-1] % block:
+    raise CheckpointError(f"{where}: {kind} rows of {shape[-1]} are not whole blocks of {block}")
+  want = int(np.prod(shape, dtype=np.int64)) // block * per_block
   if raw.nbytes != want:
     raise CheckpointError(f"{where}: {raw.nbytes} bytes do not hold {kind} of shape {shape}")
-  return kind, convert(raw.reshape(-1), shape)
+  return kind, convert(raw.reshape(-1).view(np.uint8), shape)
 
 
-def load_quantized(
-  path: str | os.PathLike,
-  *,
-  rename: Callable[[str], tuple[str, ...] | None] = default_rename,
-) -> Imported:
-  """Reads a quantized checkpoint made elsewhere into QArrays, without requantizing.
-
-  Supported: GGUF files (llama.cpp) with ``F32``, ``F16``, ``BF16``, ``Q8_0`` and
-  ``Q4_0`` tensors, mapped as the module doc says; ``QArray.dequantize`` equals
-  the ``gguf`` package's dequantizer bit for bit. Memory: the file is memory-mapped
-  and each tensor copied once.
-
-  Args:
-    path: a ``.gguf`` file.
-    rename: maps a tensor name to its path in the returned tree (a tuple of keys),
-      or ``None`` to leave the tensor out; by default the name split on ``"."``.
-      A path ending in ``"kernel"`` gets the 2-D tensor transposed to Flax's
-      ``[in, out]`` (:func:`gguf_llama_names` maps Llama-family files).
-
-  Returns:
-    An :class:`Imported`: the params, the format, the metadata and each tensor's type.
-
-  Raises:
-    CheckpointError: the file is missing, not GGUF, truncated or inconsistent, or
-      holds a type that is not supported (the message names the file and tensor).
-
-  Example:
-    >>> got = sq.load_quantized("model-Q8_0.gguf")
-    >>> got.params["blk"]["0"]["attn_q"]["weight"]  # QArray, [out, in], blocks of 32
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{path}: no such file")
-  if file_magic(path) != b"GGUF":
-    raise CheckpointError(f"{path}: not a GGUF file (other formats are not supported yet)")
+def read_gguf(
+  path: str, rename: Callable[[str], tuple[str, ...] | None]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+  """``(params, metadata, types)`` of a GGUF file (see :func:`load_quantized`)."""
   reader = _reader(path)
   metadata = {k: _field_value(v) for k, v in reader.fields.items() if not k.startswith("GGUF.")}
   params: dict[str, Any] = {}
@@ -250,7 +256,7 @@ def load_quantized(
     if keys[-1] in node:
       raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken")
     node[keys[-1]] = value
-  return Imported(params, "gguf", metadata, types)
+  return params, metadata, types
 
 
 def _exact_type(qa: QArray) -> str | None:
