@@ -195,7 +195,8 @@ class _Group:
     self.path, self.prefix, self.tensors, self.names = path, prefix, tensors, names
 
   def fail(self, message: str) -> CheckpointError:
-    return CheckpointError(f"{self.path}: tensor {self.prefix!r}: {message}")
+    file = self.tensors.where[next(iter(self.names.values()))][0]  # the file, not the folder
+    return CheckpointError(f"{file}: tensor {self.prefix!r}: {message}")
 
   def shape(self, suffix: str) -> tuple[int, ...]:
     return self.tensors.shape(self.names[suffix])
@@ -313,9 +314,7 @@ def _packed(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
   if len(scale_shape) != 2 or scale_shape[0] != n or scale_shape[1] == 0:
     raise g.fail(f"weight_scale has shape {scale_shape}, expected [{n}, groups]")
   n_groups = scale_shape[1]
-  group = -(-k // n_groups)
-  if -(-k // group) != n_groups:
-    raise g.fail(f"{n_groups} groups do not divide {k} inputs")
+  group = _group_size(g, k, n_groups, cfg)
   scale = g.scales("weight_scale", (n, n_groups)).T
   zero = _zero_points(g, (n, n_groups))
   if zero is not None:  # codes q + 8: (q - z) = (code - (z + 8))
@@ -324,6 +323,32 @@ def _packed(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
       raise g.fail("weight_zero_point outside [-16, 15]")
   what = "channel" if n_groups == 1 else f"g{group}"
   return f"compressed-tensors int4 {what}", _int4_qarray(codes, scale, zero, group)
+
+
+def _config_group_size(cfg: Mapping[str, Any]) -> int | None:
+  """compressed-tensors' ``group_size`` when its config groups agree on one."""
+  sizes = set()
+  groups = cfg.get("config_groups")
+  for scheme in groups.values() if isinstance(groups, dict) else ():
+    weights = scheme.get("weights") if isinstance(scheme, dict) else None
+    size = weights.get("group_size") if isinstance(weights, dict) else None
+    if isinstance(size, int) and size > 0:
+      sizes.add(size)
+  return sizes.pop() if len(sizes) == 1 else None
+
+
+def _group_size(g: _Group, k: int, n_groups: int, cfg: Mapping[str, Any]) -> int:
+  """The inputs per group of ``n_groups`` groups over ``k`` inputs (the last one may be
+  partial): the config's ``group_size``, else ``k / n_groups`` when whole, else the power
+  of two that gives ``n_groups`` groups."""
+  candidates = [_config_group_size(cfg)]
+  if k % n_groups == 0:
+    candidates.append(k // n_groups)
+  candidates += [1 << b for b in range(31)]
+  for size in candidates:
+    if size and -(-k // size) == n_groups:
+      return size
+  raise g.fail(f"{n_groups} groups do not fit {k} inputs")
 
 
 def _int8_or_fp8(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
@@ -355,9 +380,7 @@ def _int8_or_fp8(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
     scale, what = g.scales("weight_scale", tuple(scale_shape)).reshape(1, n), "channel"
   elif len(scale_shape) == 2 and scale_shape[0] == n and not fp8:
     n_groups = scale_shape[1]
-    block = -(-k // n_groups)
-    if -(-k // block) != n_groups:
-      raise g.fail(f"{n_groups} groups do not divide {k} inputs")
+    block = _group_size(g, k, n_groups, cfg)
     scale, what = g.scales("weight_scale", tuple(scale_shape)).T, f"g{block}"
   else:
     raise g.fail(f"weight_scale of shape {scale_shape} for a weight {shape} is not supported")
