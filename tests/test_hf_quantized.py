@@ -431,3 +431,41 @@ def test_a_gptq_llama_checkpoint_runs_greedy_decoding_through_a_flax_llama(tmp_p
   tokens = jnp.asarray([[1, 17, 42, 5]], jnp.int32)
   explained = sq.explain(lambda p, t: model.apply({"params": p}, t), q, tokens)
   assert explained.dequantized == ()
+
+
+def test_cli_inspects_and_converts_without_requantizing(tmp_path, capsys):
+  from sensorquant_jax import cli
+
+  tensors, _, cfg, _ = _gptq_case()
+  src = _write(tmp_path / "gptq", tensors, cfg, extra={"model.norm.weight": np.ones(8, np.float32)})
+  assert cli.main(["inspect", str(src)]) == 0
+  out = capsys.readouterr().out
+  assert "gptq" in out and "asymmetric_per_group_int4" in out and "(96, 40)" in out
+  # Hugging Face GPTQ -> our checkpoint -> GPTQ again: the same bytes.
+  assert cli.main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+  restored = sq.restore(tmp_path / "ckpt")
+  chex.assert_trees_all_equal(restored, sq.load_quantized(src).params)
+  assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "again.safetensors")]) == 0
+  back = load_file(str(tmp_path / "again.safetensors"))
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(back[f"{PREFIX}.{k}"], v, err_msg=k)
+  capsys.readouterr()
+  # GGUF holds GPTQ's zero points only by requantizing: refused, then done when asked.
+  assert cli.main(["convert", str(src), str(tmp_path / "m.gguf")]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "pass --requantize" in err and "Traceback" not in err
+  assert not (tmp_path / "m.gguf").exists()
+  assert cli.main(["convert", str(src), str(tmp_path / "m.gguf"), "--requantize"]) == 0
+  assert "requantized as Q8_0" in capsys.readouterr().err
+  assert sq.load_quantized(tmp_path / "m.gguf").types == {
+    "model.layers.0.mlp.up_proj.kernel": "Q8_0",
+    "model.norm.weight": "F32",
+  }
+  # A destination that exists is kept without --overwrite; a broken source is named.
+  assert cli.main(["convert", str(src), str(tmp_path / "m.gguf")]) == cli.EXIT_BAD_INPUT
+  assert "--overwrite" in capsys.readouterr().err
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "model.safetensors").write_bytes(b"\x00" * 5)
+  assert cli.main(["convert", str(tmp_path / "bad"), str(tmp_path / "x")]) == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err
+  assert "bad/model.safetensors" in err and err.count("\n") == 1

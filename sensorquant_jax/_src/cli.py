@@ -369,15 +369,20 @@ def cmd_inspect(args) -> None:
       f"compression {float(man.compression_ratio()):.2f}x"
     )
     return
-  gguf_file = os.path.isfile(path) and checkpoint.file_magic(path) == b"GGUF"
-  if gguf_file or (os.path.isdir(path) and checkpoint.is_checkpoint(path)):
+  imported = not checkpoint.is_checkpoint(path) and _imported_source(path)
+  tree = None
+  if imported or (os.path.isdir(path) and checkpoint.is_checkpoint(path)):
     with _progress() as bar:
       bar.add_task(f"reading {path}", total=None)
-      if gguf_file:
-        tree = sq.load_quantized(path).params
-        table.title = f"{path} (GGUF; Q8_0 and Q4_0 read as the schemes shown)"
+      if imported:
+        got = sq.load_quantized(path)
+        tree = got.params
+        table.title = f"{path} ({got.format}, read as the schemes shown)"
       else:
         tree = checkpoint.restore(path)
+    if imported and got.format == "safetensors":  # nothing quantized: list it as it is
+      tree = None
+  if tree is not None:
     total_q = total_f = 0
     for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=sq.is_qarray)[0]:
       if sq.is_qarray(x):
@@ -458,6 +463,45 @@ def cmd_eval(args) -> None:
   _console().print(table)
 
 
+def _imported_source(path: str) -> bool:
+  """A GGUF file, or a ``.safetensors`` file or folder of them (quantized elsewhere)."""
+  from sensorquant_jax._src import checkpoint
+
+  if os.path.isfile(path):
+    return checkpoint.file_magic(path) == b"GGUF" or path.lower().endswith(".safetensors")
+  return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
+
+
+def _write_quantized(args, tree: Any, metadata: dict[str, Any], console) -> None:
+  """Writes a quantized tree to ``args.dst``: .gguf, .safetensors (GPTQ) or a checkpoint."""
+  import sensorquant_jax as sq
+
+  dst = args.dst
+  lower = dst.lower()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", sq.RequantizationWarning)
+    try:
+      if lower.endswith(".gguf"):
+        written = sq.export_gguf(dst, tree, requantize=args.requantize, overwrite=args.overwrite)
+        what = f"GGUF {dst}: {len(written)} tensors"
+      elif lower.endswith(".safetensors"):
+        cfg = sq.export_gptq(
+          dst, tree, checkpoint_format=args.gptq_format, overwrite=args.overwrite
+        )
+        what = f"GPTQ {dst} (quantization_config: {json.dumps(cfg, sort_keys=True)})"
+      else:
+        _check_out_dir(dst, args.overwrite)
+        sq.save(dst, tree, metadata, overwrite=args.overwrite)
+        what = f"checkpoint {dst}"
+    except ValueError as e:
+      if isinstance(e, sq.DestinationError):
+        raise
+      raise UsageError(str(e).replace("pass requantize=True", "pass --requantize")) from None
+  for w in caught:
+    print(f"sensorquant: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+  console.print(f"wrote {what}")
+
+
 def cmd_convert(args) -> None:
   import sensorquant_jax as sq
   from sensorquant_jax._src import checkpoint
@@ -469,6 +513,20 @@ def cmd_convert(args) -> None:
     raise UsageError(f"{src}: no such file or folder")
   if os.path.abspath(src) == os.path.abspath(dst):
     raise UsageError(f"{dst}: the destination is the source")
+  to_file = dst.lower().endswith((".gguf", ".safetensors"))
+  if os.path.isdir(src) and checkpoint.is_checkpoint(src) and to_file:
+    with _progress() as bar:
+      bar.add_task(f"reading {src}", total=None)
+      tree = checkpoint.restore(src)
+    _write_quantized(args, tree, {}, console)
+    return
+  if not checkpoint.is_checkpoint(src) and _imported_source(src):
+    with _progress() as bar:
+      bar.add_task(f"reading {src}", total=None)
+      got = sq.load_quantized(src)
+    metadata = {"imported_from": os.path.basename(os.path.normpath(src)), "format": got.format}
+    _write_quantized(args, got.params, metadata, console)
+    return
   if os.path.isdir(src):
     _check_out_manifest(dst, args.overwrite)
     with _progress() as bar:
@@ -575,12 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     (
       "convert",
       cmd_convert,
-      "quantized checkpoint <-> manifest",
-      "Convert a quantized checkpoint folder to a manifest .json, or a manifest to "
-      "a checkpoint folder.",
+      "between quantized formats: checkpoint, manifest, GGUF, GPTQ and others",
+      "Convert without requantizing: a quantized checkpoint folder to a manifest .json, "
+      "a GGUF file (.gguf) or a GPTQ checkpoint (.safetensors); a manifest to a checkpoint "
+      "folder; a GGUF file or a Hugging Face quantized checkpoint (GPTQ, AWQ, "
+      "compressed-tensors, fp8; a .safetensors file or a folder) to a checkpoint folder, "
+      ".gguf or .safetensors.",
       [
-        ("src", None, "quantized checkpoint folder or manifest .json"),
-        ("dst", None, "manifest .json (from a checkpoint) or checkpoint folder"),
+        ("src", None, "checkpoint folder, manifest .json, .gguf, or .safetensors file/folder"),
+        ("dst", None, "manifest .json, .gguf, .safetensors (GPTQ) or checkpoint folder"),
       ],
     ),
   ]
@@ -635,7 +696,14 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument(
     "--requantize",
     action="store_true",
-    help="requantize other schemes per-tensor for the manifest (adds error; reported)",
+    help="requantize what the destination does not hold: per-tensor for the manifest, Q8_0 "
+    "for GGUF (adds error; reported)",
+  )
+  c.add_argument(
+    "--gptq-format",
+    default="gptq",
+    choices=("gptq", "gptq_v2"),
+    help="GPTQ checkpoint format of a .safetensors destination (gptq stores zero points - 1)",
   )
   for p in (q, c):
     p.add_argument(

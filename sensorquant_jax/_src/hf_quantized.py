@@ -479,7 +479,7 @@ def read_safetensors(
     if keys is None:
       continue
     x = tensors.read(name)
-    if keys[-1] == "kernel":
+    if keys[-1] == "kernel" and name.endswith(".weight"):  # Hugging Face's [out, in]
       if x.ndim != 2:
         raise CheckpointError(f"{path}: tensor {name!r}: a kernel must be 2-D, got {x.shape}")
       x = np.ascontiguousarray(x.T)
