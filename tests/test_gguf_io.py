@@ -4,6 +4,7 @@ that dequantize to the gguf package's own dequantizer bit for bit; hostile files
 import os
 import struct
 
+import chex
 import gguf
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import sensorquant_jax as sq
-from sensorquant_jax._src import qlayout
+from sensorquant_jax._src import native, qlayout
 
 rng = np.random.default_rng(7)
 # Rows that are no multiple of anything, a 3-D tensor, outliers and an all-zero block.
@@ -23,29 +24,39 @@ FLOATS = {
 }
 FLOATS["blk.0.ffn_up.weight"][3, 40] = 250.0
 FLOATS["blk.0.ffn_up.weight"][5, :32] = 0.0
-TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K, T.F32, T.F16, T.BF16]
-EXPORTED = [T.Q8_0, T.Q4_0, T.F32, T.F16, T.BF16]  # the types export_gguf writes
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K, T.F32, T.F16, T.BF16]
+EXPORTED = [T.Q8_0, T.Q4_0, T.Q4_1, T.F32, T.F16, T.BF16]  # the types export_gguf writes
 # QArray layout of each quantized type: (scheme, block along the last axis)
 LAYOUTS = {
   T.Q8_0: (sq.PER_BLOCK, 32),
   T.Q4_0: (sq.ASYMMETRIC_INT4, 32),
+  T.Q4_1: (sq.ASYMMETRIC_INT4, 32),  # zero points 0 and a float16 offset per block
   T.Q5_0: (sq.PER_BLOCK, 32),
+  T.Q4_K: (sq.ASYMMETRIC_INT4, 32),  # scale fl(d sc), offset -fl(dmin m) per sub-block
   T.Q6_K: (sq.PER_BLOCK, 16),
 }
 
 
-def _q6_k_blocks(shape):
-  """Random Q6_K super-blocks (the gguf package has no Q6_K quantizer): every code, every
-  int8 sub-block scale (-128 included) and float16 ``d`` of both signs and many exponents."""
-  n_blocks = int(np.prod(shape)) // 256
-  blocks = rng.integers(0, 256, (n_blocks, 210), dtype=np.uint8)
+def _f16_bytes(n_blocks):
   d = (rng.standard_normal(n_blocks) * 2.0 ** rng.integers(-12, 4, n_blocks)).astype(np.float16)
-  blocks[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
-  blocks[0, 192] = 0x80  # sc = -128
-  return blocks.reshape(shape[:-1] + (shape[-1] // 256 * 210,))
+  return d.view(np.uint8).reshape(-1, 2)
 
 
-Q6_K_SHAPES = {name: x.shape[:-1] + (256 * (1 + i),) for i, (name, x) in enumerate(FLOATS.items())}
+def _k_blocks(qtype, shape):
+  """Random K-quant super-blocks (the gguf package has no K-quant quantizers): every code
+  and sub-block scale, float16 ``d`` (and Q4_K's ``dmin``) of both signs and many exponents."""
+  n_blocks = int(np.prod(shape)) // 256
+  size = {T.Q6_K: 210, T.Q4_K: 144}[qtype]
+  blocks = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+  if qtype == T.Q6_K:
+    blocks[:, 208:210] = _f16_bytes(n_blocks)
+    blocks[0, 192] = 0x80  # sc = -128
+  else:
+    blocks[:, 0:2], blocks[:, 2:4] = _f16_bytes(n_blocks), _f16_bytes(n_blocks)
+  return blocks.reshape(shape[:-1] + (shape[-1] // 256 * size,))
+
+
+K_SHAPES = {name: x.shape[:-1] + (256 * (1 + i),) for i, (name, x) in enumerate(FLOATS.items())}
 
 
 def _write(path, tensors, metadata=True):
@@ -89,9 +100,9 @@ def _leaf(tree, name):
 
 
 def _tensors(qtype):
-  """Each test tensor as ``qtype`` (Q6_K: random raw blocks of rows of 256, 512, 768)."""
-  if qtype == T.Q6_K:
-    return {n: (_q6_k_blocks(Q6_K_SHAPES[n]), qtype) for n in FLOATS}
+  """Each test tensor as ``qtype`` (K-quants: random raw blocks, rows of 256, 512, 768)."""
+  if qtype in (T.Q6_K, T.Q4_K):
+    return {n: (_k_blocks(qtype, K_SHAPES[n]), qtype) for n in FLOATS}
   return {n: (x, qtype) for n, x in FLOATS.items()}
 
 
@@ -129,6 +140,16 @@ def test_ops_run_on_the_imported_codes(qtype, tmp_path):
   y = jax.jit(sq.dense)(x, kernel)
   atol = 1e-5 * float(np.max(np.abs(x) @ np.abs(deq.T)))  # float32 sums of large terms
   np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=atol)
+
+  # Every implementation and mode runs on the codes (the offset is added as a float term).
+  impls = ["xla"] + (["native"] if jax.default_backend() == "cpu" and native.ffi_targets() else [])
+  for impl in impls:
+    got = jax.jit(lambda x, k, impl=impl: sq.dense(x, k, impl=impl))(x, kernel)
+    np.testing.assert_allclose(got, x @ deq.T, rtol=1e-5, atol=atol, err_msg=impl)
+  w8a8 = jax.jit(lambda x, k: sq.dense(x, k, mode="w8a8"))(x, kernel)
+  scale = np.max(np.abs(x), axis=1, keepdims=True) / 127  # int8 activations: their rounding
+  bound = (0.5 * scale * np.abs(deq).sum(axis=1)[None, :]).astype(np.float64) + atol
+  assert np.all(np.abs(np.asarray(w8a8) - x @ deq.T) <= bound)
 
   def fn(p, x):
     return x @ p["w"].T
@@ -184,7 +205,7 @@ def _hostile_files(tmp_path):
     (*patched("huge_dims.gguf", dims_at, "<Q", 2**40), "GGUF|bytes do not hold"),
     (*patched("odd_row.gguf", dims_at, "<Q", 33), "not a multiple|not whole blocks"),
     (*patched("bad_offset.gguf", offset_at, "<Q", 2**50), "GGUF|bytes do not hold"),
-    (*patched("bad_type.gguf", type_at, "<I", 3), "type Q4_1 has no exact layout"),
+    (*patched("bad_type.gguf", type_at, "<I", 7), "type Q5_1 has no exact layout"),
     (*patched("no_type.gguf", type_at, "<I", 999), "not a readable GGUF file"),
   ]
 
@@ -203,15 +224,15 @@ def test_hostile_files_end_in_one_error_naming_the_file(tmp_path):
     assert os.path.getsize(path) < 10_000  # everything above stayed within the file's size
 
 
-def test_imported_trees_save_and_restore(tmp_path):
-  path = _write(tmp_path / "m.gguf", {n: (x, T.Q4_0) for n, x in FLOATS.items()})
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_imported_trees_save_and_restore(qtype, tmp_path):
+  path = _write(tmp_path / "m.gguf", _tensors(qtype))
   got = sq.load_quantized(path).params
   sq.save(tmp_path / "ck", got)
   back = sq.restore(tmp_path / "ck")
-  for name in FLOATS:
-    a, b = _leaf(got, name), _leaf(back, name)
-    np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()))
-  assert jnp.asarray(_leaf(back, "blk.0.ffn_up.weight").zero_point).dtype == jnp.int8
+  chex.assert_trees_all_equal(back, got)
+  # a restored tree with a `like` of the same structure (the abstract restore path)
+  chex.assert_trees_all_equal(sq.restore(tmp_path / "ck", like=got), got)
 
 
 def _tensor_bytes(path):
@@ -269,7 +290,7 @@ LLAMA_LAYER_NAMES = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "
 LLAMA_LAYER_NAMES += ["ffn_gate", "ffn_up", "ffn_down"]
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
 def test_a_llama_gguf_file_runs_greedy_decoding_through_a_flax_llama(qtype, tmp_path):
   """A tiny Llama written by the gguf package with llama.cpp's tensor names, read with
   ``gguf_llama_names`` into Hugging Face's Flax Llama layout: the quantized model

@@ -127,6 +127,9 @@ class CheckpointWriter:
       if x.input_scale is not None:  # recorded only when present: older files stay valid
         entry["input_scale"] = True
         group["input_scale"] = x.input_scale
+      if x.offset is not None:
+        entry["offset"] = True
+        group["offset"] = x.offset
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       entry = {"path": name, "kind": "array"}
       group = {"value": x}
@@ -307,8 +310,9 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
       raise CheckpointError(f"{at}: 'shape' must be a list of sizes for {scheme}")
   elif "shape" in e:
     raise CheckpointError(f"{at}: 'shape' is only for the int4 schemes")
-  if e.get("input_scale", False) is not True and "input_scale" in e:
-    raise CheckpointError(f"{at}: 'input_scale' must be true when present")
+  for key in ("input_scale", "offset"):
+    if e.get(key, False) is not True and key in e:
+      raise CheckpointError(f"{at}: {key!r} must be true when present")
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -427,6 +431,10 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
       )
   if zp is not None and (list(zp.shape) != want or np.dtype(zp.dtype) != np.int8):
     raise CheckpointError(f"{where}: zero point shape or dtype does not match the scale")
+  if e.get("offset"):
+    o = group.get("offset")
+    if o is None or list(o.shape) != want or np.dtype(o.dtype) != np.float32:
+      raise CheckpointError(f"{where}: offset missing, or its shape or dtype not the scale's")
 
 
 def restore(path: str | os.PathLike, like: Any = None) -> Any:
@@ -472,6 +480,8 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
           group["zero_point"] = _abstract(x.zero_point)
         if x.input_scale is not None:
           group["input_scale"] = _abstract(x.input_scale)
+        if x.offset is not None:
+          group["offset"] = _abstract(x.offset)
       else:
         group = {"value": _abstract(x)}
       targets.setdefault(e["part"], {})[_leaf_key(i)] = group
@@ -522,6 +532,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         np.dtype(rec["dtype"]),
         rec["shape"][rec["axes"][0]] % 2 if "shape" in rec else 0,
         group.get("input_scale") if rec.get("input_scale") else None,
+        group.get("offset") if rec.get("offset") else None,
       )
     )
   if like is not None:

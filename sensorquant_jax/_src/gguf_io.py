@@ -9,15 +9,18 @@ dequantized values equal the ``gguf`` package's dequantizer bit for bit):
           block's int8 codes and its float16 scale ``d`` (as float32)
 ``Q4_0``  ``asymmetric_per_group_int4``, groups of 32 along the last axis, zero
           point 8: ``(q - 8) * d``, ``q`` in ``[0, 15]``
+``Q4_1``  ``asymmetric_per_group_int4``, groups of 32, zero points 0 and an
+          ``offset``: ``fl(q d) + m`` with float16 ``d`` and ``m``
 ``Q5_0``  ``symmetric_per_block_int8``, blocks of 32: codes ``q - 16`` in
           ``[-16, 15]`` (5 bits held in 8) and ``d``
+``Q4_K``  ``asymmetric_per_group_int4``, groups of 32 (the sub-blocks), zero
+          points 0: scale ``fl(d sc)``, offset ``-fl(dmin m)`` (6-bit ``sc``, ``m``)
 ``Q6_K``  ``symmetric_per_block_int8``, blocks of 16: codes ``q - 32`` in
           ``[-32, 31]`` (6 bits held in 8), scale ``fl(d * sc)``
 ========  =========================================================================
 
-Other types (Q4_1, Q5_1, Q4_K, Q5_K, the I-quants, ...) need layouts the ops do
-not run yet (a float offset per group): they are refused by name, never
-requantized. Arrays keep GGUF's order (numpy's: ``ne[0]``, the contiguous axis
+Other types (Q5_1, Q2_K, Q3_K, Q5_K, the I-quants, ...) are refused by name,
+never requantized. Arrays keep GGUF's order (numpy's: ``ne[0]``, the contiguous axis
 that blocks run along, last), so a Linear weight is ``[out, in]``; transpose it
 (``qlayout.transpose``) for a Flax ``[in, out]`` kernel.
 
@@ -169,6 +172,24 @@ def _q5_0(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
   return _int8_blocks(codes.reshape(shape), _f16(blocks[..., :2]), GGUF_BLOCK)
 
 
+def _offset_int4(codes: np.ndarray, d: np.ndarray, m: np.ndarray, group: int) -> QArray:
+  """Unsigned int4 codes with ``fl(d q) + m`` per group: zero points 0 and an offset."""
+  shape = codes.shape
+  values = nibbles.pack(jnp.asarray(codes), len(shape) - 1, 0)
+  zero = jnp.zeros(d.shape, jnp.int8)
+  return QArray(
+    values, jnp.asarray(d), zero, ASYMMETRIC_INT4, (-1,), group, np.dtype(np.float32), 0,
+    offset=jnp.asarray(m),
+  )  # fmt: skip
+
+
+def _q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  """``fl(d q) + m``, ``q`` in ``[0, 15]``, float16 ``d`` and ``m`` per block of 32."""
+  blocks = _blocks(raw, shape, GGUF_BLOCK, 4 + GGUF_BLOCK // 2)
+  codes = _low_high(blocks[..., 4:]).reshape(shape)
+  return _offset_int4(codes, _f16(blocks[..., :2]), _f16(blocks[..., 2:4]), GGUF_BLOCK)
+
+
 K_BLOCK = 256
 """Values per K-quant super-block (``QK_K``)."""
 Q6_K_GROUP = 16
@@ -190,11 +211,40 @@ def _q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
   return _int8_blocks(codes.reshape(shape), d, Q6_K_GROUP)
 
 
+def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Q4_K's eight 6-bit sub-block scales and mins from their 12 bytes (ggml's
+  ``get_scale_min_k4``): bytes 0-3 hold scales 0-3 (and the top bits of 4-7),
+  4-7 the mins 0-3 (likewise), 8-11 the low 4 bits of scales and mins 4-7."""
+  a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+  sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+  mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+  return sc, mn
+
+
+Q4_K_GROUP = 32
+"""Values per Q4_K sub-block."""
+
+
+def _q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> QArray:
+  """``fl(fl(d sc) q) - fl(dmin m)`` per sub-block of 32, 6-bit ``sc`` and ``m``:
+  scale ``fl(d sc)``, offset ``-fl(dmin m)`` (negation is exact)."""
+  blocks = _blocks(raw, shape, K_BLOCK, 144)
+  rows = blocks.shape[:-1]
+  sc, mn = _q4_k_scales(blocks[..., 4:16])
+  d = _f16(blocks[..., 0:2])[..., None] * sc.astype(np.float32)
+  dm = _f16(blocks[..., 2:4])[..., None] * mn.astype(np.float32)
+  codes = _low_high(blocks[..., 16:].reshape(rows + (4, 32)))  # chunks: sub-blocks 2c, 2c + 1
+  flat = shape[:-1] + (-1,)
+  return _offset_int4(codes.reshape(shape), d.reshape(flat), -dm.reshape(flat), Q4_K_GROUP)
+
+
 # type: (converter, values per block, bytes per block)
 _QUANTIZED = {
   "Q8_0": (_q8_0, GGUF_BLOCK, 2 + GGUF_BLOCK),
   "Q4_0": (_q4_0, GGUF_BLOCK, 2 + GGUF_BLOCK // 2),
+  "Q4_1": (_q4_1, GGUF_BLOCK, 4 + GGUF_BLOCK // 2),
   "Q5_0": (_q5_0, GGUF_BLOCK, 6 + GGUF_BLOCK // 2),
+  "Q4_K": (_q4_k, K_BLOCK, 144),
   "Q6_K": (_q6_k, K_BLOCK, 210),
 }
 _FLOATS: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
@@ -259,22 +309,26 @@ def read_gguf(
   return params, metadata, types
 
 
+def _f16_exact(a: Any) -> bool:
+  a = np.asarray(a, np.float32)
+  return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+
+
 def _exact_type(qa: QArray) -> str | None:
-  """``"Q8_0"`` / ``"Q4_0"`` where that type holds ``qa`` exactly, else why not."""
-  if qa.block_size != GGUF_BLOCK or qa.input_scale is not None:
+  """``"Q8_0"`` / ``"Q4_0"`` / ``"Q4_1"`` where that type holds ``qa`` exactly, else ``None``."""
+  if qa.block_size != GGUF_BLOCK or qa.input_scale is not None or not _f16_exact(qa.scale):
     return None
+  if qa.offset is not None:  # fl(d q) + m with zero points 0: Q4_1
+    if qa.scheme != ASYMMETRIC_INT4 or not _f16_exact(qa.offset):
+      return None
+    return "Q4_1" if not np.any(np.asarray(qa.zero_point)) else None
   if qa.scheme == PER_BLOCK:
-    kind = "Q8_0"
-  elif qa.scheme == INT4:
-    kind = "Q4_0"
-  elif qa.scheme == ASYMMETRIC_INT4 and bool(np.all(np.asarray(qa.zero_point) == Q4_0_ZERO)):
-    kind = "Q4_0"
-  else:
-    return None
-  s = np.asarray(qa.scale, np.float32)
-  if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
-    return None
-  return kind
+    return "Q8_0"
+  if qa.scheme == INT4:
+    return "Q4_0"
+  if qa.scheme == ASYMMETRIC_INT4 and bool(np.all(np.asarray(qa.zero_point) == Q4_0_ZERO)):
+    return "Q4_0"
+  return None
 
 
 def _block_bytes(qa: QArray, kind: str) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -285,15 +339,19 @@ def _block_bytes(qa: QArray, kind: str) -> tuple[np.ndarray, tuple[int, ...]]:
     codes = codes + Q4_0_ZERO
   shape = codes.shape
   nb = shape[-1] // GGUF_BLOCK
-  d = np.moveaxis(np.asarray(qa.scale, np.float32), axis, -1).astype(np.float16)
-  d = d.reshape(shape[:-1] + (nb, 1)).view(np.uint8)
+
+  def f16_bytes(a: Any) -> np.ndarray:
+    a = np.moveaxis(np.asarray(a, np.float32), axis, -1).astype(np.float16)
+    return a.reshape(shape[:-1] + (nb, 1)).view(np.uint8)
+
+  head = [f16_bytes(qa.scale)] + ([f16_bytes(qa.offset)] if kind == "Q4_1" else [])
   blocks = codes.reshape(shape[:-1] + (nb, GGUF_BLOCK))
   if kind == "Q8_0":
     body = blocks.astype(np.int8).view(np.uint8)
   else:  # the first 16 codes in the low nibbles, the last 16 in the high ones
     half = GGUF_BLOCK // 2
     body = (blocks[..., :half] | (blocks[..., half:] << 4)).astype(np.uint8)
-  return np.concatenate([d, body], axis=-1).reshape(shape[:-1] + (-1,)), shape
+  return np.concatenate([*head, body], axis=-1).reshape(shape[:-1] + (-1,)), shape
 
 
 def export_gguf(
@@ -370,9 +428,10 @@ def export_gguf(
         kind = "Q8_0"
       else:
         raise ValueError(
-          f"{where}: {x.scheme} (block {x.block_size}) is not held exactly by GGUF's Q8_0 "
-          "or Q4_0 (blocks of 32 with float16 scales, Q4_0 zero points 8, no input "
-          "scale); pass requantize=True to write it as Q8_0"
+          f"{where}: {x.scheme} (block {x.block_size}) is not held exactly by GGUF's Q8_0, "
+          "Q4_0 or Q4_1 (blocks of 32 with float16 scales, Q4_0 zero points 8, Q4_1 "
+          "zero points 0 and float16 offsets, no input scale); pass requantize=True to "
+          "write it as Q8_0"
         )
       written[name] = kind
       continue

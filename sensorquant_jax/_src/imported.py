@@ -44,7 +44,7 @@ def load_quantized(
   values equal the format's own dequantizer's float32 values bit for bit):
 
   - GGUF files (llama.cpp): ``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``,
-    ``Q5_0``, ``Q6_K`` (see :mod:`~sensorquant_jax._src.gguf_io`);
+    ``Q4_1``, ``Q5_0``, ``Q4_K``, ``Q6_K`` (see :mod:`~sensorquant_jax._src.gguf_io`);
   - Hugging Face safetensors checkpoints (a file, or a folder of shards with its
     ``config.json``): GPTQ and AWQ 4-bit, compressed-tensors int8 / int4
     ``pack-quantized`` / fp8, fp8 blocks with ``weight_scale_inv`` (see

@@ -447,6 +447,17 @@ def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
   return acc.astype(jnp.float32) * xs * m.scale
 
 
+def _offset_term(x2: jax.Array, m: Matrix) -> jax.Array:
+  """``x2`` times the kernel's per-group ``offset``: each group's input sum times its offset
+  (float activations in either mode: the offset is a float term, like a bias)."""
+  assert m.offset is not None
+  xf = x2.astype(jnp.float32)
+  if m.block is None:
+    return jnp.sum(xf, axis=-1, keepdims=True) * m.offset
+  sums = jnp.sum(split_blocks(xf, 1, m.block), axis=-1)  # [rows, n_blocks]
+  return jnp.dot(sums, m.offset.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+
+
 def apply_input_scale(x: jax.Array, input_scale: jax.Array, in_shape: tuple[int, ...]) -> jax.Array:
   """``x * input_scale`` over ``x``'s trailing ``in_shape`` axes, in float32, in ``x``'s dtype."""
   dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
@@ -516,10 +527,14 @@ def dense_general(
   if m is None:  # scales do not factor out: dequantize (correct, not fast)
     w = kernel.dequantize(jnp.float32).reshape(x2.shape[1], -1)
     y = jnp.dot(x2.astype(jnp.float32), w)
-  elif mode == "weight_only":
-    y = _weight_only(x2, m, tile, impl)
   else:
-    y = _w8a8(x2, m, act_scale, impl)
+    plain = dataclasses.replace(m, offset=None)
+    if mode == "weight_only":
+      y = _weight_only(x2, plain, tile, impl)
+    else:
+      y = _w8a8(x2, plain, act_scale, impl)
+    if m.offset is not None:
+      y = y + _offset_term(x2, m).astype(y.dtype)
   y = y.reshape(batch + out_shape)
   if bias is not None:
     y = y + jnp.asarray(bias).astype(y.dtype)

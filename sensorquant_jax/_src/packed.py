@@ -91,6 +91,7 @@ class Matrix:
   block: int | None
   tiled: bool = False
   bits: int = 8
+  offset: jax.Array | None = None  # [1, N] or [nb, N] float32, added after scaling
 
   @property
   def fp8(self) -> bool:
@@ -117,17 +118,20 @@ def as_matrix(w: QArray | PackedQArray, n_in: int) -> Matrix | None:
     if not set(range(n_in)) <= reduced:
       return None  # per-channel along a contracted axis
     scale = jnp.broadcast_to(w.scale, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
-    zp = None
+    zp = off = None
     if w.zero_point is not None:
       zp = jnp.broadcast_to(w.zero_point, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
-    return Matrix(w.values.reshape(k, n), scale, zp, None)
+    if w.offset is not None:
+      off = jnp.broadcast_to(w.offset, (1,) * n_in + tuple(shape[n_in:])).reshape(1, n)
+    return Matrix(w.values.reshape(k, n), scale, zp, None, offset=off)
   (axis,) = reduced
   if n_in != 1 or axis != 0:
     return None
   values = w.values.reshape(-1, n)  # int4: [ceil(K / 2), N]
   nb = w.scale.shape[0]
   zp = None if w.zero_point is None else w.zero_point.reshape(nb, n)
-  return Matrix(values, w.scale.reshape(nb, n), zp, w.block_size, bits=w.bits)
+  off = None if w.offset is None else w.offset.reshape(nb, n)
+  return Matrix(values, w.scale.reshape(nb, n), zp, w.block_size, bits=w.bits, offset=off)
 
 
 def tiles_of(values: jax.Array, tile: int) -> jax.Array | None:
@@ -170,6 +174,8 @@ def pack(qparams: Any, tile: int | None = None) -> Any:
 
   def one(x):
     if not is_qarray(x) or x.ndim != 2 or x.block_size is not None or x.input_scale is not None:
+      return x
+    if x.offset is not None:
       return x
     if x.scheme in schemes.FP8_SCHEMES:
       return x

@@ -50,6 +50,9 @@ class QArray:
       broadcast against the logical array (size 1 along the output axes), as
       AWQ and SmoothQuant leave it: the layer computes ``(x * input_scale) @
       W`` and :meth:`dequantize` folds it in (``W * input_scale``).
+    offset: optional float32 array shaped like ``scale``, added after scaling:
+      ``(values - zero_point) * scale + offset``, in that order (GGUF's Q4_1 and
+      Q4_K store ``fl(d q) + m`` per group; imported with zero points 0).
   """
 
   values: jax.Array
@@ -61,6 +64,7 @@ class QArray:
   dtype: Any = struct.field(pytree_node=False, default=np.dtype("float32"))
   pad: int = struct.field(pytree_node=False, default=0)
   input_scale: jax.Array | None = None
+  offset: jax.Array | None = None
 
   @property
   def bits(self) -> int:
@@ -88,7 +92,7 @@ class QArray:
   def nbytes(self) -> int:
     """Bytes held by values, scales and zero points together."""
     total = _nbytes(self.values) + _nbytes(self.scale)
-    for extra in (self.zero_point, self.input_scale):
+    for extra in (self.zero_point, self.input_scale, self.offset):
       if extra is not None:
         total += _nbytes(extra)
     return total
@@ -115,8 +119,10 @@ class QArray:
     zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
     if self.block_size is None:
       out = (v if zp is None else v - zp) * self.scale
+      if self.offset is not None:
+        out = out + self.offset.astype(jnp.float32)
     else:
-      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp)
+      out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp, self.offset)
     if self.input_scale is not None:
       out = out * self.input_scale.astype(jnp.float32)
     dtype = self.dtype if dtype is None else dtype
@@ -238,14 +244,23 @@ def grid(qa: QArray) -> tuple[jax.Array, jax.Array]:
 
 
 def _apply_blocks(
-  v: jax.Array, scale: jax.Array, axis: int, block: int, zp: jax.Array | None = None
+  v: jax.Array,
+  scale: jax.Array,
+  axis: int,
+  block: int,
+  zp: jax.Array | None = None,
+  offset: jax.Array | None = None,
 ) -> jax.Array:
-  """``(v - zp) * scale`` with per-block ``scale`` and ``zp`` along ``axis`` (negative)."""
+  """``(v - zp) * scale + offset`` with per-block ``scale``, ``zp`` and ``offset`` along
+  ``axis`` (negative)."""
   axis %= v.ndim
   blocked = split_blocks(v, axis, block)
   if zp is not None:
     blocked = blocked - jnp.expand_dims(zp, axis + 1)
-  return merge_blocks(blocked * jnp.expand_dims(scale, axis + 1), axis, v.shape[axis])
+  blocked = blocked * jnp.expand_dims(scale, axis + 1)
+  if offset is not None:
+    blocked = blocked + jnp.expand_dims(offset.astype(jnp.float32), axis + 1)
+  return merge_blocks(blocked, axis, v.shape[axis])
 
 
 def is_qarray(x: Any) -> bool:

@@ -47,6 +47,8 @@ def _arrays(q: QArray) -> dict[str, jax.Array]:
     out["zero_point"] = q.zero_point
   if q.input_scale is not None:
     out["input_scale"] = q.input_scale
+  if q.offset is not None:
+    out["offset"] = q.offset
   return out
 
 
@@ -58,6 +60,7 @@ def _replace(q: QArray, arrays: dict[str, jax.Array], axes: Iterable[int], ndim:
     scale=arrays["scale"],
     zero_point=arrays.get("zero_point"),
     input_scale=arrays.get("input_scale"),
+    offset=arrays.get("offset"),
     axes=neg,
   )
 

@@ -532,6 +532,7 @@ def _each_array(eqn, invals, ctx):
     scale=one(q.scale),
     zero_point=one(q.zero_point),
     input_scale=one(q.input_scale),
+    offset=one(q.offset),
   )
   out = dataclasses.replace(view, q=q)
   return [out] if multi else out
@@ -682,7 +683,11 @@ def _batched_dot(x, view: _View, cw, cx, bw, bx, ctx, out_dtype) -> tuple[jax.Ar
     return None if a is None else jnp.broadcast_to(a, lead + a.shape[nb:])
 
   q = dataclasses.replace(
-    q, scale=full(q.scale), zero_point=full(q.zero_point), input_scale=full(q.input_scale)
+    q,
+    scale=full(q.scale),
+    zero_point=full(q.zero_point),
+    input_scale=full(q.input_scale),
+    offset=full(q.offset),
   )
   cw2 = tuple(rest_w.index(a) for a in cw)
   cx2 = tuple(rest_x.index(a) for a in cx)
@@ -834,7 +839,11 @@ def _stackable(view: _View, length: int) -> _View:
     return None if a is None else jnp.broadcast_to(a, (length, *a.shape[1:]))
 
   q = dataclasses.replace(
-    q, scale=full(q.scale), zero_point=full(q.zero_point), input_scale=full(q.input_scale)
+    q,
+    scale=full(q.scale),
+    zero_point=full(q.zero_point),
+    input_scale=full(q.input_scale),
+    offset=full(q.offset),
   )
   return dataclasses.replace(view, q=q)
 
