@@ -117,17 +117,20 @@ def _f16_scales(shape):
   return (rng.uniform(0.5, 2.0, shape) * 2.0 ** rng.integers(-10, -2, shape)).astype(np.float16)
 
 
-def _gptq_case(v1=True):
-  codes = rng.integers(0, 16, (K, N))
-  zeros = rng.integers(1 if v1 else 0, 16 + (1 if v1 else 0), (K // GROUP, N))
+def _gptq_case(v1=True, bits=4, act_order=False):
+  top = (1 << bits) - 1
+  codes = rng.integers(0, top + 1, (K, N))
+  zeros = rng.integers(1 if v1 else 0, top + 1 + (1 if v1 else 0), (K // GROUP, N))
   scales = _f16_scales((K // GROUP, N))
-  qweight, qzeros = gptq_pack(codes, zeros, v1=v1)
+  qweight, qzeros = gptq_pack(codes, zeros, bits=bits, v1=v1)
   g_idx = (np.arange(K) // GROUP).astype(np.int32)
+  if act_order:  # GPTQ's desc_act: the inputs quantized in a permuted order, grouped in it
+    g_idx[rng.permutation(K)] = np.arange(K, dtype=np.int32) // GROUP
   tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
-  ref = gptq_dequantize(qweight, qzeros, scales, g_idx, v1=v1)
-  cfg = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False}
+  ref = gptq_dequantize(qweight, qzeros, scales, g_idx, bits=bits, v1=v1)
+  cfg = {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": act_order}
   cfg["checkpoint_format"] = "gptq" if v1 else "gptq_v2"
-  return tensors, ref, cfg, (sq.ASYMMETRIC_INT4, GROUP)
+  return tensors, ref, cfg, (sq.ASYMMETRIC_INT4 if bits == 4 else sq.PER_BLOCK, GROUP)
 
 
 def _awq_case():
@@ -200,6 +203,9 @@ def _fp8_block_case(n=200, k=300):
 CASES = {
   "gptq": lambda: _gptq_case(v1=True),
   "gptq_v2": lambda: _gptq_case(v1=False),
+  "gptq_act_order": lambda: _gptq_case(act_order=True),
+  "gptq_8bit": lambda: _gptq_case(bits=8),
+  "gptq_8bit_act_order_v2": lambda: _gptq_case(v1=False, bits=8, act_order=True),
   "awq": _awq_case,
   "ct_int4_symmetric": lambda: _ct_int4_case(False),
   "ct_int4_asymmetric": lambda: _ct_int4_case(True),
@@ -214,6 +220,9 @@ CASES = {
 TYPES = {
   "gptq": "gptq int4 g32",
   "gptq_v2": "gptq int4 g32",
+  "gptq_act_order": "gptq int4 g32, act-order",
+  "gptq_8bit": "gptq int8 g32",
+  "gptq_8bit_act_order_v2": "gptq int8 g32, act-order",
   "awq": "awq int4 g32",
   "ct_int4_symmetric": "compressed-tensors int4 g32",
   "ct_int4_asymmetric": "compressed-tensors int4 g32",
@@ -225,7 +234,8 @@ TYPES = {
   "ct_fp8_tensor": "compressed-tensors fp8 tensor",
   "fp8_block": "fp8 block128",
 }
-FORMATS = {"gptq": "gptq", "gptq_v2": "gptq", "awq": "awq", "fp8_block": "fp8"}
+FORMATS = {"awq": "awq", "fp8_block": "fp8"}
+FORMATS.update({case: "gptq" for case in CASES if case.startswith("gptq")})
 PREFIX = "model.layers.0.mlp.up_proj"
 
 
@@ -254,6 +264,8 @@ def test_dequantize_is_the_formats_dequantizer_bit_for_bit(case, tmp_path):
   q = up["kernel"]
   assert sq.is_qarray(q) and q.scheme == scheme and q.block_size == block
   assert q.shape == ref.shape and got.types[PREFIX] == TYPES[case]
+  assert (q.perm is not None) == ("act_order" in case)  # rows stored grouped, perm their order
+  assert (q.offset is not None) == ("8bit" in case)  # 8-bit: (128 - z) s as an offset
   mine = np.asarray(jax.jit(lambda q: q.dequantize(jnp.float32))(q))
   np.testing.assert_array_equal(mine.view(np.uint32), ref.astype(np.float32).view(np.uint32))
   np.testing.assert_array_equal(up["bias"], bias)  # floats as they are, dtype kept
@@ -263,9 +275,18 @@ def test_dequantize_is_the_formats_dequantizer_bit_for_bit(case, tmp_path):
   want = x.astype(np.float64) @ ref.astype(np.float64)
   atol = 1e-5 * float(np.max(np.abs(x) @ np.abs(ref))) + 1e-6
   np.testing.assert_allclose(jax.jit(sq.dense)(x, q), want, rtol=1e-5, atol=atol)
+
+  def fn(p, x):  # a plain function: the matmul found at dot_general runs on the codes
+    return x @ p["w"]
+
+  np.testing.assert_allclose(jax.jit(sq.quantized(fn))({"w": q}, x), want, rtol=1e-5, atol=atol)
+  assert sq.explain(fn, {"w": q}, x).dequantized == ()
+  # Saved and restored whole (offsets and input orders included).
+  sq.save(tmp_path / "ck", got.params)
+  chex.assert_trees_all_equal(sq.restore(tmp_path / "ck"), got.params)
   # The same file read as a single .safetensors path; without a config beside it the format
   # is read off the tensors (GPTQ defaults to the gptq format: gptq_v2 needs its config).
-  if cfg and case != "gptq_v2":
+  if cfg and not case.endswith("v2"):
     os.remove(folder / "config.json")
   again = sq.load_quantized(folder / "model.safetensors")
   chex.assert_trees_all_equal(again.params, got.params)
@@ -274,13 +295,13 @@ def test_dequantize_is_the_formats_dequantizer_bit_for_bit(case, tmp_path):
 def test_export_gptq_writes_autogptqs_bytes_and_reads_back(tmp_path):
   """An imported GPTQ layer exported again is the reference packer's bytes; our own
   int4 kernels (float16 scales) round-trip; the rest is refused by name."""
-  for v1 in (True, False):
-    tensors, _, cfg, _ = _gptq_case(v1=v1)
-    folder = _write(tmp_path / f"g{v1}", tensors, cfg)
+  for case in [c for c in CASES if c.startswith("gptq")]:
+    tensors, _, cfg, _ = CASES[case]()
+    folder = _write(tmp_path / case, tensors, cfg)
     got = sq.load_quantized(folder)
-    out = tmp_path / f"out{v1}.safetensors"
+    out = tmp_path / f"{case}.safetensors"
     written = sq.export_gptq(out, got.params, checkpoint_format=cfg["checkpoint_format"])
-    assert written["group_size"] == GROUP and written["bits"] == 4
+    assert {k: written[k] for k in cfg} == cfg
     back = load_file(str(out))
     for k, v in tensors.items():
       np.testing.assert_array_equal(back[f"{PREFIX}.{k}"], v, err_msg=k)
@@ -326,9 +347,12 @@ def _hostile(tmp_path):
     t.update(changes)
     cases.append((_write(tmp_path / name, t, cfg), pattern))
 
-  variant("act_order", {"g_idx": rng.permutation(np.arange(K) // GROUP).astype(np.int32)},
-          pattern="act-order")  # fmt: skip
-  variant("eight_bit", {}, cfg={**cfg, "bits": 8}, pattern="8-bit GPTQ")
+  uneven = (np.arange(K) // GROUP).astype(np.int32)
+  uneven[GROUP] = 0  # 33 inputs in group 0, 31 in group 1
+  variant("uneven_groups", {"g_idx": uneven}, pattern="does not put 32 inputs in each")
+  variant("bits_mismatch", {}, cfg={**cfg, "bits": 8}, pattern="the config says 8 bits")
+  variant("three_bit", {"g_idx": np.zeros(128, np.int32)}, cfg={**cfg, "bits": 3},
+          pattern="3-bit GPTQ has no exact layout")  # fmt: skip
   variant("no_zeros", {}, pattern="has no 'qzeros'", drop=("qzeros",))
   variant("nan_scale", {"scales": np.full((K // GROUP, N), np.nan, np.float16)}, pattern="NaN")
   variant("bad_shape", {"scales": tensors["scales"][:, :8]}, pattern="do not fit together")
@@ -363,7 +387,7 @@ def test_malformed_and_hostile_files_end_in_one_error_naming_the_file(tmp_path):
       "model.safetensors" in os.listdir(folder)
       and os.path.getsize(folder / "model.safetensors") > 100
     ):
-      if pattern in ("act-order", "8-bit GPTQ", "has no 'qzeros'", "NaN", "do not fit together"):
+      if "qzeros" in pattern or "NaN" in pattern or "inputs in each" in pattern:
         assert PREFIX in message, message  # names the layer
 
 

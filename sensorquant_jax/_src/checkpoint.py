@@ -130,6 +130,9 @@ class CheckpointWriter:
       if x.offset is not None:
         entry["offset"] = True
         group["offset"] = x.offset
+      if x.perm is not None:
+        entry["perm"] = True
+        group["perm"] = x.perm
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       entry = {"path": name, "kind": "array"}
       group = {"value": x}
@@ -310,7 +313,7 @@ def _validate_entry(i: int, e: Any, parts: int, where: str) -> None:
       raise CheckpointError(f"{at}: 'shape' must be a list of sizes for {scheme}")
   elif "shape" in e:
     raise CheckpointError(f"{at}: 'shape' is only for the int4 schemes")
-  for key in ("input_scale", "offset"):
+  for key in ("input_scale", "offset", "perm"):
     if e.get(key, False) is not True and key in e:
       raise CheckpointError(f"{at}: {key!r} must be true when present")
 
@@ -435,6 +438,13 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
     o = group.get("offset")
     if o is None or list(o.shape) != want or np.dtype(o.dtype) != np.float32:
       raise CheckpointError(f"{where}: offset missing, or its shape or dtype not the scale's")
+  if e.get("perm"):
+    p = group.get("perm")
+    n_block = logical[axes[0]] if e["block_size"] else -1
+    if p is None or tuple(p.shape) != (n_block,) or np.dtype(p.dtype) != np.int32:
+      raise CheckpointError(f"{where}: perm missing, or not int32 [{n_block}]")
+    if not np.array_equal(np.sort(np.asarray(p)), np.arange(n_block)):
+      raise CheckpointError(f"{where}: perm is not a permutation of the block axis")
 
 
 def restore(path: str | os.PathLike, like: Any = None) -> Any:
@@ -482,6 +492,8 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
           group["input_scale"] = _abstract(x.input_scale)
         if x.offset is not None:
           group["offset"] = _abstract(x.offset)
+        if x.perm is not None:
+          group["perm"] = _abstract(x.perm)
       else:
         group = {"value": _abstract(x)}
       targets.setdefault(e["part"], {})[_leaf_key(i)] = group
@@ -533,6 +545,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
         rec["shape"][rec["axes"][0]] % 2 if "shape" in rec else 0,
         group.get("input_scale") if rec.get("input_scale") else None,
         group.get("offset") if rec.get("offset") else None,
+        group.get("perm") if rec.get("perm") else None,
       )
     )
   if like is not None:

@@ -316,7 +316,9 @@ def _f16_exact(a: Any) -> bool:
 
 def _exact_type(qa: QArray) -> str | None:
   """``"Q8_0"`` / ``"Q4_0"`` / ``"Q4_1"`` where that type holds ``qa`` exactly, else ``None``."""
-  if qa.block_size != GGUF_BLOCK or qa.input_scale is not None or not _f16_exact(qa.scale):
+  if qa.block_size != GGUF_BLOCK or qa.input_scale is not None or qa.perm is not None:
+    return None
+  if not _f16_exact(qa.scale):
     return None
   if qa.offset is not None:  # fl(d q) + m with zero points 0: Q4_1
     if qa.scheme != ASYMMETRIC_INT4 or not _f16_exact(qa.offset):

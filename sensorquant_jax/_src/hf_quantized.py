@@ -8,7 +8,11 @@ dequantized values equal the format's dequantizer evaluated in float32 bit for b
 GPTQ 4-bit (``qweight`` packed along the     ``asymmetric_per_group_int4`` along the input
 input, ``qzeros``, ``scales``, ``g_idx``)    axis: ``(q - z) * s``, ``z = qzeros + 1`` in
                                              the ``gptq`` checkpoint format (``qzeros`` in
-                                             ``gptq_v2``)
+                                             ``gptq_v2``); act-order: rows stored
+                                             grouped, ``perm`` their order
+GPTQ 8-bit                                   ``symmetric_per_block_int8`` codes ``q - 128``
+                                             with ``offset = (128 - z) * s`` (exact for
+                                             float16 / bfloat16 scales)
 AWQ GEMM 4-bit (``qweight`` packed along     the same, columns in AWQ's interleaved
 the output, ``qzeros``, ``scales``)          packing order, ``z = qzeros``
 compressed-tensors ``pack-quantized`` int4   ``symmetric_per_group_int4`` (stored codes are
@@ -23,9 +27,9 @@ fp8 blocks (``weight`` E4M3,                 ``fp8_e4m3_block128``: each 128 x 1
 ``weight_scale_inv`` per 128 x 128 tile)     scale repeated over its 128 columns
 ==========================================  ==============================================
 
-What no layout holds exactly is refused by name, never requantized: GPTQ with
-act-order (a ``g_idx`` that is not ``k // group``), 8-bit GPTQ / AWQ, int4 zero
-points outside ``[-8, 23]``. Scales stored as float16 or bfloat16 become float32
+What no layout holds exactly is refused by name, never requantized: 2- and 3-bit
+GPTQ, 8-bit AWQ, a ``g_idx`` whose groups differ in size, int4 zero points
+outside ``[-8, 23]``, int8 zero points per group. Scales stored as float16 or bfloat16 become float32
 (exactly); the format's own dequantizer multiplies in that dtype, one rounding
 more than the float32 values here. :func:`export_gptq` writes our asymmetric int4
 kernels as GPTQ checkpoints (vLLM and Transformers read them).
@@ -33,6 +37,7 @@ kernels as GPTQ checkpoints (vLLM and Transformers read them).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -54,6 +59,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 FP8_TILE = 128
 """The tile of fp8 block checkpoints (``weight_block_size``: 128 x 128)."""
 _INT4_ZERO = 8  # compressed-tensors stores a signed int4 q as q + 8, as our symmetric codes
+_INT8_ZERO = 128  # unsigned 8-bit GPTQ codes held as int8 codes q - 128
 
 _SUFFIXES = (
   "qweight",
@@ -227,37 +233,76 @@ class _Group:
 _FLOATS = ("float16", "bfloat16", "float32")
 
 
+def _short_mantissas(s: np.ndarray) -> bool:
+  """Whether every float32 has at most 16 significant bits (float16 and bfloat16 values
+  do), so that its product with an 8-bit integer is exact in float32."""
+  return not np.any(s.view(np.uint32) & np.uint32(0x7F))
+
+
 def _gptq(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
-  bits = int(cfg.get("bits", 4))
   fmt = cfg.get("checkpoint_format", "gptq")
   if fmt not in ("gptq", "gptq_v2"):
     raise g.fail(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
-  if bits != 4:
-    raise g.fail(f"{bits}-bit GPTQ has no exact layout here yet (4-bit is supported)")
   qweight = g.read("qweight", ("int32",), 2)
   scales_shape = g.shape("scales")
   if len(scales_shape) != 2:
     raise g.fail(f"scales has shape {scales_shape}, expected [groups, out]")
   n_groups, n = scales_shape
-  k = qweight.shape[0] * 8
-  if qweight.shape[1] != n or n % 8 or n_groups == 0 or k == 0 or k % n_groups:
-    raise g.fail(f"qweight {qweight.shape} and scales {scales_shape} do not fit together")
-  group = k // n_groups
+  g_idx = None
   if "g_idx" in g.names:
     g_idx = g.read("g_idx", ("int32", "int64"), 1)
-    if g_idx.shape != (k,):
-      raise g.fail(f"g_idx has shape {g_idx.shape}, expected ({k},)")
-    if not np.array_equal(g_idx, np.arange(k) // group):
-      raise g.fail("act-order (a g_idx that permutes the input rows) has no exact layout here yet")
-  codes = unpack_int32(qweight, 4, 0)
+    k = g_idx.shape[0]
+    bits = 32 * qweight.shape[0] // max(k, 1)
+  else:
+    bits = int(cfg.get("bits", 4))
+    k = qweight.shape[0] * 32 // bits if bits in (4, 8) else 0
+  if "bits" in cfg and cfg["bits"] != bits:
+    raise g.fail(f"the config says {cfg['bits']} bits; the tensors hold {bits}")
+  if bits not in (4, 8):
+    raise g.fail(f"{bits}-bit GPTQ has no exact layout here (4 and 8 bits do)")
+  per = 32 // bits
+  if (
+    qweight.shape != (k // per, n) or k % per or n % per or n_groups == 0 or k == 0 or k % n_groups
+  ):
+    raise g.fail(f"qweight {qweight.shape} and scales {scales_shape} do not fit together")
+  group = k // n_groups
+  codes = unpack_int32(qweight, bits, 0)  # [in, out], the inputs in their own order
+  perm = None
+  if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
+    # act-order: rows of a group are not adjacent; store them grouped, gather x to match
+    perm = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(g_idx[perm], np.arange(k) // group):
+      raise g.fail(f"g_idx does not put {group} inputs in each of its {n_groups} groups")
+    codes = codes[perm]
   scale = g.scales("scales", (n_groups, n))
   qzeros = g.read("qzeros", ("int32",), 2)
-  if qzeros.shape != (n_groups, n // 8):
-    raise g.fail(f"qzeros has shape {qzeros.shape}, expected {(n_groups, n // 8)}")
-  zero = unpack_int32(qzeros, 4, 1).astype(np.int16)
+  if qzeros.shape != (n_groups, n // per):
+    raise g.fail(f"qzeros has shape {qzeros.shape}, expected {(n_groups, n // per)}")
+  zero = unpack_int32(qzeros, bits, 1).astype(np.int32)
   if fmt == "gptq":  # v1 stores z - 1
     zero = zero + 1
-  return f"gptq int4 g{group}", _int4_qarray(codes, scale, zero, group)
+  order = ", act-order" if perm is not None else ""
+  if bits == 4:
+    q = _int4_qarray(codes, scale, zero, group)
+  else:
+    # int8 codes q - 128 and (q - z) s = fl((q - 128) s) + fl((128 - z) s): both products
+    # exact for scales of at most 16 significant bits, so their sum rounds as (q - z) s.
+    if not _short_mantissas(scale):
+      raise g.fail("8-bit scales with more than 16 significant bits have no exact layout")
+    offset = (_INT8_ZERO - zero).astype(np.float32) * scale
+    q = QArray(
+      jnp.asarray((codes.astype(np.int16) - _INT8_ZERO).astype(np.int8)),
+      jnp.asarray(scale),
+      None,
+      options.PER_BLOCK,
+      (-2,),
+      group,
+      np.dtype(np.float32),
+      offset=jnp.asarray(offset),
+    )
+  if perm is not None:
+    q = dataclasses.replace(q, perm=jnp.asarray(perm, jnp.int32))
+  return f"gptq int{bits} g{group}{order}", q
 
 
 def _awq(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
@@ -509,39 +554,62 @@ def _place(path: str, params: dict, keys: tuple[str, ...], name: str, x: Any) ->
   node[keys[-1]] = x
 
 
-def _gptq_tensors(where: str, q: QArray, fmt: GptqFormat) -> dict[str, np.ndarray]:
-  """A 2-D asymmetric int4 kernel ``[in, out]`` as GPTQ's tensors (raises ValueError)."""
-  if q.scheme not in options.INT4_SCHEMES or q.ndim != 2 or q.axes[0] % 2 != 0:
+def _gptq_tensors(where: str, q: QArray, fmt: GptqFormat) -> tuple[int, dict[str, np.ndarray]]:
+  """A 2-D kernel ``[in, out]`` as GPTQ's tensors and its bits (raises ValueError).
+
+  int4 kernels with groups along the input axis, and int8 block kernels whose offset
+  is ``(128 - z) * scale`` (8-bit GPTQ as :func:`load_quantized` reads it).
+  """
+  int8 = q.scheme == options.PER_BLOCK and q.offset is not None
+  if (q.scheme not in options.INT4_SCHEMES and not int8) or q.ndim != 2 or q.axes[0] % 2:
     raise ValueError(
-      f"{where}: {q.scheme} with axes {q.axes} is not a GPTQ kernel (int4 groups along "
-      "the input axis of an [in, out] kernel)"
+      f"{where}: {q.scheme} with axes {q.axes} is not a GPTQ kernel (int4 groups, or int8 "
+      "blocks with GPTQ's offsets, along the input axis of an [in, out] kernel)"
     )
   if q.input_scale is not None:
     raise ValueError(f"{where}: an input_scale has no place in a GPTQ checkpoint")
+  bits = 8 if int8 else 4
+  per = 32 // bits
   k, n = q.shape
   group = int(q.block_size or k)
-  if k % group or k % 8 or n % 8:
+  if k % group or k % per or n % per:
     raise ValueError(
-      f"{where}: GPTQ needs inputs in whole groups and sizes that are multiples of 8"
+      f"{where}: GPTQ needs inputs in whole groups and sizes that are multiples of {per}"
     )
-  codes = np.asarray(nibbles.unpack(q.values, 0, k)).astype(np.int32)
   scale = np.asarray(q.scale, np.float32)
   if not np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
     raise ValueError(f"{where}: GPTQ stores float16 scales; these are not float16 values")
-  zero = np.full(scale.shape, _INT4_ZERO, np.int32)
-  if q.zero_point is not None:
+  codes = np.asarray(q.codes()).astype(np.int32)
+  if int8:
+    codes = codes + _INT8_ZERO
+    steps = np.asarray(q.offset, np.float32) / np.where(scale == 0, 1, scale)
+    zero = _INT8_ZERO - np.round(steps).astype(np.int32)
+    if not np.array_equal((_INT8_ZERO - zero).astype(np.float32) * scale, np.asarray(q.offset)):
+      raise ValueError(f"{where}: its offsets are not whole steps of its scales")
+  elif q.zero_point is None:
+    codes = codes + _INT4_ZERO
+    zero = np.full(scale.shape, _INT4_ZERO, np.int32)
+  else:
+    if q.offset is not None:
+      raise ValueError(f"{where}: GPTQ has no int4 offsets (GGUF Q4_1 / Q4_K)")
     zero = np.asarray(q.zero_point, np.int32)
   stored = zero - 1 if fmt == "gptq" else zero
-  if stored.min() < 0 or stored.max() > 15:
+  top = (1 << bits) - 1
+  if stored.min() < 0 or stored.max() > top:
     raise ValueError(
       f"{where}: zero points {int(zero.min())}..{int(zero.max())} do not fit the {fmt} "
-      "format (gptq stores z - 1 in [0, 15]; gptq_v2 stores z)"
+      f"format (gptq stores z - 1 in [0, {top}]; gptq_v2 stores z)"
     )
-  return {
-    "qweight": pack_int32(codes, 4, 0),
-    "qzeros": pack_int32(stored, 4, 1),
+  g_idx = (np.arange(k) // group).astype(np.int32)
+  if q.perm is not None:  # back to the inputs' own order, each with its group
+    perm = np.asarray(q.perm)
+    codes = codes[np.argsort(perm)]
+    g_idx[perm] = np.arange(k, dtype=np.int32) // group
+  return bits, {
+    "qweight": pack_int32(codes, bits, 0),
+    "qzeros": pack_int32(stored, bits, 1),
     "scales": scale.astype(np.float16),
-    "g_idx": (np.arange(k) // group).astype(np.int32),
+    "g_idx": g_idx,
   }
 
 
@@ -553,11 +621,13 @@ def export_gptq(
   name_fn: Callable[[str], str] | None = None,
   overwrite: bool = False,
 ) -> dict[str, Any]:
-  """Writes int4 kernels as a GPTQ checkpoint (one ``.safetensors`` file), exactly.
+  """Writes int4 (and 8-bit GPTQ) kernels as a GPTQ checkpoint (one ``.safetensors`` file),
+  exactly.
 
   Each 2-D int4 QArray with groups along the input axis (``asymmetric_per_group_int4``,
-  or symmetric, written with zero points 8) becomes ``{name}.qweight`` /
-  ``qzeros`` / ``scales`` / ``g_idx``, when its scales are float16 values; other
+  or symmetric, written with zero points 8; a ``perm`` as act-order's ``g_idx``)
+  becomes ``{name}.qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, when its scales
+  are float16 values (8-bit: the int8 block kernels 8-bit GPTQ is read as); other
   leaves (float arrays) are written as they are (2-D ``kernel`` leaves as
   ``[out, in]`` ``weight``). :func:`load_quantized` reads the file back to the
   same QArrays.
@@ -587,28 +657,36 @@ def export_gptq(
   prefix_of = name_fn or (lambda p: ".".join(p.split("/")[:-1]) or p)
   out: dict[str, np.ndarray] = {}
   groups: set[int] = set()
+  bits: set[int] = set()
+  act_order = False
   for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
     where = path_str(p)
     if is_qarray(x):
-      for suffix, a in _gptq_tensors(where, x, checkpoint_format).items():
+      b, tensors = _gptq_tensors(where, x, checkpoint_format)
+      for suffix, a in tensors.items():
         out[f"{prefix_of(where)}.{suffix}"] = a
       groups.add(int(x.block_size or x.shape[0]))
+      bits.add(b)
+      act_order |= x.perm is not None
       continue
     a = np.asarray(x)
     if where.endswith("kernel") and a.ndim == 2:
       out[f"{prefix_of(where)}.weight"] = np.ascontiguousarray(a.T)
     else:
       out[where.replace("/", ".")] = np.ascontiguousarray(a)
-  if len(groups) > 1:
-    raise ValueError(f"GPTQ checkpoints have one group size; these kernels have {sorted(groups)}")
+  if len(groups) > 1 or len(bits) > 1:
+    raise ValueError(
+      f"a GPTQ checkpoint has one group size and width; these kernels have groups "
+      f"{sorted(groups)}, bits {sorted(bits)}"
+    )
   tree_paths.check_paths([k.replace(".", "/") for k in out])
   data = save(out)
   fileio.write_file_atomic(dest, lambda f: f.write(data))
   return {
     "quant_method": "gptq",
-    "bits": 4,
+    "bits": bits.pop() if bits else 4,
     "group_size": groups.pop() if groups else 128,
-    "desc_act": False,
+    "desc_act": act_order,
     "sym": False,
     "checkpoint_format": checkpoint_format,
   }

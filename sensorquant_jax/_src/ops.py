@@ -529,6 +529,8 @@ def dense_general(
     y = jnp.dot(x2.astype(jnp.float32), w)
   else:
     plain = dataclasses.replace(m, offset=None)
+    if isinstance(kernel, QArray) and kernel.perm is not None:  # the stored order of the inputs
+      x2 = jnp.take(x2, kernel.perm, axis=1)
     if mode == "weight_only":
       y = _weight_only(x2, plain, tile, impl)
     else:

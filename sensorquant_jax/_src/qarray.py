@@ -53,6 +53,10 @@ class QArray:
     offset: optional float32 array shaped like ``scale``, added after scaling:
       ``(values - zero_point) * scale + offset``, in that order (GGUF's Q4_1 and
       Q4_K store ``fl(d q) + m`` per group; imported with zero points 0).
+    perm: optional int32 ``[n]`` for block schemes: the stored order of the block
+      axis, whose stored position ``i`` holds logical index ``perm[i]`` (GPTQ's
+      act-order groups rows that are not adjacent). Ops gather the input
+      columns in this order; :meth:`dequantize` returns the logical order.
   """
 
   values: jax.Array
@@ -65,6 +69,7 @@ class QArray:
   pad: int = struct.field(pytree_node=False, default=0)
   input_scale: jax.Array | None = None
   offset: jax.Array | None = None
+  perm: jax.Array | None = None
 
   @property
   def bits(self) -> int:
@@ -92,7 +97,7 @@ class QArray:
   def nbytes(self) -> int:
     """Bytes held by values, scales and zero points together."""
     total = _nbytes(self.values) + _nbytes(self.scale)
-    for extra in (self.zero_point, self.input_scale, self.offset):
+    for extra in (self.zero_point, self.input_scale, self.offset, self.perm):
       if extra is not None:
         total += _nbytes(extra)
     return total
@@ -123,6 +128,8 @@ class QArray:
         out = out + self.offset.astype(jnp.float32)
     else:
       out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp, self.offset)
+      if self.perm is not None:  # stored order -> logical order
+        out = jnp.take(out, jnp.argsort(self.perm), axis=self.axes[0] % out.ndim)
     if self.input_scale is not None:
       out = out * self.input_scale.astype(jnp.float32)
     dtype = self.dtype if dtype is None else dtype
@@ -139,7 +146,8 @@ class QArray:
 
     int8 and fp8 schemes: ``values`` itself. int4: the unpacked nibbles as int8,
     minus 8 for the symmetric scheme (so ``[-7, 7]``), as stored (``[0, 15]``)
-    for the asymmetric one, whose ``zero_point`` is subtracted later.
+    for the asymmetric one, whose ``zero_point`` is subtracted later. In the
+    stored order of the block axis (see ``perm``).
     """
     if self.bits == 8:
       return self.values

@@ -247,6 +247,8 @@ def merge_leading(q: QArray, n: int) -> QArray:
   """
   if n <= 1:
     return q
+  if q.perm is not None:
+    raise Unsupported("merges the axes of a kernel whose inputs are stored permuted")
   blk = block_axis(q)
   if blk is None:
     return reshape(q, (math.prod(q.shape[:n]),) + tuple(q.shape[n:]))

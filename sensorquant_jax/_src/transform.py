@@ -533,6 +533,7 @@ def _each_array(eqn, invals, ctx):
     zero_point=one(q.zero_point),
     input_scale=one(q.input_scale),
     offset=one(q.offset),
+    perm=one(q.perm),
   )
   out = dataclasses.replace(view, q=q)
   return [out] if multi else out
@@ -682,6 +683,8 @@ def _batched_dot(x, view: _View, cw, cx, bw, bx, ctx, out_dtype) -> tuple[jax.Ar
   def full(a):  # scales shared along a batch axis, repeated so that vmap can slice them
     return None if a is None else jnp.broadcast_to(a, lead + a.shape[nb:])
 
+  if q.perm is not None:
+    raise qlayout.Unsupported("a kernel with permuted inputs under a batch or scan axis")
   q = dataclasses.replace(
     q,
     scale=full(q.scale),
@@ -838,6 +841,8 @@ def _stackable(view: _View, length: int) -> _View:
   def full(a):
     return None if a is None else jnp.broadcast_to(a, (length, *a.shape[1:]))
 
+  if q.perm is not None:
+    raise qlayout.Unsupported("a kernel with permuted inputs under a batch or scan axis")
   q = dataclasses.replace(
     q,
     scale=full(q.scale),
