@@ -20,7 +20,7 @@ _HOMES = {
     "RequantizationWarning default_layer_name from_manifest to_manifest"
   ),
   "sensorquant_jax._src.fileio": "DestinationError",
-  "sensorquant_jax._src.gguf_io": "export_gguf gguf_llama_names",
+  "sensorquant_jax._src.gguf_io": "export_gguf gguf_llama_names gguf_llama_unpermute",
   "sensorquant_jax._src.hf_quantized": "export_gptq hf_flax_names",
   "sensorquant_jax._src.gptq": "gptq",
   "sensorquant_jax._src.imported": "Imported load_quantized",

@@ -24,6 +24,7 @@ from sensorquant_jax._src.convert import to_manifest as to_manifest
 from sensorquant_jax._src.fileio import DestinationError as DestinationError
 from sensorquant_jax._src.gguf_io import export_gguf as export_gguf
 from sensorquant_jax._src.gguf_io import gguf_llama_names as gguf_llama_names
+from sensorquant_jax._src.gguf_io import gguf_llama_unpermute as gguf_llama_unpermute
 from sensorquant_jax._src.gptq import gptq as gptq
 from sensorquant_jax._src.hf_quantized import export_gptq as export_gptq
 from sensorquant_jax._src.hf_quantized import hf_flax_names as hf_flax_names

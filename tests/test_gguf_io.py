@@ -311,21 +311,30 @@ def test_a_llama_gguf_file_runs_greedy_decoding_through_a_flax_llama(qtype, tmp_
       x = x[k]
     x = np.asarray(x, np.float32)
     x = x.T if keys[-1] == "kernel" else x  # GGUF holds [out, in]
+    if keys[-2] in ("q_proj", "k_proj"):  # llama.cpp's convert_hf_to_gguf LlamaModel.permute
+      x = x.reshape(cfg.heads, 2, x.shape[0] // cfg.heads // 2, x.shape[1])
+      x = x.swapaxes(1, 2).reshape(cfg.dim, cfg.dim)
     tensors[name] = (np.ascontiguousarray(x), T.F32 if x.ndim == 1 else qtype)
   path = _write(tmp_path / "llama.gguf", tensors)
   got = sq.load_quantized(path, rename=sq.gguf_llama_names)
   assert "unmapped" not in got.params
-  q = got.params
+  q = sq.gguf_llama_unpermute(got.params, heads=cfg.heads)
+  for p, w in jax.tree_util.tree_flatten_with_path(params)[0]:  # each leaf back in its place
+    mine = np.asarray(_leaf_by_keys(sq.dequantize(q), [k.key for k in p]))
+    assert np.linalg.norm(mine - w) <= 0.1 * np.linalg.norm(w), sq.path_str(p)
   floats = sq.dequantize(q)
   assert jax.tree_util.tree_structure(floats) == jax.tree_util.tree_structure(params)
   chex_shapes = jax.tree.map(lambda a, b: a.shape == b.shape, floats, params)
   assert all(jax.tree_util.tree_leaves(chex_shapes))
   reference = _reference(path)
+  raw = sq.dequantize(got.params)
   for name in names:  # each leaf is the gguf dequantizer's value, in Flax's layout
     keys = sq.gguf_llama_names(name)
-    want = reference[name]
-    got_leaf = _leaf_by_keys(floats, keys)
-    np.testing.assert_array_equal(np.asarray(got_leaf), want.T if keys[-1] == "kernel" else want)
+    want = reference[name].T if keys[-1] == "kernel" else reference[name]
+    np.testing.assert_array_equal(np.asarray(_leaf_by_keys(raw, keys)), want)
+    if keys[-2] in ("q_proj", "k_proj"):  # unpermuted: the same values, columns moved
+      rows = np.arange(cfg.dim).reshape(cfg.heads, -1, 2).swapaxes(1, 2).reshape(-1)
+      np.testing.assert_array_equal(np.asarray(_leaf_by_keys(floats, keys)), want[:, rows])
 
   quantized = jax.jit(lambda p, t: sq.apply(model, {"params": p}, t))
   float_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))

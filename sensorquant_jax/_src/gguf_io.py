@@ -124,6 +124,47 @@ def gguf_llama_names(name: str) -> tuple[str, ...]:
   return ("unmapped", name)
 
 
+def _rope_rows(out: int, heads: int) -> np.ndarray:
+  """The GGUF rows of llama.cpp's rotary permutation in Hugging Face's order.
+
+  llama.cpp's converter (``LlamaModel.permute``) stores each head's rows interleaved,
+  ``reshape(heads, 2, d / 2).swapaxes(1, 2)``; Hugging Face's models rotate the two
+  halves of each head. ``gguf[rows]`` undoes it.
+  """
+  d = out // heads
+  return np.arange(out).reshape(heads, d // 2, 2).swapaxes(1, 2).reshape(out)
+
+
+def gguf_llama_unpermute(params: Any, *, heads: int, kv_heads: int | None = None) -> Any:
+  """Undoes llama.cpp's rotary row permutation of ``q_proj`` / ``k_proj`` in a tree read
+  with :func:`gguf_llama_names`, exactly (a permutation of output columns, codes and
+  scales alike), so that a model with Hugging Face's rotary embedding (the two halves
+  of each head) runs on it.
+
+  Args:
+    params: the tree (``model/layers/{i}/self_attn/{q,k}_proj/kernel``, ``[in, out]``).
+    heads: query heads (``llama.attention.head_count`` in the file's metadata).
+    kv_heads: key/value heads (``llama.attention.head_count_kv``); default ``heads``.
+
+  Returns:
+    The tree with those kernels' output columns in Hugging Face's order.
+  """
+  kv_heads = kv_heads or heads
+
+  def fix(path: Any, x: Any) -> Any:
+    where = path_str(path).split("/")
+    if len(where) < 2 or where[-1] != "kernel" or where[-2] not in ("q_proj", "k_proj"):
+      return x
+    h = heads if where[-2] == "q_proj" else kv_heads
+    out = x.shape[-1]
+    if out % (2 * h):
+      raise ValueError(f"{'/'.join(where)}: {out} outputs are not {h} heads of even size")
+    rows = jnp.asarray(_rope_rows(out, h))
+    return qlayout.take(x, rows, -1) if is_qarray(x) else jnp.take(jnp.asarray(x), rows, axis=-1)
+
+  return jax.tree_util.tree_map_with_path(fix, params, is_leaf=is_qarray)
+
+
 def _blocks(raw: np.ndarray, shape: tuple[int, ...], block: int, nbytes: int) -> np.ndarray:
   """The raw bytes of a block-quantized tensor as ``[*rows, n_blocks, nbytes]``."""
   return raw.reshape(shape[:-1] + (shape[-1] // block, nbytes))

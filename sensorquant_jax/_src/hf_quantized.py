@@ -29,10 +29,11 @@ fp8 blocks (``weight`` E4M3,                 ``fp8_e4m3_block128``: each 128 x 1
 
 What no layout holds exactly is refused by name, never requantized: 2- and 3-bit
 GPTQ, 8-bit AWQ, a ``g_idx`` whose groups differ in size, int4 zero points
-outside ``[-8, 23]``, int8 zero points per group. Scales stored as float16 or bfloat16 become float32
-(exactly); the format's own dequantizer multiplies in that dtype, one rounding
-more than the float32 values here. :func:`export_gptq` writes our asymmetric int4
-kernels as GPTQ checkpoints (vLLM and Transformers read them).
+outside ``[-8, 23]``, int8 zero points per group. Scales stored as float16 or
+bfloat16 become float32 (exactly); the format's own dequantizer multiplies in
+that dtype, one rounding more than the float32 values here. :func:`export_gptq`
+writes int4 (and 8-bit GPTQ) kernels as GPTQ checkpoints (vLLM and Transformers
+read them).
 """
 
 from __future__ import annotations

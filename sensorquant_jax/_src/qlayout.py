@@ -203,6 +203,19 @@ def slice_axes(
   return _replace(q, arrays, _reduced(q), q.ndim)
 
 
+def take(q: QArray, indices: Any, axis: int) -> QArray:
+  """``jnp.take(array, indices, axis)`` of the logical array along an axis that is not
+  the block axis (its scales, zero points and offsets taken alike; shared ones kept)."""
+  axis %= q.ndim
+  if axis == block_axis(q):
+    raise Unsupported("takes along the block axis")
+  n = q.shape[axis]
+  arrays = {
+    k: v if v.shape[axis] != n else jnp.take(v, indices, axis=axis) for k, v in _arrays(q).items()
+  }
+  return _replace(q, arrays, _reduced(q), q.ndim)
+
+
 def gather(q: QArray, indices: jax.Array, dnums: Any, slice_sizes: Sequence[int]) -> QArray:
   """``lax.gather`` of the logical array: gathers int8 rows and their scales.
 
