@@ -31,7 +31,10 @@ they are, with the block axis moved last.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
+import struct
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +56,111 @@ Q4_0_ZERO = 8
 """Q4_0's implicit zero point: a weight is ``(q - 8) * d``."""
 
 
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Header:
+  """A bounds-checked cursor over a GGUF file's header (memory-mapped)."""
+
+  def __init__(self, path: str, data: Any):
+    self.path, self.data, self.at = path, data, 0
+
+  def take(self, fmt: str) -> Any:
+    size = struct.calcsize(fmt)
+    if self.at + size > len(self.data):
+      raise CheckpointError(f"{self.path}: not a readable GGUF file (the header is cut short)")
+    out = struct.unpack_from(fmt, self.data, self.at)
+    self.at += size
+    return out[0] if len(out) == 1 else out
+
+  def skip(self, n: int) -> None:
+    if n < 0 or self.at + n > len(self.data):
+      raise CheckpointError(f"{self.path}: not a readable GGUF file (the header is cut short)")
+    self.at += n
+
+  def string(self) -> str:
+    n = self.take("<Q")
+    self.skip(n)
+    return bytes(self.data[self.at - n : self.at]).decode("utf-8", "replace")
+
+  def value(self, kind: int, depth: int = 0) -> Any:
+    """Skips one value; returns it when it is a small integer (``general.alignment``)."""
+    if kind in _SCALAR_SIZES:
+      if kind in (4, 5, 10, 11):
+        return self.take({4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind])
+      return self.skip(_SCALAR_SIZES[kind])
+    if kind == _STRING:
+      return self.skip(self.take("<Q"))
+    if kind == _ARRAY and depth < 4:
+      item, n = self.take("<I"), self.take("<Q")
+      if item in _SCALAR_SIZES:
+        return self.skip(n * _SCALAR_SIZES[item])
+      if n > len(self.data):
+        raise CheckpointError(f"{self.path}: not a readable GGUF file (an array of {n} items)")
+      for _ in range(n):
+        self.value(item, depth + 1)
+      return None
+    raise CheckpointError(f"{self.path}: not a readable GGUF file (value type {kind})")
+
+
+def check_layout(path: str) -> None:
+  """Checks every tensor's type, shape and data against the file before the ``gguf``
+  reader maps them, so a hostile file ends in one error naming the file and tensor.
+
+  Raises:
+    CheckpointError: a truncated or inconsistent header, or a tensor whose type is
+      unknown, whose shape is absurd or whose data lies outside the file.
+  """
+  import gguf
+
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    if size < 24:
+      raise CheckpointError(f"{path}: not a readable GGUF file (shorter than its header)")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+      h = _Header(path, data)
+      h.skip(4)
+      version, n_tensors, n_kv = h.take("<I"), h.take("<Q"), h.take("<Q")
+      if version not in (2, 3) or n_tensors > size or n_kv > size:
+        raise CheckpointError(
+          f"{path}: not a readable GGUF file (version {version}, {n_tensors} tensors, "
+          f"{n_kv} key-values)"
+        )
+      alignment = 32
+      for _ in range(n_kv):
+        key, kind = h.string(), h.take("<I")
+        got = h.value(kind)
+        if key == "general.alignment" and isinstance(got, int):
+          alignment = got
+      if alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: not a readable GGUF file (alignment {alignment})")
+      infos = []
+      for _ in range(n_tensors):
+        name, n_dims = h.string(), h.take("<I")
+        if n_dims > _MAX_DIMS:
+          raise CheckpointError(f"{path}: tensor {name!r}: {n_dims} dimensions")
+        dims = [h.take("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, h.take("<I"), h.take("<Q")))
+      start = -(-h.at // alignment) * alignment
+  for name, dims, kind, offset in infos:
+    where = f"{path}: tensor {name!r}"
+    try:
+      block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+      raise CheckpointError(f"{where}: unknown type {kind}") from None
+    count = math.prod(dims)
+    if dims and dims[0] % block:
+      raise CheckpointError(f"{where}: rows of {dims[0]} are not whole blocks of {block}")
+    end = start + offset + count // block * nbytes
+    if end > size:
+      raise CheckpointError(
+        f"{where}: shape {tuple(reversed(dims))} at offset {offset} lies past the file's "
+        f"{size} bytes"
+      )
+
+
 def _reader(path: str) -> Any:
   try:
     import gguf
@@ -60,6 +168,7 @@ def _reader(path: str) -> Any:
     raise ImportError(
       "reading GGUF files needs the gguf package: pip install 'sensorquant_jax[gguf]'"
     ) from e
+  check_layout(path)
   try:
     return gguf.GGUFReader(path)
   except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
