@@ -280,3 +280,82 @@ def test_failed_build_is_remembered_per_key(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True 1", out.stdout + out.stderr
   assert log.read_text().count("compile") == 1
+
+
+# --- W4A8: int8 activations x int4 weights on integer dot products -------------
+
+
+def w4a8_reference(xq, xs, codes, zero, scale, block):
+  """The kernel's arithmetic in numpy: exact integer group sums, then float32
+  ``y = fl(y + fl(s * float(sum - z * sum(x))))`` group by group, times ``xs``."""
+  xq = np.asarray(xq, np.int64)
+  k = xq.shape[1]
+  y = np.zeros((xq.shape[0], codes.shape[1]), np.float32)
+  for g in range(-(-k // block)):
+    rows = slice(g * block, min(k, (g + 1) * block))
+    acc = xq[:, rows] @ codes[rows].astype(np.int64) - xq[:, rows].sum(1, keepdims=True) * zero[g]
+    y = (y + (acc.astype(np.float32) * scale[g]).astype(np.float32)).astype(np.float32)
+  return (y * np.asarray(xs, np.float32)).astype(np.float32)
+
+
+W4A8_ISAS = sorted(_native.w4a8_isas()) if HAVE_COMPILER else []
+
+
+@pytest.mark.parametrize("scheme", sq.INT4_SCHEMES)
+@pytest.mark.parametrize(("k", "n", "block"), [(200, 128, 32), (201, 64, 4), (256, 192, 128)])
+def test_w4a8_is_the_integer_reference_bit_for_bit_on_every_isa(scheme, k, n, block):
+  """Odd K, a partial last group, every instruction path this machine has (VNNI's
+  vpdpbusd, vpmaddubsw on 512 and 256 bits): the same bits as numpy's integer sums
+  and float32 epilogue."""
+  from sensorquant_jax._src import nibbles, ops, packed
+
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  w[:, 3] = np.abs(w[:, 3])  # one column without a negative weight
+  q = sq.quantize_array(w, scheme, block_size=block)
+  m = packed.as_matrix(q, 1)
+  x = (rng.standard_normal((5, k)) * 3).astype(np.float32)
+  xq, xs = jax.jit(ops.quantize_activations)(jnp.asarray(x))
+  codes = np.asarray(nibbles.unpack(q.values, 0, k), np.int64)
+  zero = np.full(np.shape(q.scale), 8) if q.zero_point is None else np.asarray(q.zero_point)
+  want = w4a8_reference(xq, xs, codes, zero, np.asarray(q.scale), block)
+  outs = {}
+  for isa in W4A8_ISAS:
+    if not ops.w4a8_ok(m, isa):
+      continue
+    outs[isa] = np.asarray(jax.jit(lambda a, b, isa=isa: ops.native_w4a8(a, b, m, isa))(xq, xs))
+    np.testing.assert_array_equal(outs[isa].view(np.uint32), want.view(np.uint32), err_msg=isa)
+  assert outs, "no instruction path ran"
+  # The public op picks it (or XLA's int32 path) and agrees to rounding.
+  y = jax.jit(lambda x, q: sq.dense(x, q, mode="w8a8"))(x, q)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_w4a8_under_vmap_and_shardings_and_its_fallbacks():
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from sensorquant_jax._src import ops, packed
+
+  k, n = 256, 512
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  q = sq.quantize_array(w, sq.ASYMMETRIC_INT4, block_size=64)
+  if not ops.w4a8_ok(packed.as_matrix(q, 1)):
+    pytest.skip("no W4A8 kernel in this build")
+  x = rng.standard_normal((3, 4, k)).astype(np.float32)
+  f = jax.jit(lambda x, q: sq.dense(x, q, mode="w8a8", impl="native"))
+  ref = jax.jit(lambda x, q: sq.dense(x, q, mode="w8a8", impl="xla"))
+  tol = dict(rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(f(x, q), ref(x, q), **tol)
+  np.testing.assert_allclose(jax.vmap(f, (0, None))(x, q), ref(x, q), **tol)
+  mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("data", "model"))
+  qs = jax.device_put(q, NamedSharding(mesh, P(None, "model")))
+  xs = jax.device_put(x[0], NamedSharding(mesh, P(None, None)))
+  y = f(xs, qs)
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+  assert "all-gather" not in f.lower(xs, qs).compile().as_text()
+  np.testing.assert_allclose(y, ref(x[0], q), **tol)
+  # Kernels it does not take: impl="native" says so, "auto" runs XLA's int32 path.
+  odd = sq.quantize_array(w[:, :40], sq.INT4, block_size=64)
+  with pytest.raises(RuntimeError, match="unsupported kernel"):
+    sq.dense(x[0], odd, mode="w8a8", impl="native")
+  np.testing.assert_allclose(sq.dense(x[0], odd, mode="w8a8"), ref(x[0], odd), rtol=1e-6, atol=1e-6)

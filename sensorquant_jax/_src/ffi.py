@@ -16,9 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sensorquant_jax._src import native, options
-from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, WO_TARGET
+from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET, WO_TARGET
 
-_INT4 = (INT4_TARGET, INT4_ZERO_TARGET)
+_INT4 = (INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET)
 _BLOCK_ATTR = (WO_TARGET, *_INT4)
 
 W8_MAX_K = 65536
@@ -62,7 +62,9 @@ def _mesh_size(mesh, axis) -> int:
   return math.prod(mesh.shape[a] for a in _names(axis))
 
 
-def _sharded(call, n_rows: int, tiled: bool, n_cols: int = 1, packed: bool = False):
+def _sharded(
+  call, n_rows: int, tiled: bool, n_cols: int = 1, packed: bool = False, col_multiple: int = 16
+):
   """``call`` partitioned like a matmul under ``jit`` with sharded operands.
 
   Rows (activations) and output columns (weights, scales) keep their
@@ -81,8 +83,8 @@ def _sharded(call, n_rows: int, tiled: bool, n_cols: int = 1, packed: bool = Fal
     col = _spec_axis(values.sharding, 0 if tiled else 1)
     size = _mesh_size(mesh, col)
     n = values.shape[0] * values.shape[2] if tiled else values.shape[1]
-    if col is not None and ((values.shape[0] if tiled else n) % size or (n // size) % 16):
-      col = None  # the kernel needs whole tiles and multiples of 16 columns per device
+    if col is not None and ((values.shape[0] if tiled else n) % size or (n // size) % col_multiple):
+      col = None  # the kernel needs whole tiles and whole column chunks per device
     if col is not None and row is not None and set(_names(row)) & set(_names(col)):
       col = None  # one mesh axis cannot shard both output dimensions
     rows = [NamedSharding(mesh, P(row, None)) for _ in range(n_rows)]
@@ -110,21 +112,27 @@ def _sharded(call, n_rows: int, tiled: bool, n_cols: int = 1, packed: bool = Fal
 
 
 @functools.cache
-def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool, n_cols: int = 1):
+def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool, n_cols: int = 1, isa: int = 0):
   """The FFI call as a ``custom_vmap`` function of ``(*row_args, values, *col_args)``.
 
   Batching rows (the usual ``vmap`` over examples) folds the batch into the
   kernel's M dimension; batched weights fall back to a loop over the batch.
   """
+  native.ffi_targets()  # registered before the first call is lowered
 
   def call(*args):
     values = args[n_rows]
     n = values.shape[1] if values.ndim == 2 else values.shape[0] * values.shape[2]
     out = jax.ShapeDtypeStruct((args[0].shape[0], n), jnp.float32)
     attrs = {"block": np.int64(block)} if target in _BLOCK_ATTR else {}
+    if target == W4A8_TARGET:
+      attrs["isa"] = np.int64(isa)
     return jax.ffi.ffi_call(target, out)(*args, **attrs)
 
-  kernel = jax.custom_batching.custom_vmap(_sharded(call, n_rows, tiled, n_cols, target in _INT4))
+  chunk = native.w4a8_isas().get(isa, 16) if target == W4A8_TARGET else 16
+  kernel = jax.custom_batching.custom_vmap(
+    _sharded(call, n_rows, tiled, n_cols, target in _INT4, chunk)
+  )
 
   @kernel.def_vmap
   def _rule(axis_size, in_batched, *args):
@@ -144,9 +152,11 @@ def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool, n_cols: int =
   return kernel
 
 
-def native_op(target: str, n_rows: int, block: int, tiled: bool, reference, n_cols: int = 1):
+def native_op(
+  target: str, n_rows: int, block: int, tiled: bool, reference, n_cols: int = 1, isa: int = 0
+):
   """The kernel, differentiable through ``reference`` (the XLA formula it computes)."""
-  kernel = _ffi_kernel(target, n_rows, block, tiled, n_cols)
+  kernel = _ffi_kernel(target, n_rows, block, tiled, n_cols, isa)
 
   @jax.custom_vjp
   def op(*args):

@@ -55,9 +55,13 @@ INT4_TARGET = "sq_int4_dense"
 """XLA FFI target of the int4 weight-only kernel, symmetric (symbol ``SqInt4Dense``)."""
 INT4_ZERO_TARGET = "sq_int4_zero_dense"
 """The same with per-group zero points (symbol ``SqInt4ZeroDense``)."""
+W4A8_TARGET = "sq_w4a8_dense"
+"""XLA FFI target of the W4A8 kernel: int8 activations x int4 weights on integer dot
+products (symbol ``SqW4A8Dense``; AVX2 builds and up)."""
 _SYMBOLS = {
   WO_TARGET: "SqWeightOnlyDense",
   W8_TARGET: "SqW8A8Dense",
+  W4A8_TARGET: "SqW4A8Dense",
   INT4_TARGET: "SqInt4Dense",
   INT4_ZERO_TARGET: "SqInt4ZeroDense",
 }
@@ -199,6 +203,37 @@ def ffi_targets() -> frozenset[str]:
             names.add(name)
       _STATE["targets"] = frozenset(names)
     return _STATE["targets"]  # type: ignore[return-value]
+
+
+W4A8_BEST, W4A8_MADD512, W4A8_MADD256 = 0, 1, 2
+"""The W4A8 kernel's ``isa`` attribute: the best this build has (VNNI where built),
+``vpmaddubsw`` on 512 bits, on 256 bits."""
+
+
+def w4a8_isas() -> dict[int, int]:
+  """The W4A8 instruction paths this build runs, each with its columns per chunk
+  (N must be a multiple of it); empty without the kernel."""
+  lib = library()
+  fn = getattr(lib, "SqW4A8Isas", None) if lib is not None else None
+  if fn is None:
+    return {}
+  fn.restype = ctypes.c_int64
+  bits = int(fn())
+  wide = 64 if bits & 2 else 32
+  out = {W4A8_BEST: wide, W4A8_MADD256: 32}
+  if bits & 2:
+    out[W4A8_MADD512] = 64
+  return out
+
+
+def w4a8_vnni() -> bool:
+  """Whether the best W4A8 path of this build is AVX-512 VNNI's ``vpdpbusd``."""
+  lib = library()
+  fn = getattr(lib, "SqW4A8Isas", None) if lib is not None else None
+  if fn is None:
+    return False
+  fn.restype = ctypes.c_int64
+  return bool(int(fn()) & 8)
 
 
 def build_error() -> str | None:

@@ -11,14 +11,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sensorquant_jax._src import nibbles, options, tuning
+from sensorquant_jax._src import native, nibbles, options, tuning
 from sensorquant_jax._src.ffi import (
   W8_MAX_K,
   kernel_shape_ok,
   native_available,
   native_op,
 )
-from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, W8_TARGET, WO_TARGET
+from sensorquant_jax._src.native import (
+  INT4_TARGET,
+  INT4_ZERO_TARGET,
+  W4A8_TARGET,
+  W8_TARGET,
+  WO_TARGET,
+)
 from sensorquant_jax._src.options import IMPLS, MODES, Impl, Mode
 from sensorquant_jax._src.packed import Matrix, PackedQArray, as_matrix, auto_tile, untile
 from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO, QArray, split_blocks
@@ -352,10 +358,25 @@ def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
     and native_available(W8_TARGET, "auto")
   ):
     out["native"] = _native_w8a8_float
+  if m.bits == 4 and w4a8_ok(m) and native_available(W4A8_TARGET, "auto"):
+    out["native"] = _native_w4a8_float
   out["xla"] = _xla_w8a8_float
   if _on_gpu() and m.bits == 8:
     out["pallas"] = _pallas_w8a8
   return out
+
+
+def w4a8_ok(m: Matrix, isa: int = native.W4A8_BEST) -> bool:
+  """Whether the native W4A8 kernel takes this int4 kernel: groups of a multiple of 4,
+  N a multiple of the build's column chunk (64 with AVX-512, else 32)."""
+  chunk = native.w4a8_isas().get(isa)
+  return (
+    m.bits == 4
+    and m.block is not None
+    and m.block % 4 == 0
+    and chunk is not None
+    and m.values.shape[1] % chunk == 0
+  )
 
 
 def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array:
@@ -375,16 +396,37 @@ def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array
   if impl == "native":
     candidates = _w8a8_candidates(m, k)
     if "native" not in candidates:
-      native_available(W8_TARGET, impl)  # raises with the reason when unavailable
+      native_available(W4A8_TARGET if m.bits == 4 else W8_TARGET, impl)  # raises why
       raise RuntimeError(
         f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}"
       )
-    return _native_w8a8_float(x2, m, scale)
+    return candidates["native"](x2, m, scale)
   return _xla_w8a8_float(x2, m, scale)
 
 
 def _native_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   return _native_w8a8(*quantize_activations(x2, act_scale), m)
+
+
+def _native_w4a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  return native_w4a8(*quantize_activations(x2, act_scale), m)
+
+
+def native_w4a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+  """W4A8 on the native kernel: int8 activations x int4 codes on integer dot products,
+  int32 sums per group, ``fl(s * float(sum - z * sum(x)))`` added group by group, times
+  the activation scale (see csrc/dense.cc)."""
+  assert m.block is not None
+  scale = m.scale.astype(jnp.float32)
+  zero = m.zero_point
+  if zero is None:  # the symmetric codes' implicit zero point
+    zero = jnp.full(scale.shape, SYMMETRIC_INT4_ZERO, jnp.int8)
+
+  def reference(xq, xs, values, scale, zero):
+    return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=zero))
+
+  op = native_op(W4A8_TARGET, 2, m.block, False, reference, n_cols=2, isa=isa)
+  return op(xq, xs, m.values, scale, zero)
 
 
 def _xla_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:

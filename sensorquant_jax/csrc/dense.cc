@@ -918,10 +918,268 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
 }
 #endif  // AVX-512 VNNI
 
+
+// ---------------------------------------------------------------------------
+// W4A8: int8 activations x int4 weights (the packed nibbles [ceil(K / 2), N],
+// per-group scales and zero points, as the int4 weight-only kernel reads them)
+// on integer dot products: AVX-512 VNNI (vpdpbusd), else vpmaddubsw +
+// vpmaddwd (AVX-512BW, AVX2). Per group g, column n and row m:
+//   acc = sum_k c[k, n] * xq[m, k]        (codes c in [0, 15], exact int32)
+//   y[m, n] += fl(s[g, n] * float(acc - z[g, n] * sum_k xq[m, k]))
+// then y[m, n] *= xs[m]: the multiply and the add are kept apart (no FMA), so
+// every ISA gives the same bits, which a float32 numpy loop reproduces.
+// vpmaddubsw is exact here: a code is at most 15 and |xq| at most 127, so a
+// pair of products sums to at most 3810 in int16.
+// ---------------------------------------------------------------------------
+#if defined(__AVX2__)
+#define SQ_HAVE_W4A8 1
+
+// One byte row (2 k) of kCols columns per load; four k per dot product lane.
+struct Avx2Dot {
+  using I = __m256i;
+  static constexpr int kCols = 32;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I lo(I a) { return _mm256_and_si256(a, _mm256_set1_epi8(0x0F)); }
+  static I hi(I a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(0x0F)); }
+  static I unpacklo8(I a, I b) { return _mm256_unpacklo_epi8(a, b); }
+  static I unpackhi8(I a, I b) { return _mm256_unpackhi_epi8(a, b); }
+  static I unpacklo16(I a, I b) { return _mm256_unpacklo_epi16(a, b); }
+  static I unpackhi16(I a, I b) { return _mm256_unpackhi_epi16(a, b); }
+  static I splat4(int32_t q) { return _mm256_set1_epi32(q); }
+  static I dot(I acc, I w, I x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+  // u[j] holds, per 128-bit lane L, columns 16 L + 4 j .. + 3; out[v] columns 8 v .. + 7.
+  static void to_columns(const I u[4], I out[4]) {
+    for (int v = 0; v < 4; ++v) {
+      const int j0 = (2 * v) % 4, lane = v / 2;  // columns 8 v = 16 lane + 4 j0
+      const I a = u[j0], b = u[j0 + 1];
+      // lane `lane` of a (columns 16 lane + 4 j0 ..) then of b (.. + 4 more)
+      out[v] = lane == 0 ? _mm256_permute2x128_si256(a, b, 0x20)
+                         : _mm256_permute2x128_si256(a, b, 0x31);
+    }
+  }
+  // out += fl(s * float(sums - z * xsum)) for 8 columns (z: 8 when null).
+  static void epilogue(I sums, const float* s, const int8_t* z, int32_t xsum, float* out) {
+    const I zi = z ? _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z)))
+                   : _mm256_set1_epi32(8);
+    const I d = _mm256_sub_epi32(sums, _mm256_mullo_epi32(zi, _mm256_set1_epi32(xsum)));
+    __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(s));
+    asm("" : "+x"(part));  // no FMA with the add: the same bits on every ISA
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), part));
+  }
+};
+
+#if defined(__AVX512BW__)
+struct Avx512MaddDot {
+  using I = __m512i;
+  static constexpr int kCols = 64;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I lo(I a) { return _mm512_and_si512(a, _mm512_set1_epi8(0x0F)); }
+  static I hi(I a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0F)); }
+  static I unpacklo8(I a, I b) { return _mm512_unpacklo_epi8(a, b); }
+  static I unpackhi8(I a, I b) { return _mm512_unpackhi_epi8(a, b); }
+  static I unpacklo16(I a, I b) { return _mm512_unpacklo_epi16(a, b); }
+  static I unpackhi16(I a, I b) { return _mm512_unpackhi_epi16(a, b); }
+  static I splat4(int32_t q) { return _mm512_set1_epi32(q); }
+  static I dot(I acc, I w, I x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+  }
+  // u[j] holds, per 128-bit lane L, columns 16 L + 4 j .. + 3: a 4 x 4 transpose of
+  // 128-bit blocks gives out[v] = columns 16 v .. + 15.
+  static void to_columns(const I u[4], I out[4]) {
+    const I t0 = _mm512_shuffle_i32x4(u[0], u[1], 0x44), t1 = _mm512_shuffle_i32x4(u[0], u[1], 0xEE);
+    const I t2 = _mm512_shuffle_i32x4(u[2], u[3], 0x44), t3 = _mm512_shuffle_i32x4(u[2], u[3], 0xEE);
+    out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88), out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+    out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88), out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+  }
+  static void epilogue(I sums, const float* s, const int8_t* z, int32_t xsum, float* out) {
+    const I zi = z ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)))
+                   : _mm512_set1_epi32(8);
+    const I d = _mm512_sub_epi32(sums, _mm512_mullo_epi32(zi, _mm512_set1_epi32(xsum)));
+    __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(s));
+    asm("" : "+v"(part));  // no FMA with the add: the same bits on every ISA
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), part));
+  }
+};
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+struct Avx512VnniDot : Avx512MaddDot {
+  static I dot(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+};
+#endif
+
+constexpr int kW4A8Rows = 4;  // rows per register block
+
+// Rows [0, M) of one chunk of D::kCols columns starting at `col`, every group:
+// yacc[m * D::kCols + c] gets the group sums (float, column order).
+template <class D, int M>
+void w4a8_block(const uint8_t* xq, int64_t ldx, const int32_t* xsum, int64_t groups,
+                const Int4Weights& wt, int64_t col, float* yacc) {
+  using I = typename D::I;
+  constexpr int kPer = sizeof(I) / 4;  // int32 lanes (columns) per vector
+  const int64_t rows = (wt.k + 1) / 2;
+  const uint8_t* base = wt.data + col;
+  const I none = D::zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
+    I acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = none;
+    for (int64_t k = k0; k < k1; k += 4) {
+      const int64_t r = k / 2;
+      const I a = D::load(base + r * wt.n);
+      const I b = r + 1 < rows ? D::load(base + (r + 1) * wt.n) : none;
+      const I r0 = D::lo(a), r1 = D::hi(a), r2 = D::lo(b), r3 = D::hi(b);
+      // A 4 x (bytes) transpose within 128-bit lanes: each column's 4 k adjacent.
+      const I t0 = D::unpacklo8(r0, r1), t1 = D::unpackhi8(r0, r1);
+      const I t2 = D::unpacklo8(r2, r3), t3 = D::unpackhi8(r2, r3);
+      const I u[4] = {D::unpacklo16(t0, t2), D::unpackhi16(t0, t2), D::unpacklo16(t1, t3),
+                      D::unpackhi16(t1, t3)};
+      for (int m = 0; m < M; ++m) {
+        int32_t q;
+        std::memcpy(&q, xq + m * ldx + k, 4);
+        const I x = D::splat4(q);
+        for (int j = 0; j < 4; ++j) acc[m][j] = D::dot(acc[m][j], u[j], x);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      I c[4];
+      D::to_columns(acc[m], c);
+      for (int v = 0; v < 4; ++v) {
+        const int64_t n0 = col + v * kPer;
+        D::epilogue(c[v], wt.scale + g * wt.n + n0, wt.zero ? wt.zero + g * wt.n + n0 : nullptr,
+                    xsum[m * groups + g], yacc + m * D::kCols + v * kPer);
+      }
+    }
+  }
+}
+
+template <class D>
+void w4a8_rows(const uint8_t* xq, int64_t ldx, int64_t m_rows, const int32_t* xsum,
+               int64_t groups, const Int4Weights& wt, int64_t col, const float* xs, float* y) {
+  alignas(64) float yacc[kW4A8Rows * D::kCols];
+  for (int64_t m = 0; m < m_rows; m += kW4A8Rows) {
+    const int rows = int(std::min<int64_t>(kW4A8Rows, m_rows - m));
+    std::fill(yacc, yacc + rows * D::kCols, 0.0f);
+    const uint8_t* xr = xq + m * ldx;
+    const int32_t* sr = xsum + m * groups;
+    switch (rows) {
+      case 4: w4a8_block<D, 4>(xr, ldx, sr, groups, wt, col, yacc); break;
+      case 3: w4a8_block<D, 3>(xr, ldx, sr, groups, wt, col, yacc); break;
+      case 2: w4a8_block<D, 2>(xr, ldx, sr, groups, wt, col, yacc); break;
+      default: w4a8_block<D, 1>(xr, ldx, sr, groups, wt, col, yacc); break;
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < D::kCols; ++i) y[(m + r) * wt.n + col + i] = yacc[r * D::kCols + i] * xs[m + r];
+  }
+}
+
+// isa: 0 the best this build has, 1 vpmaddubsw on 512 bits, 2 vpmaddubsw on 256 bits
+// (tests compare them bit for bit).
+template <class D>
+ffi::Error w4a8_run(ffi::ThreadPool& pool, const std::vector<uint8_t>& xpad, int64_t kp,
+                    int64_t m_rows, const std::vector<int32_t>& xsum, int64_t groups,
+                    const Int4Weights& wt, const float* xs, float* yp) {
+  if (wt.n % D::kCols) return ffi::Error::InvalidArgument("N must be a multiple of the chunk");
+  const int64_t chunks = wt.n / D::kCols;
+  const int64_t per = std::max<int64_t>(1, (chunks + 2 * pool.num_threads() - 1) / (2 * pool.num_threads()));
+  const int64_t items = (chunks + per - 1) / per;
+  parallel_for(pool, items, [&](int64_t i) {
+    for (int64_t c = i * per; c < std::min(chunks, (i + 1) * per); ++c)
+      w4a8_rows<D>(xpad.data(), kp, m_rows, xsum.data(), groups, wt, c * D::kCols, xs, yp);
+  });
+  return ffi::Error::Success();
+}
+
+int64_t w4a8_chunk_cols(int64_t isa) {
+#if defined(__AVX512BW__)
+  if (isa != 2) return 64;
+#endif
+  (void)isa;
+  return 32;
+}
+
+ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
+                     ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zero,
+                     ffi::ResultBuffer<ffi::F32> y, int64_t block, int64_t isa) {
+  auto xd = xq.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || xq.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
+  if (w.element_type() != ffi::U8 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("w must be uint8 [ceil(K / 2), N]");
+  if (zero.element_type() != ffi::S8) return ffi::Error::InvalidArgument("zero must be int8");
+  Int4Weights wt{reinterpret_cast<const uint8_t*>(w.untyped_data()), xd[1], wd[1], block,
+                 scale.typed_data(), reinterpret_cast<const int8_t*>(zero.untyped_data())};
+  if (wd[0] != (wt.k + 1) / 2) return ffi::Error::InvalidArgument("xq and w disagree on K");
+  if (block < 4 || block % 4) return ffi::Error::InvalidArgument("block must be a multiple of 4");
+  const int64_t groups = std::max<int64_t>(wt.groups(), 1);
+  if (scale.element_count() != size_t(groups * wt.n) || zero.element_count() != size_t(groups * wt.n))
+    return ffi::Error::InvalidArgument("scale and zero must be [ceil(K / block), N]");
+  if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
+  if (wt.n % w4a8_chunk_cols(isa)) return ffi::Error::InvalidArgument("N must be a multiple of the chunk");
+  const int64_t m_rows = xd[0];
+  float* yp = y->typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  // Activations padded with zeros to whole quads (their products vanish), and
+  // each row's sum per group for the zero points.
+  const int64_t kp = (wt.k + 3) / 4 * 4 + 4;
+  std::vector<uint8_t> xpad(m_rows * kp, 0);
+  std::vector<int32_t> xsum(m_rows * groups, 0);
+  const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
+  for (int64_t m = 0; m < m_rows; ++m) {
+    std::memcpy(xpad.data() + m * kp, xp + m * wt.k, wt.k);
+    for (int64_t k = 0; k < wt.k; ++k) xsum[m * groups + k / block] += xp[m * wt.k + k];
+  }
+  const float* xsp = xs.typed_data();
+#if defined(__AVX512BW__)
+  if (isa != 2) {
+#if defined(__AVX512VNNI__)
+    if (isa == 0) return w4a8_run<Avx512VnniDot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
+#endif
+    return w4a8_run<Avx512MaddDot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
+  }
+#endif
+  return w4a8_run<Avx2Dot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
+}
+
+// The instruction sets this build can run W4A8 on (bit 0: the best, 1: 512-bit
+// vpmaddubsw, 2: 256-bit), and whether the best is VNNI (bit 3).
+int64_t w4a8_isas() {
+  int64_t out = 1 | 4;
+#if defined(__AVX512BW__)
+  out |= 2;
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  out |= 8;
+#endif
+  return out;
+}
+#endif  // AVX2
 }  // namespace
 
 // Lets Python check its copy of the limit against this one (tests/test_native.py).
 extern "C" int64_t SqW8A8MaxK() { return kW8A8MaxK; }
+
+#if defined(SQ_HAVE_W4A8)
+extern "C" int64_t SqW4A8Isas() { return w4a8_isas(); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqW4A8Dense, W4A8Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("isa"));
+#endif
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SqWeightOnlyDense, WeightOnlyDense,
                               ffi::Ffi::Bind()
