@@ -77,6 +77,8 @@ def main():
         )
         q = sq.qat_export(tree)
       row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
+      if method in ("rtn", "gptq"):  # the same kernels with int8 activations (per token)
+        row(f"{scheme} g128 {method} W4A8", q, 0.0, "w8a8")
   plain = sq.act_scales(sq.calibrate(model, variables, batches))
   for weights in ("symmetric_per_tensor_int8", "symmetric_per_channel_int8"):
     t0 = time.perf_counter()

@@ -204,7 +204,9 @@ def main():
   ap.add_argument("--calibration", type=int, default=128, help="other sentences, for GPTQ etc.")
   ap.add_argument("--max-len", type=int, default=64)
   ap.add_argument(
-    "--skip", default="", help="comma list of sections to skip: rtn,fp8,methods,w8a8,bits,qat"
+    "--skip",
+    default="",
+    help="comma list of sections to skip: rtn,fp8,methods,w4a8,w8a8,bits,qat",
   )
   ap.add_argument("--qat-steps", type=int, default=1000, help="distillation steps (qat section)")
   ap.add_argument("--qat-lr", type=float, default=2e-4, help="distillation learning rate")
@@ -299,6 +301,16 @@ def main():
         gaps[method] = row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
       for method in ("gptq", "awq, no clipping", "awq", "awq+gptq"):
         print(f"    {method}: recovers {1 - gaps[method] / gaps['rtn']:.0%} of the RTN gap")
+  if "w4a8" not in skip:  # int4 kernels with int8 activations (per token), next to weight-only
+    for scheme in ("symmetric_per_group_int4", "asymmetric_per_group_int4"):
+      for method in ("rtn", "gptq"):
+        t0 = time.perf_counter()
+        if method == "rtn":
+          q = sq.quantize(variables, scheme, keep)
+        else:
+          q = sq.gptq(model, variables, cal, scheme, keep, progress=False)
+        row(f"{scheme} g128 {method}", q, time.perf_counter() - t0)
+        row(f"{scheme} g128 {method} W4A8", q, 0.0, "w8a8")
   if "w8a8" not in skip:
     plain_scales = sq.act_scales(sq.calibrate(model, variables, cal))
     for weights in ("symmetric_per_tensor_int8", "symmetric_per_channel_int8"):

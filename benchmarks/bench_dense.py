@@ -6,8 +6,9 @@ baseline time / variant time (higher is faster), medians of ``--repeats`` runs
 measured in the same process, alternating variants. The baseline is float32
 on CPU and bf16 on GPU (the activation dtype there).
 
-Columns, int8 weight-only (``wo``), W8A8 (``w8``) and int4 weight-only
-(``i4``, ``--int4-scheme``, group 128), all on the QArrays ``sq.quantize``
+Columns, int8 weight-only (``wo``), W8A8 (``w8``), int4 weight-only
+(``i4``, ``--int4-scheme``, group 128) and W4A8 (``w4``: the int4 kernels with
+int8 activations, ``mode="w8a8"``), all on the QArrays ``sq.quantize``
 makes: ``xla`` (``impl="xla"``), ``native`` (the C++ CPU kernels) or
 ``pallas`` (GPU; a column is left out where its kernel is not built, as
 W8A8 without AVX-512 VNNI), and ``auto`` (the choice measured on this
@@ -45,7 +46,9 @@ LETTERS = {
   "xla_dequantize": "q",
   "pallas": "p",
 }
-TAGS = {"weight_only": "wo", "w8a8": "w8", "int4": "i4"}
+TAGS = {"weight_only": "wo", "w8a8": "w8", "int4": "i4", "w4a8": "w4"}
+MODES = {"weight_only": "weight_only", "w8a8": "w8a8", "int4": "weight_only", "w4a8": "w8a8"}
+INT4_MODES = ("int4", "w4a8")  # on the int4 kernels
 
 
 def _stack(layer_fn):
@@ -64,7 +67,7 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=6)
   ap.add_argument("--scheme", default="symmetric_per_channel_int8")
-  ap.add_argument("--modes", default="weight_only,w8a8,int4")
+  ap.add_argument("--modes", default="weight_only,w8a8,int4,w4a8")
   ap.add_argument("--int4-scheme", default="symmetric_per_group_int4", choices=sq.INT4_SCHEMES)
   args = ap.parse_args()
   dtype = jnp.bfloat16 if gpu else jnp.float32
@@ -85,17 +88,20 @@ def main():
   else:
     variants["bf16"] = _stack(lambda x, w: x.astype(jnp.bfloat16) @ w)
   targets = native.ffi_targets()
-  have = {"weight_only": native.WO_TARGET, "w8a8": native.W8_TARGET, "int4": native.INT4_TARGET}
+  have = {
+    "weight_only": native.WO_TARGET,
+    "w8a8": native.W8_TARGET,
+    "int4": native.INT4_TARGET,
+    "w4a8": native.W4A8_TARGET,
+  }
   fp8 = args.scheme in sq.FP8_SCHEMES  # fp8 kernels run on XLA only
   for mode in modes:
     impls = ("xla", kernel, "auto") if gpu or have[mode] in targets else ("xla", "auto")
-    if fp8 and mode != "int4":
+    if fp8 and mode not in INT4_MODES:
       impls = ("xla", "auto")
     for impl in impls:
       variants[f"{tag[mode]}/{impl}"] = _stack(
-        lambda x, w, mode=mode, impl=impl: sq.dense(
-          x, w, mode="w8a8" if mode == "w8a8" else "weight_only", impl=impl
-        )
+        lambda x, w, mode=mode, impl=impl: sq.dense(x, w, mode=MODES[mode], impl=impl)
       )
   if not gpu and "weight_only" in modes and not fp8:  # sq.pack's layout, for the native kernel
     variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
@@ -106,9 +112,10 @@ def main():
     ]
     q = [sq.quantize_array(w, args.scheme) for w in floats]
     weights = {"f32": floats, "bf16": [w.astype(jnp.bfloat16) for w in floats]}
-    int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if "int4" in modes else []
+    with_int4 = any(m in modes for m in INT4_MODES)
+    int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if with_int4 else []
     for name in variants:
-      if name.startswith("i4/"):
+      if name.startswith(("i4/", "w4/")):
         weights[name] = int4
       elif name == "wo/packed":
         weights[name] = [sq.pack(w) for w in q]
@@ -132,10 +139,11 @@ def main():
       for m in modes:
         others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel))
         bests.append(f"{others / times[f'{tag[m]}/auto']:7.2f}x")
-      int8_modes = [m for m in modes if m != "int4"]
+      int8_modes = [MODES[m] for m in modes if m not in INT4_MODES]
       picks = list(sq.tune(q[0], batch_sizes=(b,), modes=int8_modes, dtype=dtype).values())
       if int4:
-        picks += list(sq.tune(int4[0], batch_sizes=(b,), dtype=dtype).values())
+        int4_modes = [MODES[m] for m in modes if m in INT4_MODES]
+        picks += list(sq.tune(int4[0], batch_sizes=(b,), modes=int4_modes, dtype=dtype).values())
       letters = "".join(LETTERS.get(v, "?") for v in picks)
       fastest_wo = min(times.get(f"wo/{v}", np.inf) for v in ("xla", kernel, "packed"))
       gbs = int8_bytes / fastest_wo / 1e9 if b == 1 and np.isfinite(fastest_wo) else float("nan")
