@@ -358,4 +358,6 @@ def test_w4a8_under_vmap_and_shardings_and_its_fallbacks():
   odd = sq.quantize_array(w[:, :40], sq.INT4, block_size=64)
   with pytest.raises(RuntimeError, match="unsupported kernel"):
     sq.dense(x[0], odd, mode="w8a8", impl="native")
-  np.testing.assert_allclose(sq.dense(x[0], odd, mode="w8a8"), ref(x[0], odd), rtol=1e-6, atol=1e-6)
+  want = np.asarray(ref(x[0], odd))
+  got = sq.dense(x[0], odd, mode="w8a8")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

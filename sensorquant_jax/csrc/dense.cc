@@ -25,10 +25,11 @@
 #endif
 
 // GCC 12's AVX-512 intrinsics seed their results with _mm512_undefined_*() and
-// trip -Wmaybe-uninitialized wherever they are inlined (GCC bug 105593, a false
+// trip -W(maybe-)uninitialized wherever they are inlined (GCC bug 105593, a false
 // positive); the build stays warning-clean for everything else.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -947,6 +948,7 @@ struct Avx2Dot {
   static I unpacklo16(I a, I b) { return _mm256_unpacklo_epi16(a, b); }
   static I unpackhi16(I a, I b) { return _mm256_unpackhi_epi16(a, b); }
   static I splat4(int32_t q) { return _mm256_set1_epi32(q); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   static I dot(I acc, I w, I x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
   }
@@ -984,6 +986,7 @@ struct Avx512MaddDot {
   static I unpacklo16(I a, I b) { return _mm512_unpacklo_epi16(a, b); }
   static I unpackhi16(I a, I b) { return _mm512_unpackhi_epi16(a, b); }
   static I splat4(int32_t q) { return _mm512_set1_epi32(q); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
   static I dot(I acc, I w, I x) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
   }
@@ -1013,69 +1016,105 @@ struct Avx512VnniDot : Avx512MaddDot {
 #endif
 
 constexpr int kW4A8Rows = 4;  // rows per register block
+// Columns per work item: a group's staged rows (64 x 4096 bytes at group 128) stay
+// in L2, and each row segment is a whole page of the source (measured: 1024 -> 4096
+// kept whole pages per row segment; no faster than 1024 on our 2-core AVX-512 EPYC).
+constexpr int64_t kW4A8Cols = 4096;
 
-// Rows [0, M) of one chunk of D::kCols columns starting at `col`, every group:
-// yacc[m * D::kCols + c] gets the group sums (float, column order).
+// Rows [0, M) x one chunk of D::kCols columns (global column `col`) x group g:
+// the group's byte rows are staged at `w`, D::kCols bytes apart (rows past K are
+// zeros); out (ldy floats a row, column order) gets the group's term.
 template <class D, int M>
-void w4a8_block(const uint8_t* xq, int64_t ldx, const int32_t* xsum, int64_t groups,
-                const Int4Weights& wt, int64_t col, float* yacc) {
+void w4a8_group(const uint8_t* xq, int64_t ldx, const int32_t* xsum, int64_t groups,
+                const Int4Weights& wt, int64_t g, const uint8_t* w, int64_t col, float* out,
+                int64_t ldy) {
   using I = typename D::I;
   constexpr int kPer = sizeof(I) / 4;  // int32 lanes (columns) per vector
-  const int64_t rows = (wt.k + 1) / 2;
-  const uint8_t* base = wt.data + col;
-  const I none = D::zero();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
-    I acc[M][4];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) acc[m][j] = none;
-    for (int64_t k = k0; k < k1; k += 4) {
-      const int64_t r = k / 2;
-      const I a = D::load(base + r * wt.n);
-      const I b = r + 1 < rows ? D::load(base + (r + 1) * wt.n) : none;
-      const I r0 = D::lo(a), r1 = D::hi(a), r2 = D::lo(b), r3 = D::hi(b);
-      // A 4 x (bytes) transpose within 128-bit lanes: each column's 4 k adjacent.
-      const I t0 = D::unpacklo8(r0, r1), t1 = D::unpackhi8(r0, r1);
-      const I t2 = D::unpacklo8(r2, r3), t3 = D::unpackhi8(r2, r3);
-      const I u[4] = {D::unpacklo16(t0, t2), D::unpackhi16(t0, t2), D::unpacklo16(t1, t3),
-                      D::unpackhi16(t1, t3)};
-      for (int m = 0; m < M; ++m) {
-        int32_t q;
-        std::memcpy(&q, xq + m * ldx + k, 4);
-        const I x = D::splat4(q);
-        for (int j = 0; j < 4; ++j) acc[m][j] = D::dot(acc[m][j], u[j], x);
-      }
-    }
+  const int64_t k0 = g * wt.block, k1 = std::min(wt.k, k0 + wt.block);
+  // One row alone has only 4 accumulator chains, too few to hide vpdpbusd's
+  // latency: it gets a second set for every other quad, added at the end.
+  constexpr int S = M == 1 ? 2 : 1;
+  I acc[M * S][4];
+  for (int m = 0; m < M * S; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = D::zero();
+  int64_t quad = 0;
+  for (int64_t k = k0; k < k1; k += 4, w += 2 * D::kCols, ++quad) {
+    const I a = D::load(w), b = D::load(w + D::kCols);
+    const I r0 = D::lo(a), r1 = D::hi(a), r2 = D::lo(b), r3 = D::hi(b);
+    // A 4 x (bytes) transpose within 128-bit lanes: each column's 4 k adjacent.
+    const I t0 = D::unpacklo8(r0, r1), t1 = D::unpackhi8(r0, r1);
+    const I t2 = D::unpacklo8(r2, r3), t3 = D::unpackhi8(r2, r3);
+    const I u[4] = {D::unpacklo16(t0, t2), D::unpackhi16(t0, t2), D::unpacklo16(t1, t3),
+                    D::unpackhi16(t1, t3)};
+    const int set = S == 1 ? 0 : int(quad & 1);
     for (int m = 0; m < M; ++m) {
-      I c[4];
-      D::to_columns(acc[m], c);
-      for (int v = 0; v < 4; ++v) {
-        const int64_t n0 = col + v * kPer;
-        D::epilogue(c[v], wt.scale + g * wt.n + n0, wt.zero ? wt.zero + g * wt.n + n0 : nullptr,
-                    xsum[m * groups + g], yacc + m * D::kCols + v * kPer);
-      }
+      int32_t q;
+      std::memcpy(&q, xq + m * ldx + k, 4);
+      const I x = D::splat4(q);
+      for (int j = 0; j < 4; ++j) acc[m * S + set][j] = D::dot(acc[m * S + set][j], u[j], x);
+    }
+  }
+  if (S == 2)
+    for (int j = 0; j < 4; ++j) acc[0][j] = D::add(acc[0][j], acc[S - 1][j]);
+  for (int m = 0; m < M; ++m) {
+    I c[4];
+    D::to_columns(acc[m * S], c);
+    for (int v = 0; v < 4; ++v) {
+      const int64_t n0 = col + v * kPer;
+      D::epilogue(c[v], wt.scale + g * wt.n + n0, wt.zero ? wt.zero + g * wt.n + n0 : nullptr,
+                  xsum[m * groups + g], out + m * ldy + v * kPer);
     }
   }
 }
 
+// Columns [c0, c0 + width) (whole chunks, width <= kInt4Cols), every row and group.
+// Group by group, the group's byte rows are read as whole row segments (as the int4
+// weight-only kernel does: prefetchers and the TLB keep up) and staged chunk-major,
+// then every row block reads them from L1/L2.
 template <class D>
-void w4a8_rows(const uint8_t* xq, int64_t ldx, int64_t m_rows, const int32_t* xsum,
-               int64_t groups, const Int4Weights& wt, int64_t col, const float* xs, float* y) {
-  alignas(64) float yacc[kW4A8Rows * D::kCols];
-  for (int64_t m = 0; m < m_rows; m += kW4A8Rows) {
-    const int rows = int(std::min<int64_t>(kW4A8Rows, m_rows - m));
-    std::fill(yacc, yacc + rows * D::kCols, 0.0f);
-    const uint8_t* xr = xq + m * ldx;
-    const int32_t* sr = xsum + m * groups;
-    switch (rows) {
-      case 4: w4a8_block<D, 4>(xr, ldx, sr, groups, wt, col, yacc); break;
-      case 3: w4a8_block<D, 3>(xr, ldx, sr, groups, wt, col, yacc); break;
-      case 2: w4a8_block<D, 2>(xr, ldx, sr, groups, wt, col, yacc); break;
-      default: w4a8_block<D, 1>(xr, ldx, sr, groups, wt, col, yacc); break;
+void w4a8_columns(const uint8_t* xq, int64_t ldx, int64_t m_rows, const int32_t* xsum,
+                  int64_t groups, const Int4Weights& wt, int64_t c0, int64_t width,
+                  const float* xs, float* y) {
+  const int64_t rows = (wt.k + 1) / 2;
+  const int64_t group_rows = (wt.block / 2 + 1) / 2 * 2;  // whole quads
+  const int64_t stage_chunk = group_rows * D::kCols;
+  thread_local std::vector<uint8_t> stage;
+  thread_local std::vector<float> yacc;
+  stage.resize((width / D::kCols) * stage_chunk);
+  yacc.assign(m_rows * width, 0.0f);
+  const int64_t ahead = ahead_bytes(wt.n);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = g * wt.block / 2;
+    const uint8_t* src = wt.data + r0 * wt.n + c0;
+    for (int64_t r = 0; r < group_rows; ++r, src += wt.n) {
+      uint8_t* dst = stage.data() + r * D::kCols;
+      if (r0 + r >= rows) {  // past K: zero codes (their activations are zero too)
+        for (int64_t c = 0; c < width; c += D::kCols, dst += stage_chunk)
+          std::memset(dst, 0, D::kCols);
+        continue;
+      }
+      prefetch_row(src + ahead, width);
+      for (int64_t c = 0; c < width; c += D::kCols, dst += stage_chunk)
+        std::memcpy(dst, src + c, D::kCols);
     }
-    for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < D::kCols; ++i) y[(m + r) * wt.n + col + i] = yacc[r * D::kCols + i] * xs[m + r];
+    for (int64_t m = 0; m < m_rows; m += kW4A8Rows) {
+      const int block = int(std::min<int64_t>(kW4A8Rows, m_rows - m));
+      const uint8_t* xr = xq + m * ldx;
+      const int32_t* sr = xsum + m * groups;
+      float* yr = yacc.data() + m * width;
+      for (int64_t c = 0; c < width; c += D::kCols) {
+        const uint8_t* w = stage.data() + (c / D::kCols) * stage_chunk;
+        switch (block) {
+          case 4: w4a8_group<D, 4>(xr, ldx, sr, groups, wt, g, w, c0 + c, yr + c, width); break;
+          case 3: w4a8_group<D, 3>(xr, ldx, sr, groups, wt, g, w, c0 + c, yr + c, width); break;
+          case 2: w4a8_group<D, 2>(xr, ldx, sr, groups, wt, g, w, c0 + c, yr + c, width); break;
+          default: w4a8_group<D, 1>(xr, ldx, sr, groups, wt, g, w, c0 + c, yr + c, width); break;
+        }
+      }
+    }
   }
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t c = 0; c < width; ++c) y[m * wt.n + c0 + c] = yacc[m * width + c] * xs[m];
 }
 
 // isa: 0 the best this build has, 1 vpmaddubsw on 512 bits, 2 vpmaddubsw on 256 bits
@@ -1085,12 +1124,15 @@ ffi::Error w4a8_run(ffi::ThreadPool& pool, const std::vector<uint8_t>& xpad, int
                     int64_t m_rows, const std::vector<int32_t>& xsum, int64_t groups,
                     const Int4Weights& wt, const float* xs, float* yp) {
   if (wt.n % D::kCols) return ffi::Error::InvalidArgument("N must be a multiple of the chunk");
-  const int64_t chunks = wt.n / D::kCols;
-  const int64_t per = std::max<int64_t>(1, (chunks + 2 * pool.num_threads() - 1) / (2 * pool.num_threads()));
-  const int64_t items = (chunks + per - 1) / per;
+  // Column ranges as wide as kInt4Cols while every thread still gets two.
+  const int64_t per = (wt.n + 2 * pool.num_threads() - 1) / (2 * pool.num_threads());
+  const int64_t cols =
+      std::clamp<int64_t>((per + D::kCols - 1) / D::kCols * D::kCols, D::kCols, kW4A8Cols);
+  const int64_t items = (wt.n + cols - 1) / cols;
   parallel_for(pool, items, [&](int64_t i) {
-    for (int64_t c = i * per; c < std::min(chunks, (i + 1) * per); ++c)
-      w4a8_rows<D>(xpad.data(), kp, m_rows, xsum.data(), groups, wt, c * D::kCols, xs, yp);
+    const int64_t c = i * cols;
+    w4a8_columns<D>(xpad.data(), kp, m_rows, xsum.data(), groups, wt, c,
+                    std::min<int64_t>(cols, wt.n - c), xs, yp);
   });
   return ffi::Error::Success();
 }
