@@ -254,6 +254,7 @@ def test_constants_shared_with_the_cpp_kernels():
     _native.W8_TARGET,
     _native.INT4_TARGET,
     _native.INT4_ZERO_TARGET,
+    _native.W4A8_TARGET,
   }
 
 
