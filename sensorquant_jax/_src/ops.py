@@ -532,7 +532,9 @@ def dense_general(
     n_in: number of contracted kernel axes.
     mode: ``"weight_only"`` (quantized weights, float activations and
       accumulation) or ``"w8a8"`` (int8 activations with per-token dynamic
-      scales, or ``act_scale`` when given; int32 accumulation; for fp8 kernels
+      scales, or ``act_scale`` when given; int32 accumulation; on int4 kernels
+      this is W4A8: the int8 activations against the 4-bit codes, int32 sums
+      per group, on CPU the native integer dot-product kernel; for fp8 kernels
       fp8 E4M3 activations, ``max|x| / 448`` per token, float32 accumulation).
     act_scale: static activation scale for ``w8a8`` (from calibration).
     tile: columns converted per step by the XLA weight-only path; ``"auto"``:

@@ -51,7 +51,8 @@ MIN_SCALE: Final = np.float32(1e-8)
 
 Mode = Literal["weight_only", "w8a8"]
 MODES: tuple[Mode, ...] = get_args(Mode)
-"""``weight_only``: float activations; ``w8a8``: int8 activations, int32 accumulation."""
+"""``weight_only``: float activations; ``w8a8``: int8 activations, int32 accumulation
+(W4A8 on int4 kernels)."""
 
 Impl = Literal["auto", "native", "xla", "pallas"]
 IMPLS: tuple[Impl, ...] = get_args(Impl)
