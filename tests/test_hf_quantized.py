@@ -143,7 +143,7 @@ def _awq_case():
   return tensors, ref, cfg, (sq.ASYMMETRIC_INT4, GROUP)
 
 
-def _ct_int4_case(asymmetric, k=K - 5):
+def _ct_int4_case(asymmetric, k=K - 5, act_order=False):
   q = rng.integers(-8, 8, (N, k))  # -8 too: compressed-tensors' int4 range is [-8, 7]
   groups = -(-k // GROUP)
   scale = rng.uniform(1e-3, 1e-1, (N, groups)).astype(ml_dtypes.bfloat16)
@@ -154,7 +154,14 @@ def _ct_int4_case(asymmetric, k=K - 5):
     zero = rng.integers(-8, 8, (N, groups)).astype(np.int8)
     tensors["weight_zero_point"] = zero
   scheme = sq.ASYMMETRIC_INT4 if asymmetric else sq.INT4
-  return tensors, ct_dequantize(q, scale, zero), {}, (scheme, GROUP)
+  if not act_order:
+    return tensors, ct_dequantize(q, scale, zero), {}, (scheme, GROUP)
+  # act-order: weight_g_idx gives each input's group; (q - z[g_idx]) * s[g_idx]
+  g_idx = (np.arange(k) // GROUP).astype(np.int32)[rng.permutation(k)]
+  tensors["weight_g_idx"] = g_idx
+  s = scale.astype(np.float32)[:, g_idx]
+  z = 0 if zero is None else zero.astype(np.float32)[:, g_idx]
+  return tensors, ((q.astype(np.float32) - z) * s).T, {}, (scheme, GROUP)
 
 
 def _ct_int8_case(strategy):
@@ -209,6 +216,7 @@ CASES = {
   "awq": _awq_case,
   "ct_int4_symmetric": lambda: _ct_int4_case(False),
   "ct_int4_asymmetric": lambda: _ct_int4_case(True),
+  "ct_int4_act_order": lambda: _ct_int4_case(True, act_order=True),
   "ct_int8_tensor": lambda: _ct_int8_case("tensor"),
   "ct_int8_channel": lambda: _ct_int8_case("channel"),
   "ct_int8_group": lambda: _ct_int8_case("group"),
@@ -226,6 +234,7 @@ TYPES = {
   "awq": "awq int4 g32",
   "ct_int4_symmetric": "compressed-tensors int4 g32",
   "ct_int4_asymmetric": "compressed-tensors int4 g32",
+  "ct_int4_act_order": "compressed-tensors int4 g32, act-order",
   "ct_int8_tensor": "compressed-tensors int8 tensor",
   "ct_int8_channel": "compressed-tensors int8 channel",
   "ct_int8_group": "compressed-tensors int8 g32",

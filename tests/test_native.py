@@ -364,3 +364,20 @@ def test_w4a8_under_vmap_and_shardings_and_its_fallbacks():
   want = np.asarray(ref(x[0], odd))
   got = sq.dense(x[0], odd, mode="w8a8")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_w4a8_many_rows_pass_over_the_weights_in_blocks():
+  """More rows than one pass holds (256): the same bits as the reference."""
+  from sensorquant_jax._src import nibbles, ops, packed
+
+  if not W4A8_ISAS:
+    pytest.skip("no W4A8 kernel in this build (it needs AVX2)")
+  k, n = 128, 64
+  q = sq.quantize_array(rng.standard_normal((k, n)).astype(np.float32), sq.INT4, block_size=32)
+  m = packed.as_matrix(q, 1)
+  x = rng.standard_normal((300, k)).astype(np.float32)
+  xq, xs = jax.jit(ops.quantize_activations)(jnp.asarray(x))
+  codes = np.asarray(nibbles.unpack(q.values, 0, k), np.int64)
+  want = w4a8_reference(xq, xs, codes, np.full(q.scale.shape, 8), np.asarray(q.scale), 32)
+  got = np.asarray(jax.jit(lambda a, b: ops.native_w4a8(a, b, m))(xq, xs))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -17,7 +17,8 @@ AWQ GEMM 4-bit (``qweight`` packed along     the same, columns in AWQ's interlea
 the output, ``qzeros``, ``scales``)          packing order, ``z = qzeros``
 compressed-tensors ``pack-quantized`` int4   ``symmetric_per_group_int4`` (stored codes are
 (``weight_packed``, ``weight_scale``)        ``q + 8``, as ours); with a
-                                             ``weight_zero_point``: asymmetric
+                                             ``weight_zero_point``: asymmetric;
+                                             ``weight_g_idx``: act-order, as GPTQ's
 compressed-tensors int8 (``weight``,         ``symmetric_per_channel_int8`` (``[out, 1]``
 ``weight_scale``)                            scales), ``symmetric_per_tensor_int8``,
                                              ``symmetric_per_block_int8`` (groups),
@@ -240,6 +241,19 @@ def _short_mantissas(s: np.ndarray) -> bool:
   return not np.any(s.view(np.uint32) & np.uint32(0x7F))
 
 
+def _act_order(
+  g: _Group, g_idx: np.ndarray | None, k: int, group: int, n_groups: int
+) -> np.ndarray | None:
+  """The stored order of the inputs for a ``g_idx`` that is not ``k // group`` (act-order:
+  a group's rows are not adjacent; they are stored grouped and ``x`` gathered to match)."""
+  if g_idx is None or np.array_equal(g_idx, np.arange(k) // group):
+    return None
+  perm = np.argsort(g_idx, kind="stable")
+  if not np.array_equal(g_idx[perm], np.arange(k) // group):
+    raise g.fail(f"g_idx does not put {group} inputs in each of its {n_groups} groups")
+  return perm
+
+
 def _gptq(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
   fmt = cfg.get("checkpoint_format", "gptq")
   if fmt not in ("gptq", "gptq_v2"):
@@ -268,12 +282,8 @@ def _gptq(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
     raise g.fail(f"qweight {qweight.shape} and scales {scales_shape} do not fit together")
   group = k // n_groups
   codes = unpack_int32(qweight, bits, 0)  # [in, out], the inputs in their own order
-  perm = None
-  if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group):
-    # act-order: rows of a group are not adjacent; store them grouped, gather x to match
-    perm = np.argsort(g_idx, kind="stable")
-    if not np.array_equal(g_idx[perm], np.arange(k) // group):
-      raise g.fail(f"g_idx does not put {group} inputs in each of its {n_groups} groups")
+  perm = _act_order(g, g_idx, k, group, n_groups)
+  if perm is not None:
     codes = codes[perm]
   scale = g.scales("scales", (n_groups, n))
   qzeros = g.read("qzeros", ("int32",), 2)
@@ -367,8 +377,18 @@ def _packed(g: _Group, cfg: Mapping[str, Any]) -> tuple[str, QArray]:
     zero = zero.T + _INT4_ZERO
     if zero.min() < -8 or zero.max() > 23:
       raise g.fail("weight_zero_point outside [-16, 15]")
+  g_idx = None
+  if "weight_g_idx" in g.names:
+    g_idx = g.read("weight_g_idx", ("int32", "int64"), 1)
+    if g_idx.shape != (k,):
+      raise g.fail(f"weight_g_idx has shape {g_idx.shape}, expected ({k},)")
+  perm = _act_order(g, g_idx, k, group, n_groups)
   what = "channel" if n_groups == 1 else f"g{group}"
-  return f"compressed-tensors int4 {what}", _int4_qarray(codes, scale, zero, group)
+  q = _int4_qarray(codes if perm is None else codes[perm], scale, zero, group)
+  if perm is None:
+    return f"compressed-tensors int4 {what}", q
+  q = dataclasses.replace(q, perm=jnp.asarray(perm, jnp.int32))
+  return f"compressed-tensors int4 {what}, act-order", q
 
 
 def _config_group_size(cfg: Mapping[str, Any]) -> int | None:

@@ -1020,6 +1020,7 @@ constexpr int kW4A8Rows = 4;  // rows per register block
 // in L2, and each row segment is a whole page of the source (measured: 1024 -> 4096
 // kept whole pages per row segment; no faster than 1024 on our 2-core AVX-512 EPYC).
 constexpr int64_t kW4A8Cols = 4096;
+constexpr int64_t kW4A8MaxRows = 256;  // rows per pass over the weights (4 MB of sums)
 
 // Rows [0, M) x one chunk of D::kCols columns (global column `col`) x group g:
 // the group's byte rows are staged at `w`, D::kCols bytes apart (rows past K are
@@ -1131,8 +1132,11 @@ ffi::Error w4a8_run(ffi::ThreadPool& pool, const std::vector<uint8_t>& xpad, int
   const int64_t items = (wt.n + cols - 1) / cols;
   parallel_for(pool, items, [&](int64_t i) {
     const int64_t c = i * cols;
-    w4a8_columns<D>(xpad.data(), kp, m_rows, xsum.data(), groups, wt, c,
-                    std::min<int64_t>(cols, wt.n - c), xs, yp);
+    // Rows in blocks, so a thread's float sums stay within kW4A8MaxRows x cols.
+    for (int64_t m = 0; m < m_rows; m += kW4A8MaxRows)
+      w4a8_columns<D>(xpad.data() + m * kp, kp, std::min(kW4A8MaxRows, m_rows - m),
+                      xsum.data() + m * groups, groups, wt, c, std::min<int64_t>(cols, wt.n - c),
+                      xs + m, yp + m * wt.n);
   });
   return ffi::Error::Success();
 }
