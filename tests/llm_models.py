@@ -14,6 +14,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -348,3 +349,16 @@ class HFLlama(nn.Module):
   def __call__(self, tokens):
     x = _HFModel(self.cfg, name="model")(tokens)
     return nn.Dense(self.cfg.vocab, use_bias=False, name="lm_head")(x)
+
+
+def greedy(fn, params, prompt=(1, 17, 42), steps=8) -> np.ndarray:
+  """``steps`` greedy tokens after ``prompt`` from ``fn(params, tokens) -> logits``.
+
+  One shape for every step (one compilation): the model is causal, so the
+  positions after the last token never change the logits read.
+  """
+  tokens = np.zeros((1, len(prompt) + steps), np.int32)
+  tokens[0, : len(prompt)] = prompt
+  for n in range(len(prompt), len(prompt) + steps):
+    tokens[0, n] = int(jnp.argmax(fn(params, jnp.asarray(tokens))[0, n - 1]))
+  return tokens

@@ -138,7 +138,9 @@ def test_ops_run_on_the_imported_codes(qtype, tmp_path):
   x = rng.standard_normal((5, w.shape[1])).astype(np.float32)
   kernel = qlayout.transpose(w, (1, 0))
   y = jax.jit(sq.dense)(x, kernel)
-  atol = 1e-5 * float(np.max(np.abs(x) @ np.abs(deq.T)))  # float32 sums of large terms
+  atol = 1e-4
+  if qtype in (T.Q4_K, T.Q6_K):  # random raw blocks: scales up to 2^4, float32 sums of large terms
+    atol = 1e-5 * float(np.max(np.abs(x) @ np.abs(deq.T)))
   np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=atol)
 
   # Every implementation and mode runs on the codes (the offset is added as a float term).
@@ -167,7 +169,7 @@ def test_rename_maps_and_drops_tensors(tmp_path):
   )
   assert set(got.params["layers"]) == {"attn_q", "ffn_up"}
   assert "blk.0.stack.weight" not in got.types
-  with pytest.raises(sq.CheckpointError, match="is taken"):
+  with pytest.raises(sq.CheckpointError, match="leaf .same. appears twice"):
     sq.load_quantized(path, rename=lambda n: ("same",))
 
 
@@ -341,16 +343,7 @@ def test_a_llama_gguf_file_runs_greedy_decoding_through_a_flax_llama(qtype, tmp_
   quantized = jax.jit(lambda p, t: sq.apply(model, {"params": p}, t))
   float_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
 
-  def greedy(fn, p, prompt=(1, 17, 42), steps=8):
-    # One shape for every step (one compilation): the model is causal, so the
-    # positions after the last token never change the logits read.
-    tokens = np.zeros((1, len(prompt) + steps), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    for n in range(len(prompt), len(prompt) + steps):
-      tokens[0, n] = int(jnp.argmax(fn(p, jnp.asarray(tokens))[0, n - 1]))
-    return tokens
-
-  np.testing.assert_array_equal(greedy(quantized, q), greedy(float_fn, floats))
+  np.testing.assert_array_equal(M.greedy(quantized, q), M.greedy(float_fn, floats))
   tokens = jnp.asarray([[1, 17, 42, 5]], jnp.int32)
   assert sq.explain(lambda p, t: model.apply({"params": p}, t), q, tokens).dequantized == ()
 

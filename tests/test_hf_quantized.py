@@ -400,6 +400,14 @@ def test_malformed_and_hostile_files_end_in_one_error_naming_the_file(tmp_path):
         assert PREFIX in message, message  # names the layer
 
 
+def test_two_tensors_renamed_onto_one_path_are_refused(tmp_path):
+  tensors, _, cfg, _ = _gptq_case()
+  folder = _write(tmp_path / "m", tensors, cfg, extra={"model.norm.weight": np.ones(8, np.float32)})
+  with pytest.raises(sq.CheckpointError, match="leaf .same. appears twice") as e:
+    sq.load_quantized(folder, rename=lambda n: ("same",))
+  assert str(folder) in str(e.value)
+
+
 def test_hf_flax_names_table():
   assert sq.hf_flax_names("model.embed_tokens.weight") == ("model", "embed_tokens", "embedding")
   assert sq.hf_flax_names("model.layers.3.input_layernorm.weight")[-1] == "weight"
@@ -453,14 +461,7 @@ def test_a_gptq_llama_checkpoint_runs_greedy_decoding_through_a_flax_llama(tmp_p
   quantized = jax.jit(lambda p, t: sq.apply(model, {"params": p}, t))
   float_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
 
-  def greedy(fn, p, prompt=(1, 17, 42), steps=8):
-    tokens = np.zeros((1, len(prompt) + steps), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    for n in range(len(prompt), len(prompt) + steps):
-      tokens[0, n] = int(jnp.argmax(fn(p, jnp.asarray(tokens))[0, n - 1]))
-    return tokens
-
-  np.testing.assert_array_equal(greedy(quantized, q), greedy(float_fn, floats))
+  np.testing.assert_array_equal(M.greedy(quantized, q), M.greedy(float_fn, floats))
   tokens = jnp.asarray([[1, 17, 42, 5]], jnp.int32)
   explained = sq.explain(lambda p, t: model.apply({"params": p}, t), q, tokens)
   assert explained.dequantized == ()
@@ -502,3 +503,31 @@ def test_cli_inspects_and_converts_without_requantizing(tmp_path, capsys):
   assert cli.main(["convert", str(tmp_path / "bad"), str(tmp_path / "x")]) == cli.EXIT_BAD_INPUT
   err = capsys.readouterr().err
   assert "bad/model.safetensors" in err and err.count("\n") == 1
+
+
+def test_stacked_act_order_kernels_under_scan_and_vmap(tmp_path):
+  """Act-order kernels stacked along a layer axis: ``vmap`` runs the quantized op per
+  layer; a scan over them is dequantized (the stacked input order does not map onto
+  the scanned op), named in the warning, and still equals the float model."""
+  qs = []
+  for i in range(2):
+    tensors, _, cfg, _ = _gptq_case(act_order=True)
+    got = sq.load_quantized(_write(tmp_path / f"m{i}", tensors, cfg))
+    qs.append(got.params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+  assert stacked.perm.shape == (2, K)
+  floats = np.stack([np.asarray(q.dequantize()) for q in qs])
+  np.testing.assert_array_equal(np.asarray(stacked.dequantize()), floats)
+  x = rng.standard_normal((3, K)).astype(np.float32)
+  want = np.einsum("bk,lkn->lbn", x, floats)
+  tol = dict(rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  got = jax.jit(jax.vmap(lambda q: sq.dense(x, q)))(stacked)
+  np.testing.assert_allclose(got, want, **tol)
+
+  def fn(p, x):
+    return jax.lax.scan(lambda h, w: (h, h @ w), x, p["w"])[1]
+
+  with pytest.warns(sq.DequantizedWarning, match=": w;"):
+    got = jax.jit(sq.quantized(fn))({"w": stacked}, x)
+  np.testing.assert_allclose(got, want, **tol)
+  assert sq.explain(fn, {"w": stacked}, x).dequantized == ("w",)

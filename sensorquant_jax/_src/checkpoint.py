@@ -672,25 +672,41 @@ def iter_float_regions(
     for name, x in iter_float_leaves(path):
       yield name, tuple(x.shape), x.dtype, _slicer(x)
     return
-  try:
-    with open(path, "rb") as f:
-      index = safetensors_index(path, f.fileno())
-  except OSError as e:
-    raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-  for key, shape, dtype, offset in index:
+  for key, shape, dtype, offset in safetensors_file_index(path):
 
     def read(region, key=key, shape=shape, dtype=dtype, offset=offset):
       # Opened per read: a reader stays valid after the iteration moves on.
-      try:
-        with open(path, "rb") as f:
-          return read_rows(path, f.fileno(), key, shape, dtype, offset, region)
-      except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+      return read_safetensors_region(path, key, shape, dtype, offset, region)
 
     yield key.replace(".", "/"), shape, dtype, read
 
 
 _MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def safetensors_file_index(path: str) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
+  """:func:`safetensors_index` of the file at ``path`` (opened and closed here)."""
+  try:
+    with open(path, "rb") as f:
+      return safetensors_index(path, f.fileno())
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def read_safetensors_region(
+  path: str,
+  key: str,
+  shape: tuple[int, ...],
+  dtype: np.dtype,
+  offset: int,
+  region: tuple[slice, ...] = (),
+) -> np.ndarray:
+  """The region of a tensor indexed by :func:`safetensors_file_index` (its rows read)."""
+  try:
+    with open(path, "rb") as f:
+      return read_rows(path, f.fileno(), key, shape, dtype, offset, region)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def safetensors_index(path: str, fd: int) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:

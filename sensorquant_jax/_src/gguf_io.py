@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensorquant_jax._src import fileio, nibbles, qlayout
+from sensorquant_jax._src import fileio, nibbles, qlayout, tree_paths
 from sensorquant_jax._src.checkpoint import CheckpointError
 from sensorquant_jax._src.convert import RequantizationWarning
 from sensorquant_jax._src.options import ASYMMETRIC_INT4, INT4, PER_BLOCK
@@ -436,7 +436,8 @@ def read_gguf(
   """``(params, metadata, types)`` of a GGUF file (see :func:`load_quantized`)."""
   reader = _reader(path)
   metadata = {k: _field_value(v) for k, v in reader.fields.items() if not k.startswith("GGUF.")}
-  params: dict[str, Any] = {}
+  paths: list[str] = []
+  values: list[Any] = []
   types: dict[str, str] = {}
   for t in reader.tensors:
     keys = rename(t.name)
@@ -448,14 +449,12 @@ def read_gguf(
         raise CheckpointError(f"{path}: tensor {t.name!r}: a kernel must be 2-D, got {value.shape}")
       value = qlayout.transpose(value, (1, 0)) if is_qarray(value) else value.T
     types[t.name] = kind
-    node = params
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-      if not isinstance(node, dict):
-        raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken by a tensor")
-    if keys[-1] in node:
-      raise CheckpointError(f"{path}: tensor {t.name!r}: path {keys} is taken")
-    node[keys[-1]] = value
+    paths.append("/".join(keys))
+    values.append(value)
+  try:
+    params = tree_paths.nest(paths, values)
+  except ValueError as e:  # two tensors renamed onto one path
+    raise CheckpointError(f"{path}: {e}") from None
   return params, metadata, types
 
 

@@ -51,7 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensorquant_jax._src import fileio, nibbles, options, tree_paths
-from sensorquant_jax._src.checkpoint import CheckpointError, read_rows, safetensors_index
+from sensorquant_jax._src.checkpoint import (
+  CheckpointError,
+  read_safetensors_region,
+  safetensors_file_index,
+)
 from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -108,12 +112,7 @@ class _Tensors:
   def __init__(self, files: list[str]):
     self.where: dict[str, tuple[str, tuple[int, ...], np.dtype, int]] = {}
     for path in files:
-      try:
-        with open(path, "rb") as f:
-          index = safetensors_index(path, f.fileno())
-      except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-      for name, shape, dtype, offset in index:
+      for name, shape, dtype, offset in safetensors_file_index(path):
         if name in self.where:
           raise CheckpointError(f"{path}: tensor {name!r} is also in {self.where[name][0]}")
         self.where[name] = (path, shape, dtype, offset)
@@ -126,11 +125,7 @@ class _Tensors:
 
   def read(self, name: str) -> np.ndarray:
     path, shape, dtype, offset = self.where[name]
-    try:
-      with open(path, "rb") as f:
-        return np.array(read_rows(path, f.fileno(), name, shape, dtype, offset, ()))
-    except OSError as e:
-      raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return np.array(read_safetensors_region(path, name, shape, dtype, offset))
 
 
 def _files(path: str) -> list[str]:
@@ -533,8 +528,6 @@ def read_safetensors(
     keys = rename(prefix + ".weight")
     if keys is None:
       continue
-    if keys[-1] != "kernel":  # a quantized matmul weight is [in, out] here
-      keys = keys[:-1] + ("kernel",)
     leaves.append((keys, prefix, q, what))
   types = {prefix: what for _, prefix, _, what in leaves}
   floats = []
@@ -551,9 +544,11 @@ def read_safetensors(
       x = np.ascontiguousarray(x.T)
     types[name] = x.dtype.name
     floats.append((keys, name, x))
-  params: dict[str, Any] = {}
-  for keys, name, x in [(k, p, q) for k, p, q, _ in leaves] + floats:
-    _place(path, params, keys, name, x)
+  placed = [(k, q) for k, _, q, _ in leaves] + [(k, x) for k, _, x in floats]
+  try:
+    params = tree_paths.nest(["/".join(k) for k, _ in placed], [x for _, x in placed])
+  except ValueError as e:  # two tensors renamed onto one path
+    raise CheckpointError(f"{path}: {e}") from None
   fmt = "+".join(sorted(formats)) if formats else "safetensors"
   return params, fmt, dict(cfg), types
 
@@ -562,17 +557,6 @@ def _awq_shaped(g: _Group) -> bool:
   """AWQ packs ``qweight`` along the output (``[in, out / 8]``), GPTQ along the input."""
   scales = g.shape("scales")
   return len(scales) == 2 and g.shape("qweight")[1] != scales[1]
-
-
-def _place(path: str, params: dict, keys: tuple[str, ...], name: str, x: Any) -> None:
-  node = params
-  for k in keys[:-1]:
-    node = node.setdefault(k, {})
-    if not isinstance(node, dict):
-      raise CheckpointError(f"{path}: tensor {name!r}: path {'/'.join(keys)} is taken")
-  if keys[-1] in node:
-    raise CheckpointError(f"{path}: tensor {name!r}: path {'/'.join(keys)} is taken")
-  node[keys[-1]] = x
 
 
 def _gptq_tensors(where: str, q: QArray, fmt: GptqFormat) -> tuple[int, dict[str, np.ndarray]]:
@@ -715,8 +699,7 @@ def export_gptq(
 
 def _is_safetensors(path: str) -> bool:
   try:
-    with open(path, "rb") as f:
-      safetensors_index(path, f.fileno())
+    safetensors_file_index(path)
     return True
-  except (CheckpointError, OSError):
+  except CheckpointError:
     return False

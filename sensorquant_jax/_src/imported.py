@@ -60,8 +60,9 @@ def load_quantized(
       or ``None`` to leave the tensor out. Default: GGUF names split on ``"."``;
       safetensors names by :func:`hf_flax_names` (``q_proj.weight`` ->
       ``q_proj/kernel``). A path ending in ``"kernel"`` gets the 2-D tensor
-      transposed to Flax's ``[in, out]`` (quantized safetensors layers always
-      are); :func:`gguf_llama_names` maps llama.cpp's Llama names.
+      transposed to Flax's ``[in, out]``. A quantized safetensors layer is
+      placed at ``rename(prefix + ".weight")`` and is always ``[in, out]``;
+      :func:`gguf_llama_names` maps llama.cpp's Llama names.
 
   Returns:
     An :class:`Imported`: the params, the format, the metadata and each tensor's type.

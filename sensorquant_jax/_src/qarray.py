@@ -128,8 +128,8 @@ class QArray:
         out = out + self.offset.astype(jnp.float32)
     else:
       out = _apply_blocks(v, self.scale, self.axes[0], self.block_size, zp, self.offset)
-      if self.perm is not None:  # stored order -> logical order
-        out = jnp.take(out, jnp.argsort(self.perm), axis=self.axes[0] % out.ndim)
+      if self.perm is not None:
+        out = _unpermute(out, self.perm, self.axes[0] % out.ndim)
     if self.input_scale is not None:
       out = out * self.input_scale.astype(jnp.float32)
     dtype = self.dtype if dtype is None else dtype
@@ -269,6 +269,16 @@ def _apply_blocks(
   if offset is not None:
     blocked = blocked + jnp.expand_dims(offset.astype(jnp.float32), axis + 1)
   return merge_blocks(blocked, axis, v.shape[axis])
+
+
+def _unpermute(out: jax.Array, perm: jax.Array, axis: int) -> jax.Array:
+  """The stored order of ``axis`` back to the logical one; ``perm`` is ``[*lead, n]``, its
+  leading axes those of stacked QArrays (the first axes of ``out``)."""
+  inv = jnp.argsort(perm, axis=-1)
+  moved = jnp.moveaxis(out, axis, -1)
+  idx = inv.reshape(inv.shape[:-1] + (1,) * (moved.ndim - inv.ndim) + inv.shape[-1:])
+  taken = jnp.take_along_axis(moved, jnp.broadcast_to(idx, moved.shape), axis=-1)
+  return jnp.moveaxis(taken, -1, axis)
 
 
 def is_qarray(x: Any) -> bool:

@@ -53,6 +53,8 @@ def _arrays(q: QArray) -> dict[str, jax.Array]:
 
 
 def _replace(q: QArray, arrays: dict[str, jax.Array], axes: Iterable[int], ndim: int) -> QArray:
+  if q.perm is not None and q.perm.ndim > 1:  # its leading axes would fall out of step
+    raise Unsupported("a stacked kernel with permuted inputs")
   neg = tuple(sorted(a - ndim if a >= 0 else a for a in axes))
   return dataclasses.replace(
     q,
