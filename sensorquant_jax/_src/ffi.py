@@ -16,10 +16,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sensorquant_jax._src import native, options
-from sensorquant_jax._src.native import INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET, WO_TARGET
+from sensorquant_jax._src.native import (
+  INT4_PACKED_TARGET,
+  INT4_TARGET,
+  INT4_ZERO_TARGET,
+  W4A8_TARGET,
+  WO_TARGET,
+)
 
-_INT4 = (INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET)
+_INT4 = (INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET, INT4_PACKED_TARGET)
 _BLOCK_ATTR = (WO_TARGET, *_INT4)
+_ISA_ATTR = (W4A8_TARGET, INT4_PACKED_TARGET)
 
 W8_MAX_K = 65536
 """Largest K whose int32 accumulation of ``(x + 128) * w`` is exact (``kW8A8MaxK`` in
@@ -125,11 +132,11 @@ def _ffi_kernel(target: str, n_rows: int, block: int, tiled: bool, n_cols: int =
     n = values.shape[1] if values.ndim == 2 else values.shape[0] * values.shape[2]
     out = jax.ShapeDtypeStruct((args[0].shape[0], n), jnp.float32)
     attrs = {"block": np.int64(block)} if target in _BLOCK_ATTR else {}
-    if target == W4A8_TARGET:
+    if target in _ISA_ATTR:
       attrs["isa"] = np.int64(isa)
     return jax.ffi.ffi_call(target, out)(*args, **attrs)
 
-  chunk = native.w4a8_isas().get(isa, 16) if target == W4A8_TARGET else 16
+  chunk = native.w4a8_isas().get(isa, 16) if target == W4A8_TARGET and not tiled else 16
   kernel = jax.custom_batching.custom_vmap(
     _sharded(call, n_rows, tiled, n_cols, target in _INT4, chunk)
   )

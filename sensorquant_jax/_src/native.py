@@ -58,8 +58,13 @@ INT4_ZERO_TARGET = "sq_int4_zero_dense"
 W4A8_TARGET = "sq_w4a8_dense"
 """XLA FFI target of the W4A8 kernel: int8 activations x int4 weights on integer dot
 products (symbol ``SqW4A8Dense``; AVX2 builds and up)."""
+INT4_PACKED_TARGET = "sq_int4_packed_dense"
+"""XLA FFI target of the int4 weight-only kernel on :func:`~sensorquant_jax.pack`'s int4
+tiles (symbol ``SqInt4PackedDense``; AVX2 + FMA builds and up). The W4A8 target takes
+those tiles too."""
 _SYMBOLS = {
   WO_TARGET: "SqWeightOnlyDense",
+  INT4_PACKED_TARGET: "SqInt4PackedDense",
   W8_TARGET: "SqW8A8Dense",
   W4A8_TARGET: "SqW4A8Dense",
   INT4_TARGET: "SqInt4Dense",
@@ -207,7 +212,8 @@ def ffi_targets() -> frozenset[str]:
 
 W4A8_BEST, W4A8_MADD512, W4A8_MADD256 = 0, 1, 2
 """The W4A8 kernel's ``isa`` attribute: the best this build has (VNNI where built),
-``vpmaddubsw`` on 512 bits, on 256 bits."""
+``vpmaddubsw`` on 512 bits, on 256 bits. The packed int4 weight-only kernel takes
+``W4A8_BEST`` (AVX-512 where built) and ``W4A8_MADD256`` (its 256-bit path)."""
 
 
 def w4a8_isas() -> dict[int, int]:

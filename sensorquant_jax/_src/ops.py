@@ -19,6 +19,7 @@ from sensorquant_jax._src.ffi import (
   native_op,
 )
 from sensorquant_jax._src.native import (
+  INT4_PACKED_TARGET,
   INT4_TARGET,
   INT4_ZERO_TARGET,
   W4A8_TARGET,
@@ -26,7 +27,14 @@ from sensorquant_jax._src.native import (
   WO_TARGET,
 )
 from sensorquant_jax._src.options import IMPLS, MODES, Impl, Mode
-from sensorquant_jax._src.packed import Matrix, PackedQArray, as_matrix, auto_tile, untile
+from sensorquant_jax._src.packed import (
+  Matrix,
+  PackedQArray,
+  as_matrix,
+  auto_tile,
+  canonical_matrix,
+  untile,
+)
 from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO, QArray, split_blocks
 from sensorquant_jax._src.schemes import exact_div, fp8_round
 
@@ -99,7 +107,7 @@ def _on_arrays(m: Matrix, fn: Callable[..., jax.Array]) -> Callable[..., jax.Arr
 
 def _dispatch(mode: Mode, candidates: dict[str, Callable], x2: jax.Array, m: Matrix, *extra):
   """Runs the candidate :func:`tuning.choose` picks for this problem."""
-  k = m.values.shape[-2] if m.tiled else x2.shape[1]
+  k = x2.shape[1]
   n = m.scale.shape[-1]
   problem = tuning.Problem(
     mode, _weights_key(m), k, n, tuning.rows_bucket(x2.shape[0]), jnp.dtype(x2.dtype).name
@@ -129,6 +137,14 @@ def _weight_only_candidates(m: Matrix, tile: int | None, rows: int) -> dict[str,
   out: dict[str, Callable] = {}
   if m.fp8:  # the native and Pallas kernels read integer codes
     return {"xla": lambda x2, m: _xla_weight_only(x2, m, tile)}
+  if m.bits == 4 and m.tiled:  # packed int4 tiles: the native kernel reads them as they are
+    if native_available(INT4_PACKED_TARGET, "auto"):
+      out["native"] = native_int4_packed
+    out["xla_groups"] = lambda x2, m: _xla_int4(x2, m, dequantize=False)
+    out["xla_dequantize"] = lambda x2, m: _xla_int4(x2, m, dequantize=True)
+    if _on_gpu():
+      out["pallas"] = _pallas_weight_only
+    return out
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
     if m.values.shape[1] % 16 == 0 and native_available(target, "auto"):
@@ -165,6 +181,11 @@ def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto"
     raise ValueError(f"impl={impl!r} runs integer kernels; fp8 kernels run on impl='xla'")
   if impl == "pallas":
     return _pallas_weight_only(x2, m).astype(cdt)
+  if m.bits == 4 and m.tiled:
+    if impl == "native":
+      native_available(INT4_PACKED_TARGET, impl)  # raises why
+      return native_int4_packed(x2, m).astype(cdt)
+    return _xla_int4(x2, m)
   if m.bits == 4:
     target = INT4_TARGET if m.zero_point is None else INT4_ZERO_TARGET
     if impl == "native":
@@ -182,7 +203,8 @@ def _weight_only(x2: jax.Array, m: Matrix, tile: int | None, impl: Impl = "auto"
 def _pallas_weight_only(x2: jax.Array, m: Matrix) -> jax.Array:
   from sensorquant_jax._src import pallas  # Pallas imports only when used
 
-  values = untile(m.values) if m.tiled else m.values
+  m = canonical_matrix(m, x2.shape[1])
+  values = m.values
   interpret = not _on_gpu()
   if m.bits == 4:
     assert m.block is not None
@@ -240,10 +262,28 @@ def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
   return op(xf, m.values, *cols)
 
 
+def native_int4_packed(x2: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+  """Int4 weight-only on packed int4 tiles: codes converted in registers (AVX-512: a
+  table lookup), summed per group, ``s * (sum - z * sum(x))`` added group by group."""
+  assert m.block is not None and m.tiled
+  xf = x2.astype(jnp.float32)
+  scale = m.scale.astype(jnp.float32)
+  zero = m.zero_point
+  if zero is None:  # the symmetric codes' implicit zero point
+    zero = jnp.full(scale.shape, SYMMETRIC_INT4_ZERO, jnp.int8)
+
+  def reference(x, values, scale, zero):
+    return _xla_int4(x, dataclasses.replace(m, values=values, scale=scale, zero_point=zero))
+
+  op = native_op(INT4_PACKED_TARGET, 1, m.block, True, reference, n_cols=2, isa=isa)
+  return op(xf, m.values, scale, zero)
+
+
 def _xla_int4(x2: jax.Array, m: Matrix, dequantize: bool | None = None) -> jax.Array:
   """Int4 weight-only in XLA: per-group partial products, scaled and summed
   (few rows), or one dot on the dequantized kernel (many rows; ``dequantize``
-  forces either)."""
+  forces either). Packed int4 tiles are untiled first."""
+  m = canonical_matrix(m, x2.shape[1])
   assert m.block is not None
   cdt = x2.dtype
   k = x2.shape[1]
@@ -368,19 +408,16 @@ def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
 
 def w4a8_ok(m: Matrix, isa: int = native.W4A8_BEST) -> bool:
   """Whether the native W4A8 kernel takes this int4 kernel: groups of a multiple of 4,
-  N a multiple of the build's column chunk (64 with AVX-512, else 32)."""
+  N a multiple of the build's column chunk (64 with AVX-512, else 32); packed int4
+  tiles always (their groups are a multiple of 8)."""
   chunk = native.w4a8_isas().get(isa)
-  return (
-    m.bits == 4
-    and m.block is not None
-    and m.block % 4 == 0
-    and chunk is not None
-    and m.values.shape[1] % chunk == 0
-  )
+  if m.bits != 4 or m.block is None or chunk is None:
+    return False
+  return m.tiled or (m.block % 4 == 0 and m.values.shape[1] % chunk == 0)
 
 
 def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array:
-  k = m.values.shape[-2] if m.values.ndim == 3 else m.values.shape[0]
+  k = x2.shape[1]
   scale = None if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(())
   if impl == "auto":
     candidates = _w8a8_candidates(m, k)
@@ -425,7 +462,7 @@ def native_w4a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.W4A8_
   def reference(xq, xs, values, scale, zero):
     return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=zero))
 
-  op = native_op(W4A8_TARGET, 2, m.block, False, reference, n_cols=2, isa=isa)
+  op = native_op(W4A8_TARGET, 2, m.block, m.tiled, reference, n_cols=2, isa=isa)
   return op(xq, xs, m.values, scale, zero)
 
 
@@ -462,9 +499,8 @@ _INT_PRECISION = lax.Precision.DEFAULT
 
 
 def _xla_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
+  m = canonical_matrix(m, xq.shape[1])
   values = m.values
-  if m.tiled:
-    values = untile(values)
   if m.bits == 4:  # int8 x int4 per group: the centred codes, exact in int32
     values = int4_centered(m, xq.shape[1])
     m = dataclasses.replace(m, zero_point=None)

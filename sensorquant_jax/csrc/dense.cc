@@ -7,6 +7,8 @@
 // cannot fuse the int8 convert into its dot, which is why this file exists.
 // Int4 weight-only (further down): packed nibbles, per-group scales.
 // W8A8 (further down): int8 x int8 -> int32 with AVX-512 VNNI.
+// W4A8 (further down): int8 activations x int4 codes on integer dot products.
+// Packed int4 (further down): sq.pack's 64-column int4 tiles, for weight-only and W4A8.
 //
 // Weight layout: column tiles [N / T, K, T] (T = N for the canonical [K, N]).
 // Scales: per column [1, N] (applied to the accumulator), or per K-block
@@ -1141,12 +1143,363 @@ ffi::Error w4a8_run(ffi::ThreadPool& pool, const std::vector<uint8_t>& xpad, int
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// Packed int4 (sq.pack on int4 kernels): 64-column tiles [N / 64, Kp / 2, 64],
+// Kp = K rounded up to 8 (codes past K are zeros). In a tile, every 8 k take 256
+// bytes: 4 lines of 16 columns, byte 4 i + j of line q holding column 16 q + i
+// at k = 8 k8 + j (low nibble) and at k = 8 k8 + 4 + j (high nibble). So a
+// line's low nibbles are, per 32-bit lane, one column's 4 consecutive k: what
+// vpdpbusd and vpmaddubsw multiply, with no transpose; and for floats a
+// lane-wise shift by 8 j (+ 4) brings each code to the low 4 bits. Each tile is
+// one contiguous stream.
+// ---------------------------------------------------------------------------
+constexpr int64_t kP4Cols = 64;   // columns per tile
+constexpr int64_t kP4Step = 256;  // bytes per 8 k of a tile
+constexpr int kP4Rows = 5;        // rows per register block (weight-only)
+
+struct PackedInt4 {
+  const uint8_t* data;  // [n / 64, kp / 2, 64]
+  int64_t k, kp, n, block;
+  const float* scale;   // [ceil(k / block), n]
+  const int8_t* zero;   // the same shape
+  int64_t groups() const { return (k + block - 1) / block; }
+  const uint8_t* tile(int64_t t) const { return data + t * (kp / 2) * kP4Cols; }
+};
+
+// Checks a packed int4 operand against activations [M, K]: shared by both handlers.
+ffi::Error decode_packed_int4(const ffi::AnyBuffer& w, const ffi::Buffer<ffi::F32>& scale,
+                              const ffi::AnyBuffer& zero, int64_t k, int64_t block,
+                              PackedInt4* wt) {
+  auto wd = w.dimensions();
+  if (w.element_type() != ffi::U8 || wd.size() != 3 || wd[2] != kP4Cols)
+    return ffi::Error::InvalidArgument("packed int4 w must be uint8 [N / 64, Kp / 2, 64]");
+  if (zero.element_type() != ffi::S8) return ffi::Error::InvalidArgument("zero must be int8");
+  const int64_t kp = (k + 7) / 8 * 8;
+  if (wd[1] * 2 != kp) return ffi::Error::InvalidArgument("x and w disagree on K");
+  if (block < 8 || block % 8) return ffi::Error::InvalidArgument("block must be a multiple of 8");
+  *wt = PackedInt4{reinterpret_cast<const uint8_t*>(w.untyped_data()), k, kp, wd[0] * kP4Cols,
+                   block, scale.typed_data(),
+                   reinterpret_cast<const int8_t*>(zero.untyped_data())};
+  const int64_t groups = std::max<int64_t>(wt->groups(), 1);
+  if (scale.element_count() != size_t(groups * wt->n) ||
+      zero.element_count() != size_t(groups * wt->n))
+    return ffi::Error::InvalidArgument("scale and zero must be [ceil(K / block), N]");
+  return ffi::Error::Success();
+}
+
+// Tiles [t0, t1) to one work item each time, as many items as keep every thread
+// busy twice over.
+template <typename F>
+void over_tiles(ffi::ThreadPool& pool, int64_t tiles, F fn) {
+  const int64_t per = std::max<int64_t>(1, tiles / (2 * pool.num_threads()));
+  parallel_for(pool, (tiles + per - 1) / per, [&](int64_t i) {
+    for (int64_t t = i * per; t < std::min(tiles, (i + 1) * per); ++t) fn(t);
+  });
+}
+
+// W4A8 on packed tiles: rows [0, M) of tile t, every group; y (the rows' first
+// column, ldy floats a row) gets the group terms added in order, as w4a8_group
+// does, so the bits equal the canonical kernel's.
+template <class D, int M>
+void w4a8_packed_rows(const uint8_t* xq, int64_t ldx, const int32_t* xsum, int64_t groups,
+                      const PackedInt4& wt, int64_t t, float* y, int64_t ldy) {
+  using I = typename D::I;
+  constexpr int kPer = sizeof(I) / 4;                // columns per vector
+  constexpr int kSlots = kP4Step / sizeof(I);  // vectors per 8 k: 4 (512 bits) or 8 (256)
+  constexpr int kPass = sizeof(I) == 64 ? 4 : 2;  // sums in registers: 32 zmm, 16 ymm
+  // One row alone: low and high nibbles go to separate sums (more chains in flight).
+  constexpr int S = M == 1 ? 2 : 1;
+  const uint8_t* base = wt.tile(t);
+  const int64_t col = t * kP4Cols;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * wt.block, k1 = std::min(wt.kp, k0 + wt.block);
+    for (int p = 0; p < kSlots; p += kPass) {
+      I acc[M * S][kPass];
+      for (int m = 0; m < M * S; ++m)
+        for (int v = 0; v < kPass; ++v) acc[m][v] = D::zero();
+      for (int64_t k = k0; k < k1; k += 8) {
+        const uint8_t* line = base + (k / 8) * kP4Step + p * int64_t(sizeof(I));
+        I xa[M], xb[M];
+        for (int m = 0; m < M; ++m) {
+          int32_t a, b;
+          std::memcpy(&a, xq + m * ldx + k, 4);
+          std::memcpy(&b, xq + m * ldx + k + 4, 4);
+          xa[m] = D::splat4(a), xb[m] = D::splat4(b);
+        }
+        for (int v = 0; v < kPass; ++v) {
+          const I w = D::load(line + v * sizeof(I));
+          const I lo = D::lo(w), hi = D::hi(w);
+          for (int m = 0; m < M; ++m) {
+            acc[m * S][v] = D::dot(acc[m * S][v], lo, xa[m]);
+            acc[m * S + S - 1][v] = D::dot(acc[m * S + S - 1][v], hi, xb[m]);
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < kPass; ++v) {
+          const I sums = S == 2 ? D::add(acc[m * S][v], acc[m * S + 1][v]) : acc[m * S][v];
+          const int64_t c = col + (p + v) * kPer;
+          D::epilogue(sums, wt.scale + g * wt.n + c, wt.zero + g * wt.n + c,
+                      xsum[m * groups + g], y + m * ldy + c);
+        }
+    }
+  }
+}
+
+template <class D>
+void w4a8_packed_run(ffi::ThreadPool& pool, const uint8_t* xpad, int64_t ldx, int64_t m_rows,
+                     const int32_t* xsum, int64_t groups, const PackedInt4& wt, const float* xs,
+                     float* yp) {
+  over_tiles(pool, wt.n / kP4Cols, [&](int64_t t) {
+    const int64_t col = t * kP4Cols;
+    for (int64_t m = 0; m < m_rows; ++m) std::fill_n(yp + m * wt.n + col, kP4Cols, 0.0f);
+    for (int64_t m = 0; m < m_rows; m += kW4A8Rows) {
+      const uint8_t* xr = xpad + m * ldx;
+      const int32_t* sr = xsum + m * groups;
+      float* yr = yp + m * wt.n;
+      switch (std::min<int64_t>(kW4A8Rows, m_rows - m)) {
+        case 4: w4a8_packed_rows<D, 4>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        case 3: w4a8_packed_rows<D, 3>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        case 2: w4a8_packed_rows<D, 2>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        default: w4a8_packed_rows<D, 1>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+      }
+    }
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = col; c < col + kP4Cols; ++c) yp[m * wt.n + c] *= xs[m];
+  });
+}
+
+// Weight-only on packed tiles: the codes become floats in registers (AVX-512: a
+// 16-entry table lookup, vpermps, which reads only an index's low 4 bits; AVX2:
+// mask and convert), summed per group against float activations, and each group
+// adds fl(s * (sum - z * sum(x))) to y.
+#if defined(__FMA__)
+#define SQ_HAVE_INT4_PACKED 1
+struct Int4Floats256 {
+  using I = __m256i;
+  using V = __m256;
+  static constexpr int kPass = 2;  // 5 rows x 2 vectors of sums: 16 ymm registers
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  static V codes(I v, int shift) {
+    return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(0xF)));
+  }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V splat(float s) { return _mm256_set1_ps(s); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V load_f(const float* p) { return _mm256_loadu_ps(p); }
+  static void store_f(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V load_z(const int8_t* z) {
+    return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
+  }
+  // fl(s * fl(a - fl(z * xsum))): no contraction, the same bits at every width.
+  static V term(V a, V s, V z, float xsum) {
+    V zx = _mm256_mul_ps(z, _mm256_set1_ps(xsum));
+    asm("" : "+x"(zx));
+    V d = _mm256_sub_ps(a, zx);
+    asm("" : "+x"(d));
+    V part = _mm256_mul_ps(s, d);
+    asm("" : "+x"(part));  // nor with the add into y
+    return part;
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+struct Int4Floats512 {
+  using I = __m512i;
+  using V = __m512;
+  static constexpr int kPass = 4;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static V codes(I v, int shift) {
+    const V table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(v, shift) : v, table);
+  }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V splat(float s) { return _mm512_set1_ps(s); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V load_f(const float* p) { return _mm512_loadu_ps(p); }
+  static void store_f(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V load_z(const int8_t* z) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+  }
+  static V term(V a, V s, V z, float xsum) {
+    V zx = _mm512_mul_ps(z, _mm512_set1_ps(xsum));
+    asm("" : "+v"(zx));
+    V d = _mm512_sub_ps(a, zx);
+    asm("" : "+v"(d));
+    V part = _mm512_mul_ps(s, d);
+    asm("" : "+v"(part));  // nor with the add into y
+    return part;
+  }
+};
+#endif
+
+#if defined(SQ_HAVE_INT4_PACKED)
+// Rows [0, M) x tile t, every group. Each 8 k: the tile's lines are loaded once,
+// and for each k the converted codes meet every row's activation.
+template <class F, int M>
+void int4_packed_rows(const float* x, int64_t ldx, const float* xsum, int64_t groups,
+                      const PackedInt4& wt, int64_t t, float* y, int64_t ldy) {
+  using I = typename F::I;
+  using V = typename F::V;
+  constexpr int kPer = sizeof(V) / 4;
+  constexpr int kVectors = kP4Cols / kPer;  // per 8 k: 4 (512 bits) or 8 (256)
+  constexpr int kPass = F::kPass;
+  // One row alone: even and odd k go to separate sums (more chains in flight).
+  constexpr int S = M == 1 ? 2 : 1;
+  constexpr int kShift[8] = {0, 8, 16, 24, 4, 12, 20, 28};
+  const uint8_t* base = wt.tile(t);
+  const int64_t col = t * kP4Cols;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * wt.block, k1 = std::min(wt.kp, k0 + wt.block);
+    for (int p = 0; p < kVectors; p += kPass) {
+      V acc[M * S][kPass];
+      for (int m = 0; m < M * S; ++m)
+        for (int v = 0; v < kPass; ++v) acc[m][v] = F::zero();
+      for (int64_t k = k0; k < k1; k += 8) {
+        const uint8_t* line = base + (k / 8) * kP4Step + p * int64_t(sizeof(I));
+        I w[kPass];
+        for (int v = 0; v < kPass; ++v) w[v] = F::load(line + v * sizeof(I));
+        for (int j = 0; j < 8; ++j) {
+          V c[kPass];
+          for (int v = 0; v < kPass; ++v) c[v] = F::codes(w[v], kShift[j]);
+          const int set = S == 1 ? 0 : j & 1;
+          for (int m = 0; m < M; ++m) {
+            const V xb = F::splat(x[m * ldx + k + j]);
+            for (int v = 0; v < kPass; ++v) acc[m * S + set][v] = F::fma(xb, c[v], acc[m * S + set][v]);
+          }
+        }
+      }
+      for (int v = 0; v < kPass; ++v) {
+        const int64_t c = col + (p + v) * kPer;
+        const V s = F::load_f(wt.scale + g * wt.n + c);
+        const V z = F::load_z(wt.zero + g * wt.n + c);
+        for (int m = 0; m < M; ++m) {
+          const V a = S == 2 ? F::add(acc[m * S][v], acc[m * S + 1][v]) : acc[m * S][v];
+          const V part = F::term(a, s, z, xsum[m * groups + g]);
+          float* out = y + m * ldy + c;
+          F::store_f(out, g == 0 ? part : F::add(F::load_f(out), part));
+        }
+      }
+    }
+  }
+}
+
+template <class F>
+void int4_packed_run(ffi::ThreadPool& pool, const float* x, int64_t ldx, int64_t m_rows,
+                     const float* xsum, int64_t groups, const PackedInt4& wt, float* yp) {
+  over_tiles(pool, wt.n / kP4Cols, [&](int64_t t) {
+    for (int64_t m = 0; m < m_rows; m += kP4Rows) {
+      const float* xr = x + m * ldx;
+      const float* sr = xsum + m * groups;
+      float* yr = yp + m * wt.n;
+      static_assert(kP4Rows == 5, "one case per row count up to kP4Rows");
+      switch (std::min<int64_t>(kP4Rows, m_rows - m)) {
+        case 5: int4_packed_rows<F, 5>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        case 4: int4_packed_rows<F, 4>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        case 3: int4_packed_rows<F, 3>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        case 2: int4_packed_rows<F, 2>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+        default: int4_packed_rows<F, 1>(xr, ldx, sr, groups, wt, t, yr, wt.n); break;
+      }
+    }
+  });
+}
+
+// isa: 0 the best this build has, 2 the 256-bit path (tests compare them bit for bit).
+ffi::Error Int4PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                           ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zero,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t block, int64_t isa) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  PackedInt4 wt;
+  if (ffi::Error err = decode_packed_int4(w, scale, zero, xd[1], block, &wt); err.failure())
+    return err;
+  const int64_t m_rows = xd[0], groups = std::max<int64_t>(wt.groups(), 1);
+  float* yp = y->typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  if (wt.k == 0) {
+    std::fill(yp, yp + m_rows * wt.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  // Activations padded with zeros to whole 8 k where K is not (zero codes there
+  // would still meet whatever lay past the row), and each row's sum per group.
+  const float* xp = x.typed_data();
+  std::vector<float> xpad;
+  if (wt.kp != wt.k) {
+    xpad.assign(m_rows * wt.kp, 0.0f);
+    for (int64_t m = 0; m < m_rows; ++m)
+      std::memcpy(xpad.data() + m * wt.kp, xp + m * wt.k, wt.k * sizeof(float));
+    xp = xpad.data();
+  }
+  std::vector<float> xsum(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0;
+      for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k) acc += xp[m * wt.kp + k];
+      xsum[m * groups + g] = acc;
+    }
+#if defined(__AVX512F__)
+  if (isa != 2) {
+    int4_packed_run<Int4Floats512>(pool, xp, wt.kp, m_rows, xsum.data(), groups, wt, yp);
+    return ffi::Error::Success();
+  }
+#endif
+  (void)isa;
+  int4_packed_run<Int4Floats256>(pool, xp, wt.kp, m_rows, xsum.data(), groups, wt, yp);
+  return ffi::Error::Success();
+}
+#endif  // SQ_HAVE_INT4_PACKED
+
 int64_t w4a8_chunk_cols(int64_t isa) {
 #if defined(__AVX512BW__)
   if (isa != 2) return 64;
 #endif
   (void)isa;
   return 32;
+}
+
+// W4A8 on packed tiles [N / 64, Kp / 2, 64] (see PackedInt4): the same sums and
+// float steps as the canonical kernel, so the same bits.
+ffi::Error W4A8PackedDense(ffi::ThreadPool& pool, const ffi::AnyBuffer& xq,
+                           const ffi::Buffer<ffi::F32>& xs, const ffi::AnyBuffer& w,
+                           const ffi::Buffer<ffi::F32>& scale, const ffi::AnyBuffer& zero,
+                           ffi::ResultBuffer<ffi::F32>& y, int64_t block, int64_t isa) {
+  auto xd = xq.dimensions();
+  PackedInt4 wt;
+  if (ffi::Error err = decode_packed_int4(w, scale, zero, xd[1], block, &wt); err.failure())
+    return err;
+  if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
+  const int64_t m_rows = xd[0], groups = std::max<int64_t>(wt.groups(), 1);
+  float* yp = y->typed_data();
+  if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
+  const int64_t kp = wt.kp;
+  std::vector<uint8_t> xpad(m_rows * kp, 0);
+  std::vector<int32_t> xsum(m_rows * groups, 0);
+  const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
+  for (int64_t m = 0; m < m_rows; ++m) {
+    std::memcpy(xpad.data() + m * kp, xp + m * wt.k, wt.k);
+    for (int64_t k = 0; k < wt.k; ++k) xsum[m * groups + k / block] += xp[m * wt.k + k];
+  }
+  const float* xsp = xs.typed_data();
+#if defined(__AVX512BW__)
+  if (isa != 2) {
+#if defined(__AVX512VNNI__)
+    if (isa == 0) {
+      w4a8_packed_run<Avx512VnniDot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
+      return ffi::Error::Success();
+    }
+#endif
+    w4a8_packed_run<Avx512MaddDot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
+    return ffi::Error::Success();
+  }
+#endif
+  (void)isa;
+  w4a8_packed_run<Avx2Dot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
+  return ffi::Error::Success();
 }
 
 ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
@@ -1156,6 +1509,7 @@ ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   auto wd = w.dimensions();
   if (xd.size() != 2 || xq.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
+  if (wd.size() == 3) return W4A8PackedDense(pool, xq, xs, w, scale, zero, y, block, isa);
   if (w.element_type() != ffi::U8 || wd.size() != 2)
     return ffi::Error::InvalidArgument("w must be uint8 [ceil(K / 2), N]");
   if (zero.element_type() != ffi::S8) return ffi::Error::InvalidArgument("zero must be int8");
@@ -1218,6 +1572,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SqW4A8Dense, W4A8Dense,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("isa"));
+#endif
+
+#if defined(SQ_HAVE_INT4_PACKED)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SqInt4PackedDense, Int4PackedDense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
