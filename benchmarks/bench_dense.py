@@ -17,7 +17,9 @@ dot, ``t`` XLA tiles, ``g`` XLA int4 per-group products, ``q`` XLA int4
 dequantized, ``p`` Pallas).
 ``best`` is the fastest other column of its mode over auto (time ratio; the
 acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
-``sq.pack``-ed kernels, the native kernel's streaming layout. ``GB/s`` is the
+``sq.pack``-ed kernels, the native kernel's streaming layout; ``i4/packed`` and
+``w4/packed`` the same on ``sq.pack``-ed int4 kernels (64-column int4 tiles,
+where the native packed int4 kernel is built). ``GB/s`` is the
 int8 weight bytes streamed per second by the fastest weight-only column at
 batch 1.
 
@@ -105,6 +107,12 @@ def main():
       )
   if not gpu and "weight_only" in modes and not fp8:  # sq.pack's layout, for the native kernel
     variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
+  if not gpu and native.INT4_PACKED_TARGET in targets:  # sq.pack's int4 tiles
+    for mode in INT4_MODES:
+      if mode in modes:
+        variants[f"{tag[mode]}/packed"] = _stack(
+          lambda x, w, mode=mode: sq.dense(x, w, mode=MODES[mode], impl="auto")
+        )
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))
     floats = [
@@ -115,7 +123,9 @@ def main():
     with_int4 = any(m in modes for m in INT4_MODES)
     int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if with_int4 else []
     for name in variants:
-      if name.startswith(("i4/", "w4/")):
+      if name in ("i4/packed", "w4/packed"):
+        weights[name] = [sq.pack(w) for w in int4]
+      elif name.startswith(("i4/", "w4/")):
         weights[name] = int4
       elif name == "wo/packed":
         weights[name] = [sq.pack(w) for w in q]

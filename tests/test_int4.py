@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import sensorquant_jax as sq
 from sensorquant_jax import stream
 from sensorquant_jax._src import checkpoint as _ckpt
-from sensorquant_jax._src import native, nibbles
+from sensorquant_jax._src import native, nibbles, packed
 from tests.models import TinyTransformer
 from tests.references import int4_reference, pack_reference
 from tests.trees import assert_same_qtree
@@ -176,6 +176,8 @@ def test_checkpoint_round_trip_bit_for_bit(scheme, tmp_path):
   q = sq.quantize(tree, scheme, rules=[("a", scheme, None, 32)], min_size=1)
   sq.save(tmp_path / "c", q)
   assert_same_qtree(sq.restore(tmp_path / "c"), q)
+  sq.save(tmp_path / "p", sq.pack(q))  # packed tiles are saved canonical
+  assert_same_qtree(sq.restore(tmp_path / "p"), q)
   assert_same_qtree(sq.restore(tmp_path / "c", like=jax.eval_shape(lambda: q)), q)
   assert sq.restore(tmp_path / "c")["a"]["kernel"].pad == 1
 
@@ -255,6 +257,20 @@ def test_linen_apply_and_report(scheme):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
   rep = sq.report(params, q, show=False)
   assert {r["scheme"] for r in rep["layers"]} == {scheme}
+  # sq.pack's int4 tiles (where the native packed kernels run): the same model.
+  packed_q = sq.pack(q)
+  tiles = [
+    x
+    for x in jax.tree.leaves(packed_q, is_leaf=lambda x: isinstance(x, sq.PackedQArray))
+    if isinstance(x, sq.PackedQArray)
+  ]
+  assert bool(tiles) == packed.int4_pack_here()
+  got_p = jax.jit(lambda v, t: sq.apply(model, v, t))(packed_q, tokens)
+  np.testing.assert_allclose(np.asarray(got_p), np.asarray(want), rtol=2e-4, atol=2e-4)
+  w4 = jax.jit(lambda v, t: sq.apply(model, v, t, mode="w8a8"))
+  np.testing.assert_allclose(
+    np.asarray(w4(packed_q, tokens)), np.asarray(w4(q, tokens)), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_auto_policy_takes_int4_where_it_is_cheapest():

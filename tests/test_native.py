@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,6 +256,7 @@ def test_constants_shared_with_the_cpp_kernels():
     _native.INT4_TARGET,
     _native.INT4_ZERO_TARGET,
     _native.W4A8_TARGET,
+    _native.INT4_PACKED_TARGET,
   }
 
 
@@ -331,6 +333,13 @@ def test_w4a8_is_the_integer_reference_bit_for_bit_on_every_isa(scheme, k, n, bl
   # The public op picks it (or XLA's int32 path) and agrees to rounding.
   y = jax.jit(lambda x, q: sq.dense(x, q, mode="w8a8"))(x, q)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # sq.pack's int4 tiles (groups a multiple of 8): the same bits on every path.
+  if block % 8 == 0 and packed.int4_pack_here():
+    pm = packed.as_matrix(sq.pack(q), 1)
+    assert pm is not None and pm.tiled
+    for isa in W4A8_ISAS:
+      got = np.asarray(jax.jit(lambda a, b, isa=isa: ops.native_w4a8(a, b, pm, isa))(xq, xs))
+      np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=isa)
 
 
 def test_w4a8_under_vmap_and_shardings_and_its_fallbacks():
@@ -381,3 +390,125 @@ def test_w4a8_many_rows_pass_over_the_weights_in_blocks():
   want = w4a8_reference(xq, xs, codes, np.full(q.scale.shape, 8), np.asarray(q.scale), 32)
   got = np.asarray(jax.jit(lambda a, b: ops.native_w4a8(a, b, m))(xq, xs))
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+# --- Packed int4 tiles (sq.pack on int4 kernels) ---------------------------------
+
+
+def int4_tiles_reference(codes: np.ndarray) -> np.ndarray:
+  """The documented layout, byte by byte: in 64-column tile t, the 256 bytes of each
+  8 k hold 4 lines of 16 columns, byte 4 i + j of line q: column 16 q + i at
+  k = 8 k8 + j (low nibble) and k = 8 k8 + 4 + j (high nibble); rows past K are 0."""
+  k, n = codes.shape
+  kp = -(-k // 8) * 8
+  c = np.zeros((kp, n), np.uint8)
+  c[:k] = codes
+  out = np.zeros((n // 64, kp // 2, 64), np.uint8)
+  for t in range(n // 64):
+    for k8 in range(kp // 8):
+      for q in range(4):
+        for i in range(16):
+          for j in range(4):
+            col = 64 * t + 16 * q + i
+            lo, hi = c[8 * k8 + j, col], c[8 * k8 + 4 + j, col]
+            out[t, 4 * k8 + q, 4 * i + j] = lo | (hi << 4)
+  return out
+
+
+def _needs_packed_int4():
+  from sensorquant_jax._src import packed
+
+  if not packed.int4_pack_here():
+    pytest.skip("no packed int4 kernel in this build (it needs AVX2 and FMA)")
+
+
+@pytest.mark.parametrize("scheme", sq.INT4_SCHEMES)
+@pytest.mark.parametrize(("k", "n", "block"), [(64, 64, 32), (77, 128, 8), (130, 192, 64)])
+def test_int4_tiles_follow_the_documented_layout_and_round_trip(scheme, k, n, block):
+  """Odd K and K not a multiple of 8 included: the tiles are the layout's bytes, and
+  unpack gives back the canonical QArray exactly (its padding nibble too)."""
+  from sensorquant_jax._src import nibbles
+
+  _needs_packed_int4()
+  q = sq.quantize_array(rng.standard_normal((k, n)).astype(np.float32), scheme, block_size=block)
+  p = sq.pack({"w": q})["w"]
+  assert isinstance(p, sq.PackedQArray) and p.bits == 4 and p.shape == (k, n)
+  codes = np.asarray(nibbles.unpack(q.values, 0, 2 * q.values.shape[0]))
+  np.testing.assert_array_equal(np.asarray(p.tiles), int4_tiles_reference(codes))
+  back = sq.unpack(p)
+  chex.assert_trees_all_equal(back, q)
+  assert sq.nbytes(p) <= sq.nbytes(q) + n * 4  # at most 7 rows of padding codes
+  # Kernels the layout cannot hold stay as they are.
+  for odd in (
+    sq.quantize_array(rng.standard_normal((k, 48)).astype(np.float32), scheme, block_size=8),
+    sq.quantize_array(rng.standard_normal((k, n)).astype(np.float32), scheme, block_size=4),
+  ):
+    assert sq.pack(odd) is odd
+
+
+@pytest.mark.parametrize("scheme", sq.INT4_SCHEMES)
+@pytest.mark.parametrize(("rows", "k", "block"), [(1, 256, 128), (4, 100, 32), (13, 72, 8)])
+def test_int4_packed_weight_only_matches_float_and_is_the_same_on_both_widths(
+  scheme, rows, k, block
+):
+  """The packed weight-only kernel against the float matmul on the dequantized kernel;
+  its AVX-512 and 256-bit paths give the same bits (same sums in the same order)."""
+  from sensorquant_jax._src import ops, packed
+
+  _needs_packed_int4()
+  n = 192
+  q = sq.quantize_array(rng.standard_normal((k, n)).astype(np.float32), scheme, block_size=block)
+  p = sq.pack(q)
+  x = rng.standard_normal((rows, k)).astype(np.float32)
+  want = x.astype(np.float64) @ np.asarray(q.dequantize(jnp.float32), np.float64)
+  m = packed.as_matrix(p, 1)
+  outs = [
+    np.asarray(jax.jit(lambda x, isa=isa: ops.native_int4_packed(x, m, isa))(x))
+    for isa in (_native.W4A8_BEST, _native.W4A8_MADD256)
+  ]
+  np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+  np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  for impl in ("auto", "native", "xla"):
+    y = jax.jit(lambda x, p, impl=impl: sq.dense(x, p, impl=impl))(x, p)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=impl)
+  yw = sq.dense(x, p, mode="w8a8", impl="xla")  # XLA's int32 path untiles them
+  np.testing.assert_array_equal(np.asarray(yw), np.asarray(sq.dense(x, q, mode="w8a8", impl="xla")))
+
+
+def test_int4_packed_under_vmap_shardings_and_grad():
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  _needs_packed_int4()
+  k, n = 256, 512
+  q = sq.quantize_array(
+    rng.standard_normal((k, n)).astype(np.float32), sq.ASYMMETRIC_INT4, block_size=64
+  )
+  p = sq.pack(q)
+  x = rng.standard_normal((3, 4, k)).astype(np.float32)
+  tol = dict(rtol=1e-5, atol=1e-4)
+  for mode in ("weight_only", "w8a8"):
+    f = jax.jit(lambda x, q, mode=mode: sq.dense(x, q, mode=mode, impl="native"))
+    ref = jax.jit(lambda x, q, mode=mode: sq.dense(x, q, mode=mode, impl="xla"))
+    np.testing.assert_allclose(f(x, p), ref(x, q), **tol)
+    np.testing.assert_allclose(jax.vmap(f, (0, None))(x, p), ref(x, q), **tol)
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("data", "model"))
+    cols = NamedSharding(mesh, P(None, "model"))
+    ps = sq.PackedQArray(
+      jax.device_put(p.tiles, NamedSharding(mesh, P("model", None, None))),
+      jax.device_put(p.scale, cols),
+      jax.device_put(p.zero_point, cols),
+      p.scheme,
+      p.axes,
+      p.dtype,
+      p.block_size,
+      p.k,
+    )
+    y = f(x[0], ps)
+    assert y.sharding.is_equivalent_to(cols, 2)
+    assert "all-gather" not in f.lower(x[0], ps).compile().as_text()
+    np.testing.assert_allclose(y, ref(x[0], q), **tol)
+  # Gradients with respect to the activations run through the XLA formula.
+  g = jax.grad(lambda x: sq.dense(x, p, impl="native").sum())(x[0])
+  gr = jax.grad(lambda x: sq.dense(x, q, impl="xla").sum())(x[0])
+  np.testing.assert_allclose(g, gr, rtol=1e-5, atol=1e-5)

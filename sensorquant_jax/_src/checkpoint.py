@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 import jax
 import numpy as np
 
-from sensorquant_jax._src import distributed, fileio, options, schemes, tree_paths
+from sensorquant_jax._src import distributed, fileio, options, packed, schemes, tree_paths
 from sensorquant_jax._src.qarray import QArray, is_qarray
 from sensorquant_jax._src.tree_paths import path_str
 
@@ -242,7 +242,9 @@ def save(
   Args:
     path: destination folder: missing or empty, or with ``overwrite=True`` an
       existing sensorquant checkpoint, which is replaced in one atomic swap.
-    qparams: a tree of arrays, :class:`QArray` leaves and JSON-able scalars.
+    qparams: a tree of arrays, :class:`QArray` leaves and JSON-able scalars;
+      :class:`PackedQArray` leaves are saved in their canonical form (restore
+      gives QArrays: :func:`pack` them again).
     metadata: JSON-able dict stored alongside (e.g. the model config).
     overwrite: allow replacing an existing checkpoint.
 
@@ -252,6 +254,7 @@ def save(
     CheckpointError: a leaf that is neither an array, a QArray nor JSON-able,
       or the write failed.
   """
+  qparams = packed.unpack(qparams)  # the canonical layout is the one on disk
   leaves = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
   writer = CheckpointWriter(path, metadata, part_bytes=1 << 62, overwrite=overwrite)
   with writer:
@@ -402,10 +405,10 @@ def _check_qarray(e: dict, group: dict, where: str) -> None:
   logical = list(values.shape)
   if int4:
     logical = list(e["shape"])
-    packed = list(logical)
+    stored = list(logical)
     if len(logical) == n:
-      packed[axes[0]] = (logical[axes[0]] + 1) // 2
-    if len(logical) != n or packed != list(values.shape):
+      stored[axes[0]] = (logical[axes[0]] + 1) // 2
+    if len(logical) != n or stored != list(values.shape):
       raise CheckpointError(
         f"{where}: int4 values {tuple(values.shape)} do not fit shape {tuple(logical)}"
       )
