@@ -722,6 +722,20 @@ void int4_few_rows(const float* x, int64_t m_rows, const float* xsum, const Int4
   }
 }
 
+// Each row's sum over each group of K (rows ldx floats apart): what the zero points
+// multiply.
+std::vector<float> group_sums(const float* x, int64_t ldx, int64_t m_rows, int64_t k,
+                              int64_t block, int64_t groups) {
+  std::vector<float> out(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0;
+      for (int64_t j = g * block; j < std::min(k, (g + 1) * block); ++j) acc += x[m * ldx + j];
+      out[m * groups + g] = acc;
+    }
+  return out;
+}
+
 ffi::Error Int4DenseImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
                          const ffi::AnyBuffer& w, const ffi::Buffer<ffi::F32>& scale,
                          const int8_t* zero, size_t zero_count, float* yp, int64_t block) {
@@ -749,13 +763,7 @@ ffi::Error Int4DenseImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   // Rows go two at a time through every staged group: the codes are
   // converted once per two rows, so this suits the few rows of decoding; the
   // caller sends many rows elsewhere (ops.py, INT4_MAX_ROWS).
-  std::vector<float> xsum(m_rows * groups);
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float acc = 0;
-      for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k) acc += xp[m * wt.k + k];
-      xsum[m * groups + g] = acc;
-    }
+  const std::vector<float> xsum = group_sums(xp, wt.k, m_rows, wt.k, block, groups);
   // Column chunks as wide as kInt4Cols while every thread still gets two.
   const int64_t per = (wt.n + 2 * pool.num_threads() - 1) / (2 * pool.num_threads());
   const int64_t cols = std::clamp<int64_t>((per + kPanel - 1) / kPanel * kPanel, kPanel, kInt4Cols);
@@ -1435,13 +1443,7 @@ ffi::Error Int4PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
       std::memcpy(xpad.data() + m * wt.kp, xp + m * wt.k, wt.k * sizeof(float));
     xp = xpad.data();
   }
-  std::vector<float> xsum(m_rows * groups);
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float acc = 0;
-      for (int64_t k = g * block; k < std::min(wt.k, (g + 1) * block); ++k) acc += xp[m * wt.kp + k];
-      xsum[m * groups + g] = acc;
-    }
+  const std::vector<float> xsum = group_sums(xp, wt.kp, m_rows, wt.k, block, groups);
 #if defined(__AVX512F__)
   if (isa != 2) {
     int4_packed_run<Int4Floats512>(pool, xp, wt.kp, m_rows, xsum.data(), groups, wt, yp);
@@ -1462,6 +1464,34 @@ int64_t w4a8_chunk_cols(int64_t isa) {
   return 32;
 }
 
+// Runs fn(D{}) on the integer dot product `isa` names: 0 the best this build has,
+// 1 vpmaddubsw on 512 bits, 2 on 256 bits (tests compare them bit for bit).
+template <typename F>
+ffi::Error with_dot(int64_t isa, F fn) {
+#if defined(__AVX512BW__)
+  if (isa != 2) {
+#if defined(__AVX512VNNI__)
+    if (isa == 0) return fn(Avx512VnniDot{});
+#endif
+    return fn(Avx512MaddDot{});
+  }
+#endif
+  (void)isa;
+  return fn(Avx2Dot{});
+}
+
+// int8 activations [M, K] as rows of kp bytes, zero-padded (zero activations meet
+// the padding codes), and each row's sum per group for the zero points.
+void pad_int8_rows(const int8_t* xp, int64_t m_rows, int64_t k, int64_t kp, int64_t block,
+                   int64_t groups, std::vector<uint8_t>* xpad, std::vector<int32_t>* xsum) {
+  xpad->assign(m_rows * kp, 0);
+  xsum->assign(m_rows * groups, 0);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    std::memcpy(xpad->data() + m * kp, xp + m * k, k);
+    for (int64_t j = 0; j < k; ++j) (*xsum)[m * groups + j / block] += xp[m * k + j];
+  }
+}
+
 // W4A8 on packed tiles [N / 64, Kp / 2, 64] (see PackedInt4): the same sums and
 // float steps as the canonical kernel, so the same bits.
 ffi::Error W4A8PackedDense(ffi::ThreadPool& pool, const ffi::AnyBuffer& xq,
@@ -1476,30 +1506,15 @@ ffi::Error W4A8PackedDense(ffi::ThreadPool& pool, const ffi::AnyBuffer& xq,
   const int64_t m_rows = xd[0], groups = std::max<int64_t>(wt.groups(), 1);
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
-  const int64_t kp = wt.kp;
-  std::vector<uint8_t> xpad(m_rows * kp, 0);
-  std::vector<int32_t> xsum(m_rows * groups, 0);
-  const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
-  for (int64_t m = 0; m < m_rows; ++m) {
-    std::memcpy(xpad.data() + m * kp, xp + m * wt.k, wt.k);
-    for (int64_t k = 0; k < wt.k; ++k) xsum[m * groups + k / block] += xp[m * wt.k + k];
-  }
-  const float* xsp = xs.typed_data();
-#if defined(__AVX512BW__)
-  if (isa != 2) {
-#if defined(__AVX512VNNI__)
-    if (isa == 0) {
-      w4a8_packed_run<Avx512VnniDot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
-      return ffi::Error::Success();
-    }
-#endif
-    w4a8_packed_run<Avx512MaddDot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
+  std::vector<uint8_t> xpad;
+  std::vector<int32_t> xsum;
+  pad_int8_rows(reinterpret_cast<const int8_t*>(xq.untyped_data()), m_rows, wt.k, wt.kp, block,
+                groups, &xpad, &xsum);
+  return with_dot(isa, [&](auto d) {
+    w4a8_packed_run<decltype(d)>(pool, xpad.data(), wt.kp, m_rows, xsum.data(), groups, wt,
+                                 xs.typed_data(), yp);
     return ffi::Error::Success();
-  }
-#endif
-  (void)isa;
-  w4a8_packed_run<Avx2Dot>(pool, xpad.data(), kp, m_rows, xsum.data(), groups, wt, xsp, yp);
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
@@ -1525,26 +1540,15 @@ ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   const int64_t m_rows = xd[0];
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
-  // Activations padded with zeros to whole quads (their products vanish), and
-  // each row's sum per group for the zero points.
+  // Rows padded with zeros to whole quads and one more (their products vanish).
   const int64_t kp = (wt.k + 3) / 4 * 4 + 4;
-  std::vector<uint8_t> xpad(m_rows * kp, 0);
-  std::vector<int32_t> xsum(m_rows * groups, 0);
-  const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
-  for (int64_t m = 0; m < m_rows; ++m) {
-    std::memcpy(xpad.data() + m * kp, xp + m * wt.k, wt.k);
-    for (int64_t k = 0; k < wt.k; ++k) xsum[m * groups + k / block] += xp[m * wt.k + k];
-  }
-  const float* xsp = xs.typed_data();
-#if defined(__AVX512BW__)
-  if (isa != 2) {
-#if defined(__AVX512VNNI__)
-    if (isa == 0) return w4a8_run<Avx512VnniDot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
-#endif
-    return w4a8_run<Avx512MaddDot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
-  }
-#endif
-  return w4a8_run<Avx2Dot>(pool, xpad, kp, m_rows, xsum, groups, wt, xsp, yp);
+  std::vector<uint8_t> xpad;
+  std::vector<int32_t> xsum;
+  pad_int8_rows(reinterpret_cast<const int8_t*>(xq.untyped_data()), m_rows, wt.k, kp, block,
+                groups, &xpad, &xsum);
+  return with_dot(isa, [&](auto d) {
+    return w4a8_run<decltype(d)>(pool, xpad, kp, m_rows, xsum, groups, wt, xs.typed_data(), yp);
+  });
 }
 
 // The instruction sets this build can run W4A8 on (bit 0: the best, 1: 512-bit
