@@ -1,6 +1,7 @@
 """The native XLA:CPU kernels (csrc/dense.cc) against float references, and their build."""
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ def _cpu_flags() -> set[str]:
 
 
 HAVE_COMPILER = _native._compiler() is not None
-HAVE_VNNI = {"avx512_vnni", "avx512bw"} <= _cpu_flags()
+HAVE_AVX2 = "avx2" in _cpu_flags()  # the W8A8 kernel: VNNI where built, else AVX2
 pytestmark = [
   pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler: portable paths only"),
   pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels; GPUs fuse in XLA"),
@@ -44,7 +45,7 @@ def test_library_builds_and_registers_targets():
   assert _native.library() is not None, _native.build_error()
   targets = _native.ffi_targets()
   assert _native.WO_TARGET in targets
-  assert (_native.W8_TARGET in targets) == HAVE_VNNI
+  assert (_native.W8_TARGET in targets) == HAVE_AVX2
   assert _native.library() is _native.library()  # built once per process
 
 
@@ -82,8 +83,8 @@ INT8 = [s for s in sq.SCHEMES if sq.bits_of(s) == 8 and s not in sq.FP8_SCHEMES]
 @pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_native_dense_matches_float_reference(scheme, mode, rows, k, n):
-  if mode == "w8a8" and not HAVE_VNNI:
-    pytest.skip("W8A8 kernel needs AVX-512 VNNI")
+  if mode == "w8a8" and not HAVE_AVX2:
+    pytest.skip("the W8A8 kernel needs AVX2")
   w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.1, 2, (1, n))
   x = rng.standard_normal((rows, k)).astype(np.float32)
   qa = sq.quantize_array(w, scheme)
@@ -116,7 +117,7 @@ def test_native_dense_batch_dims_bf16_and_bias():
 def test_native_vmap_folds_rows_and_loops_over_batched_weights():
   qa = sq.quantize_array(rng.standard_normal((64, 128)).astype(np.float32))
   xs = rng.standard_normal((3, 5, 64)).astype(np.float32)
-  for mode in ("weight_only", "w8a8") if HAVE_VNNI else ("weight_only",):
+  for mode in ("weight_only", "w8a8") if HAVE_AVX2 else ("weight_only",):
     ys = jax.jit(jax.vmap(lambda x, m=mode: sq.dense(x, qa, mode=m, impl="native")))(xs)
     ref = jax.vmap(lambda x, m=mode: sq.dense(x, qa, mode=m, impl="xla"))(xs)
     np.testing.assert_allclose(ys, ref, rtol=1e-5, atol=1e-5)
@@ -196,8 +197,8 @@ def test_build_cache_is_reused(tmp_path):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
 def test_native_kernels_keep_shardings(packed, mode):
-  if mode == "w8a8" and not HAVE_VNNI:
-    pytest.skip("W8A8 kernel needs AVX-512 VNNI")
+  if mode == "w8a8" and not HAVE_AVX2:
+    pytest.skip("the W8A8 kernel needs AVX2")
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -283,6 +284,35 @@ def test_failed_build_is_remembered_per_key(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True 1", out.stdout + out.stderr
   assert log.read_text().count("compile") == 1
+
+
+@pytest.mark.parametrize("scheme", ["symmetric_per_channel_int8", "asymmetric_per_channel_int8"])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 33, 48), (5, 300, 512), (6, 257, 1040)])
+def test_w8a8_is_the_integer_reference_bit_for_bit_on_both_paths(scheme, rows, k, n):
+  """VNNI's vpdpbusd (offset activations, column sums) and AVX2's vpmaddubsw (the sign
+  moved onto the activations): the same int32 sums and float steps as numpy, on the
+  canonical layout and sq.pack's tiles; asymmetric codes reach -128."""
+  from sensorquant_jax._src import ops, packed
+
+  if not HAVE_AVX2:
+    pytest.skip("the W8A8 kernel needs AVX2")
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  w[:, 1] = np.abs(w[:, 1])  # a column whose asymmetric codes start at -128
+  qa = sq.quantize_array(w, scheme)
+  if qa.zero_point is not None:
+    assert int(np.asarray(qa.values).min()) == -128
+  x = (rng.standard_normal((rows, k)) * 3).astype(np.float32)
+  xq, xs = jax.jit(ops.quantize_activations)(jnp.asarray(x))
+  acc = np.asarray(xq, np.int64) @ np.asarray(qa.values, np.int64)
+  scale = np.broadcast_to(np.asarray(qa.scale, np.float32), (1, n))
+  want = (acc.astype(np.float32) * scale).astype(np.float32) * np.asarray(xs, np.float32)
+  isas = [_native.W4A8_BEST, _native.W4A8_MADD256]
+  for kernel in _layouts(qa):
+    m = packed.as_matrix(kernel, 1)
+    m = dataclasses.replace(m, zero_point=None)  # the zero point term is added in XLA
+    for isa in isas:
+      got = np.asarray(jax.jit(lambda a, b, isa=isa, m=m: ops.native_w8a8(a, b, m, isa))(xq, xs))
+      np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str(isa))
 
 
 # --- W4A8: int8 activations x int4 weights on integer dot products -------------

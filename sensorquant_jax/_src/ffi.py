@@ -21,12 +21,13 @@ from sensorquant_jax._src.native import (
   INT4_TARGET,
   INT4_ZERO_TARGET,
   W4A8_TARGET,
+  W8_TARGET,
   WO_TARGET,
 )
 
 _INT4 = (INT4_TARGET, INT4_ZERO_TARGET, W4A8_TARGET, INT4_PACKED_TARGET)
 _BLOCK_ATTR = (WO_TARGET, *_INT4)
-_ISA_ATTR = (W4A8_TARGET, INT4_PACKED_TARGET)
+_ISA_ATTR = (W4A8_TARGET, INT4_PACKED_TARGET, W8_TARGET)
 
 W8_MAX_K = 65536
 """Largest K whose int32 accumulation of ``(x + 128) * w`` is exact (``kW8A8MaxK`` in

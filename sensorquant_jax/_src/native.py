@@ -50,7 +50,9 @@ _STATE: dict[str, object] = {}
 WO_TARGET = "sq_weight_only_dense"
 """XLA FFI target of the weight-only dense kernel (symbol ``SqWeightOnlyDense``)."""
 W8_TARGET = "sq_w8a8_dense"
-"""XLA FFI target of the W8A8 kernel (symbol ``SqW8A8Dense``; AVX-512 VNNI builds only)."""
+"""XLA FFI target of the W8A8 kernel (symbol ``SqW8A8Dense``; AVX2 builds and up: VNNI's
+``vpdpbusd`` where built, else ``vpmaddubsw``). Its ``isa`` attribute: ``W4A8_BEST`` or
+``W4A8_MADD256`` (the AVX2 path)."""
 INT4_TARGET = "sq_int4_dense"
 """XLA FFI target of the int4 weight-only kernel, symmetric (symbol ``SqInt4Dense``)."""
 INT4_ZERO_TARGET = "sq_int4_zero_dense"

@@ -442,7 +442,7 @@ def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array
 
 
 def _native_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
-  return _native_w8a8(*quantize_activations(x2, act_scale), m)
+  return native_w8a8(*quantize_activations(x2, act_scale), m)
 
 
 def _native_w4a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
@@ -481,14 +481,15 @@ def _pallas_w8a8(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   )
 
 
-def _native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix) -> jax.Array:
-  """Int8 x int8 -> int32 on the native (AVX-512 VNNI) kernel, rescaled to float32."""
+def native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+  """Int8 x int8 -> int32 on the native kernel (AVX-512 VNNI where built, else AVX2's
+  ``vpmaddubsw``; ``isa=W4A8_MADD256`` forces the latter), rescaled to float32."""
   scale = m.scale.astype(jnp.float32)
 
   def reference(xq, xs, values, scale):
     return _xla_w8a8(xq, xs, dataclasses.replace(m, values=values, scale=scale, zero_point=None))
 
-  y = native_op(W8_TARGET, 2, 0, m.tiled, reference)(xq, xs, m.values, scale)
+  y = native_op(W8_TARGET, 2, 0, m.tiled, reference, isa=isa)(xq, xs, m.values, scale)
   if m.zero_point is not None:
     rows = jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.float32) * xs
     y = y - rows * (m.zero_point.astype(jnp.float32) * scale)

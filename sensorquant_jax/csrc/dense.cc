@@ -6,7 +6,7 @@
 // (more rows), so no float copy of the weight ever reaches memory. XLA:CPU
 // cannot fuse the int8 convert into its dot, which is why this file exists.
 // Int4 weight-only (further down): packed nibbles, per-group scales.
-// W8A8 (further down): int8 x int8 -> int32 with AVX-512 VNNI.
+// W8A8 (further down): int8 x int8 -> int32 with AVX-512 VNNI, or AVX2.
 // W4A8 (further down): int8 activations x int4 codes on integer dot products.
 // Packed int4 (further down): sq.pack's 64-column int4 tiles, for weight-only and W4A8.
 //
@@ -790,9 +790,11 @@ ffi::Error Int4ZeroDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 
 
 // ---------------------------------------------------------------------------
-// W8A8: int8 activations x int8 weights -> int32, with AVX-512 VNNI.
+// W8A8: int8 activations x int8 weights -> int32: AVX-512 VNNI (vpdpbusd), or
+// AVX2 (vpmaddubsw + vpmaddwd). Both give the same int32 sums, and the same
+// float steps after them (y = fl(fl(float(sum) * s) * xs)), so the same bits.
 // ---------------------------------------------------------------------------
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX2__)
 #define SQ_HAVE_W8A8 1
 
 // vpdpbusd multiplies unsigned by signed bytes, so activations are offset by
@@ -801,9 +803,10 @@ ffi::Error Int4ZeroDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 constexpr int64_t kW8Cols = 128;  // columns per work item; packed block K * 128 bytes
 
 // Packs w[:, c0:c1] (c1 - c0 <= kW8Cols, a multiple of 16) as
-// [panel][K/4][64 columns][4 k] bytes (zero-padded in K), and column sums.
-void pack_vnni(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* out,
-               int32_t* colsum) {
+// [panel][K/4][64 columns][4 k] bytes (zero-padded in K), and, where `colsum` is
+// given (the VNNI path's offset activations need them), column sums.
+void pack_quads(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* out,
+                int32_t* colsum) {
   const int64_t width = c1 - c0;
   const int64_t panel_bytes = kp * kPanel;
   const int64_t ahead = ahead_bytes(wt.tile);
@@ -823,17 +826,78 @@ void pack_vnni(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* ou
       // A 4 x 16 byte transpose: each column's four k values become adjacent.
       __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
       __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
-      __m128i u0 = _mm_unpacklo_epi16(t0, t2), u1 = _mm_unpackhi_epi16(t0, t2);
-      __m128i u2 = _mm_unpacklo_epi16(t1, t3), u3 = _mm_unpackhi_epi16(t1, t3);
-      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(u1, u0)),
-                                     _mm256_set_m128i(u3, u2), 1);
-      _mm512_storeu_si512(out + (c / kPanel) * panel_bytes + k * kPanel + (c % kPanel) * 4, v);
-      sums[c / kLanes] =
-          (i32x16)_mm512_dpbusd_epi32((__m512i)sums[c / kLanes], _mm512_set1_epi8(1), v);
+      const __m128i u[4] = {_mm_unpacklo_epi16(t0, t2), _mm_unpackhi_epi16(t0, t2),
+                            _mm_unpacklo_epi16(t1, t3), _mm_unpackhi_epi16(t1, t3)};
+      int8_t* dst = out + (c / kPanel) * panel_bytes + k * kPanel + (c % kPanel) * 4;
+      for (int j = 0; j < 4; ++j) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * j), u[j]);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      if (colsum) {
+        const __m512i v = _mm512_loadu_si512(dst);
+        sums[c / kLanes] =
+            (i32x16)_mm512_dpbusd_epi32((__m512i)sums[c / kLanes], _mm512_set1_epi8(1), v);
+      }
+#endif
     }
   }
-  for (int64_t c = 0; c < width; c += kLanes) std::memcpy(colsum + c, &sums[c / kLanes], 64);
+  if (colsum)
+    for (int64_t c = 0; c < width; c += kLanes) std::memcpy(colsum + c, &sums[c / kLanes], 64);
 }
+
+// The AVX2 path: vpmaddubsw multiplies unsigned by signed bytes and adds pairs
+// in int16, so it gets |w| (as unsigned: |-128| = 128) against x with w's sign
+// (vpsignb; |x| <= 127, so the flip cannot overflow): a pair is at most
+// 2 * 128 * 127 = 32512 in magnitude, within int16, and the sums are exact.
+// Rows [0, M) x 16 columns of a packed panel (bp: that group's first quad).
+template <int M>
+void madd_cols16(const int8_t* xq, int64_t ldx, const int8_t* bp, int64_t kp, const float* xs,
+                 const float* ws, float* y, int64_t ldy) {
+  __m256i acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < kp; k += 4, bp += kPanel * 4) {
+    __m256i b[2], mag[2];
+    for (int v = 0; v < 2; ++v) {
+      b[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32 * v));
+      mag[v] = _mm256_abs_epi8(b[v]);
+    }
+    for (int m = 0; m < M; ++m) {
+      int32_t a4;
+      std::memcpy(&a4, xq + m * ldx + k, 4);
+      const __m256i a = _mm256_set1_epi32(a4);
+      for (int v = 0; v < 2; ++v) {
+        const __m256i pairs = _mm256_maddubs_epi16(mag[v], _mm256_sign_epi8(a, b[v]));
+        acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int v = 0; v < 2; ++v) {
+    const __m256 s = _mm256_loadu_ps(ws + 8 * v);
+    for (int m = 0; m < M; ++m) {
+      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][v]), s);
+      _mm256_storeu_ps(y + m * ldy + 8 * v, _mm256_mul_ps(f, _mm256_set1_ps(xs[m])));
+    }
+  }
+}
+
+constexpr int kMaddRows = 4;  // rows per register block: 8 ymm of sums
+void madd_rows(const int8_t* xq, int64_t ldx, int64_t m_rows, const int8_t* bp, int64_t kp,
+               int groups16, const float* xs, const float* ws, float* y, int64_t ldy) {
+  for (int g = 0; g < groups16; ++g)
+    for (int64_t m = 0; m < m_rows; m += kMaddRows) {
+      const int8_t* xr = xq + m * ldx;
+      const int8_t* b = bp + 64 * g;
+      float* yr = y + m * ldy + 16 * g;
+      switch (std::min<int64_t>(kMaddRows, m_rows - m)) {
+        case 4: madd_cols16<4>(xr, ldx, b, kp, xs + m, ws + 16 * g, yr, ldy); break;
+        case 3: madd_cols16<3>(xr, ldx, b, kp, xs + m, ws + 16 * g, yr, ldy); break;
+        case 2: madd_cols16<2>(xr, ldx, b, kp, xs + m, ws + 16 * g, yr, ldy); break;
+        default: madd_cols16<1>(xr, ldx, b, kp, xs + m, ws + 16 * g, yr, ldy); break;
+      }
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SQ_HAVE_W8A8_VNNI 1
 
 template <int M, int NV>
 void vnni_panel(const uint8_t* xu, int64_t ldx, const int8_t* bp, int64_t kp,
@@ -882,9 +946,13 @@ void vnni_rows(const uint8_t* xu, int64_t ldx, int64_t m_rows, const int8_t* bp,
   }
 }
 
+#endif  // SQ_HAVE_W8A8_VNNI
+
+// isa: 0 the best this build has (VNNI where built), 2 the AVX2 path (tests
+// compare them bit for bit).
 ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
                      ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
-                     ffi::ResultBuffer<ffi::F32> y) {
+                     ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
   auto xd = xq.dimensions();
   if (xd.size() != 2 || xq.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
@@ -896,12 +964,18 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
   const int64_t kp = (wt.k + 3) / 4 * 4;
-  // Offset activations to unsigned once, K padded to a multiple of 4 with zeros
-  // (the padded weights are zero too).
+  // Activations once, K padded to a multiple of 4 with zeros (the padded weights
+  // are zero too): offset to unsigned for VNNI, as they are for AVX2.
+  bool vnni = false;
+#if defined(SQ_HAVE_W8A8_VNNI)
+  vnni = isa != 2;
+#endif
+  (void)isa;
   std::vector<uint8_t> xu(m_rows * kp, 0);
   const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
+  const uint8_t flip = vnni ? 0x80 : 0;
   for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(xp[m * wt.k + k]) ^ 0x80;
+    for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(xp[m * wt.k + k]) ^ flip;
   const float* xsp = xs.typed_data();
   const int64_t chunks_per_tile = (wt.tile + kW8Cols - 1) / kW8Cols;
   const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
@@ -913,21 +987,29 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
     thread_local std::vector<int32_t> colsum;
     packed.resize(kp * kW8Cols);
     colsum.resize(kW8Cols);
-    pack_vnni(wt, c0, c1, kp, packed.data(), colsum.data());
+    pack_quads(wt, c0, c1, kp, packed.data(), vnni ? colsum.data() : nullptr);
     for (int64_t c = c0; c < c1; c += kPanel) {
       const int8_t* bp = packed.data() + ((c - c0) / kPanel) * kp * kPanel;
+      const int groups16 = int(std::min<int64_t>(kPanel, c1 - c) / kLanes);
+      if (!vnni) {
+        madd_rows(reinterpret_cast<const int8_t*>(xu.data()), kp, m_rows, bp, kp, groups16, xsp,
+                  wt.scale + c, yp + c, wt.n);
+        continue;
+      }
+#if defined(SQ_HAVE_W8A8_VNNI)
       const int32_t* cs = colsum.data() + (c - c0);
-      switch (std::min<int64_t>(kPanel, c1 - c) / kLanes) {
+      switch (groups16) {
         case 4: vnni_rows<4>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
         case 3: vnni_rows<3>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
         case 2: vnni_rows<2>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
         case 1: vnni_rows<1>(xu.data(), kp, m_rows, bp, kp, cs, xsp, wt.scale + c, yp + c, wt.n); break;
       }
+#endif
     }
   });
   return ffi::Error::Success();
 }
-#endif  // AVX-512 VNNI
+#endif  // AVX2
 
 
 // ---------------------------------------------------------------------------
@@ -1634,5 +1716,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SqW8A8Dense, W8A8Dense,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("isa"));
 #endif
