@@ -306,7 +306,7 @@ def test_w8a8_is_the_integer_reference_bit_for_bit_on_both_paths(scheme, rows, k
   acc = np.asarray(xq, np.int64) @ np.asarray(qa.values, np.int64)
   scale = np.broadcast_to(np.asarray(qa.scale, np.float32), (1, n))
   want = (acc.astype(np.float32) * scale).astype(np.float32) * np.asarray(xs, np.float32)
-  isas = [_native.W4A8_BEST, _native.W4A8_MADD256]
+  isas = [_native.ISA_BEST, _native.ISA_MADD256]
   for kernel in _layouts(qa):
     m = packed.as_matrix(kernel, 1)
     m = dataclasses.replace(m, zero_point=None)  # the zero point term is added in XLA
@@ -494,7 +494,7 @@ def test_int4_packed_weight_only_matches_float_and_is_the_same_on_both_widths(
   m = packed.as_matrix(p, 1)
   outs = [
     np.asarray(jax.jit(lambda x, isa=isa: ops.native_int4_packed(x, m, isa))(x))
-    for isa in (_native.W4A8_BEST, _native.W4A8_MADD256)
+    for isa in (_native.ISA_BEST, _native.ISA_MADD256)
   ]
   np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
   np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

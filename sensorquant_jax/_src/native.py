@@ -51,8 +51,8 @@ WO_TARGET = "sq_weight_only_dense"
 """XLA FFI target of the weight-only dense kernel (symbol ``SqWeightOnlyDense``)."""
 W8_TARGET = "sq_w8a8_dense"
 """XLA FFI target of the W8A8 kernel (symbol ``SqW8A8Dense``; AVX2 builds and up: VNNI's
-``vpdpbusd`` where built, else ``vpmaddubsw``). Its ``isa`` attribute: ``W4A8_BEST`` or
-``W4A8_MADD256`` (the AVX2 path)."""
+``vpdpbusd`` where built, else ``vpmaddubsw``). Its ``isa`` attribute: ``ISA_BEST`` or
+``ISA_MADD256`` (the AVX2 path)."""
 INT4_TARGET = "sq_int4_dense"
 """XLA FFI target of the int4 weight-only kernel, symmetric (symbol ``SqInt4Dense``)."""
 INT4_ZERO_TARGET = "sq_int4_zero_dense"
@@ -212,10 +212,11 @@ def ffi_targets() -> frozenset[str]:
     return _STATE["targets"]  # type: ignore[return-value]
 
 
-W4A8_BEST, W4A8_MADD512, W4A8_MADD256 = 0, 1, 2
-"""The W4A8 kernel's ``isa`` attribute: the best this build has (VNNI where built),
-``vpmaddubsw`` on 512 bits, on 256 bits. The packed int4 weight-only kernel takes
-``W4A8_BEST`` (AVX-512 where built) and ``W4A8_MADD256`` (its 256-bit path)."""
+ISA_BEST, ISA_MADD512, ISA_MADD256 = 0, 1, 2
+"""The native kernels' ``isa`` attribute (tests run each path the machine has). W4A8: the
+best this build has (VNNI where built), ``vpmaddubsw`` on 512 bits, on 256 bits. W8A8:
+``ISA_BEST`` (VNNI where built) or ``ISA_MADD256`` (AVX2). Packed int4 weight-only:
+``ISA_BEST`` (AVX-512 where built) or ``ISA_MADD256`` (its 256-bit path)."""
 
 
 def w4a8_isas() -> dict[int, int]:
@@ -228,9 +229,9 @@ def w4a8_isas() -> dict[int, int]:
   fn.restype = ctypes.c_int64
   bits = int(fn())
   wide = 64 if bits & 2 else 32
-  out = {W4A8_BEST: wide, W4A8_MADD256: 32}
+  out = {ISA_BEST: wide, ISA_MADD256: 32}
   if bits & 2:
-    out[W4A8_MADD512] = 64
+    out[ISA_MADD512] = 64
   return out
 
 

@@ -262,7 +262,7 @@ def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
   return op(xf, m.values, *cols)
 
 
-def native_int4_packed(x2: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+def native_int4_packed(x2: jax.Array, m: Matrix, isa: int = native.ISA_BEST) -> jax.Array:
   """Int4 weight-only on packed int4 tiles: codes converted in registers (AVX-512: a
   table lookup), summed per group, ``s * (sum - z * sum(x))`` added group by group."""
   assert m.block is not None and m.tiled
@@ -406,7 +406,7 @@ def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
   return out
 
 
-def w4a8_ok(m: Matrix, isa: int = native.W4A8_BEST) -> bool:
+def w4a8_ok(m: Matrix, isa: int = native.ISA_BEST) -> bool:
   """Whether the native W4A8 kernel takes this int4 kernel: groups of a multiple of 4,
   N a multiple of the build's column chunk (64 with AVX-512, else 32); packed int4
   tiles always (their groups are a multiple of 8)."""
@@ -449,7 +449,7 @@ def _native_w4a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   return native_w4a8(*quantize_activations(x2, act_scale), m)
 
 
-def native_w4a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+def native_w4a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.ISA_BEST) -> jax.Array:
   """W4A8 on the native kernel: int8 activations x int4 codes on integer dot products,
   int32 sums per group, ``fl(s * float(sum - z * sum(x)))`` added group by group, times
   the activation scale (see csrc/dense.cc)."""
@@ -481,9 +481,9 @@ def _pallas_w8a8(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   )
 
 
-def native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.W4A8_BEST) -> jax.Array:
+def native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.ISA_BEST) -> jax.Array:
   """Int8 x int8 -> int32 on the native kernel (AVX-512 VNNI where built, else AVX2's
-  ``vpmaddubsw``; ``isa=W4A8_MADD256`` forces the latter), rescaled to float32."""
+  ``vpmaddubsw``; ``isa=ISA_MADD256`` forces the latter), rescaled to float32."""
   scale = m.scale.astype(jnp.float32)
 
   def reference(xq, xs, values, scale):
