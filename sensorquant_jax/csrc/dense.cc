@@ -1364,14 +1364,13 @@ void w4a8_packed_run(ffi::ThreadPool& pool, const uint8_t* xpad, int64_t ldx, in
 // to y. A code stays where it lies in its 32-bit lane, at bit e = kBit[k mod 8]: a
 // mask and a convert give c * 2^e exactly, and the activation comes pre-scaled by
 // 2^-e, so each product is the exact c * x (the top nibble, whose mask would set
-// the sign bit, is shifted down instead). No shuffle per code: on Zen 4 shifts and
-// permutes share pipes with the FMAs, which cost int4 10-20% against int8 at 4-16
-// rows (measured; masks and converts do not).
+// the sign bit, is shifted down instead). A code then costs what an int8 weight
+// does (a sign-extending load and a convert); a shift and a permute per code, on
+// our AMD EPYC, ran int4 at 0.80-0.94x int8 at 4-16 rows.
 #if defined(__FMA__)
 #define SQ_HAVE_INT4_PACKED 1
 // Bit of the code for k = 8 k8 + j in its lane: byte j's low nibble (j < 4), byte
-// j - 4's high nibble; and 2^-bit, the activation's factor (1 for the top nibble,
-// shifted down).
+// j - 4's high nibble.
 constexpr int kBit[8] = {0, 8, 16, 24, 4, 12, 20, 28};
 struct Int4Floats256 {
   using I = __m256i;
@@ -1526,11 +1525,11 @@ ffi::Error Int4PackedDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
     std::fill(yp, yp + m_rows * wt.n, 0.0f);
     return ffi::Error::Success();
   }
-  // Each row's sum per group, then the activations scaled by 2^-kBit[k mod 8] to
-  // meet codes read as c * 2^kBit (exact: a power of two either way; only
-  // activations under 2^-102 in magnitude, which lose bits as subnormals, differ
-  // from a plain c * x) and padded with zeros to whole 8 k (zero codes there
-  // would still meet whatever lay past the row).
+  // Each row's sum per group, then the activations scaled by 2^-kBit[k mod 8] (1
+  // for the top nibble, shifted down) to meet codes read as c * 2^kBit (exact: a
+  // power of two either way; only activations under 2^-102 in magnitude, which
+  // lose bits as subnormals, differ from a plain c * x) and padded with zeros to
+  // whole 8 k (zero codes there would still meet whatever lay past the row).
   const float* xp = x.typed_data();
   const std::vector<float> xsum = group_sums(xp, wt.k, m_rows, wt.k, block, groups);
   std::vector<float> xs(m_rows * wt.kp, 0.0f);
