@@ -263,8 +263,9 @@ def _native_int4(x2: jax.Array, m: Matrix, target: str) -> jax.Array:
 
 
 def native_int4_packed(x2: jax.Array, m: Matrix, isa: int = native.ISA_BEST) -> jax.Array:
-  """Int4 weight-only on packed int4 tiles: codes converted in registers (AVX-512: a
-  table lookup), summed per group, ``s * (sum - z * sum(x))`` added group by group."""
+  """Int4 weight-only on packed int4 tiles: codes masked in place and converted in
+  registers (against activations scaled by the matching power of two), summed per group,
+  ``s * (sum - z * sum(x))`` added group by group (see csrc/dense.cc)."""
   assert m.block is not None and m.tiled
   xf = x2.astype(jnp.float32)
   scale = m.scale.astype(jnp.float32)
