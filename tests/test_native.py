@@ -292,11 +292,14 @@ def test_failed_build_is_remembered_per_key(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["symmetric_per_channel_int8", "asymmetric_per_channel_int8"])
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 33, 48), (5, 300, 512), (6, 257, 1040)])
-def test_w8a8_is_the_integer_reference_bit_for_bit_on_both_paths(scheme, rows, k, n):
-  """VNNI's vpdpbusd (offset activations, column sums) and AVX2's vpmaddubsw (the sign
-  moved onto the activations): the same int32 sums and float steps as numpy, on the
-  canonical layout and sq.pack's tiles; asymmetric codes reach -128."""
+@pytest.mark.parametrize(
+  ("rows", "k", "n"), [(1, 33, 48), (5, 300, 512), (6, 257, 1040), (17, 130, 80), (70, 64, 208)]
+)
+def test_w8a8_is_the_integer_reference_bit_for_bit_on_every_path(scheme, rows, k, n):
+  """VNNI's vpdpbusd (offset activations, column sums), AVX2's vpmaddubsw (the sign
+  moved onto the activations) and, where the machine has them, AMX tiles (rows in
+  blocks of 16 and 32, K in steps of 64): the same int32 sums and float steps as
+  numpy, on the canonical layout and sq.pack's tiles; asymmetric codes reach -128."""
   from sensorquant_jax._src import ops, packed
 
   if not HAVE_AVX2:
@@ -311,7 +314,7 @@ def test_w8a8_is_the_integer_reference_bit_for_bit_on_both_paths(scheme, rows, k
   acc = np.asarray(xq, np.int64) @ np.asarray(qa.values, np.int64)
   scale = np.broadcast_to(np.asarray(qa.scale, np.float32), (1, n))
   want = (acc.astype(np.float32) * scale).astype(np.float32) * np.asarray(xs, np.float32)
-  isas = [_native.ISA_BEST, _native.ISA_MADD256]
+  isas = [_native.ISA_BEST, _native.ISA_MADD256] + [_native.ISA_AMX] * _native.w8a8_amx()
   for kernel in _layouts(qa):
     m = packed.as_matrix(kernel, 1)
     m = dataclasses.replace(m, zero_point=None)  # the zero point term is added in XLA

@@ -212,11 +212,23 @@ def ffi_targets() -> frozenset[str]:
     return _STATE["targets"]  # type: ignore[return-value]
 
 
-ISA_BEST, ISA_MADD512, ISA_MADD256 = 0, 1, 2
+ISA_BEST, ISA_MADD512, ISA_MADD256, ISA_AMX = 0, 1, 2, 3
 """The native kernels' ``isa`` attribute (tests run each path the machine has). W4A8: the
 best this build has (VNNI where built), ``vpmaddubsw`` on 512 bits, on 256 bits. W8A8:
-``ISA_BEST`` (VNNI where built) or ``ISA_MADD256`` (AVX2). Packed int4 weight-only:
-``ISA_BEST`` (AVX-512 where built) or ``ISA_MADD256`` (its 256-bit path)."""
+``ISA_BEST`` (VNNI where built), ``ISA_MADD256`` (AVX2) or ``ISA_AMX`` (AMX tiles, where
+:func:`w8a8_amx`). Packed int4 weight-only: ``ISA_BEST`` (AVX-512 where built) or
+``ISA_MADD256`` (its 256-bit path)."""
+
+
+def w8a8_amx() -> bool:
+  """Whether the W8A8 kernel's AMX path runs here: built with AMX-INT8 and the tile
+  state granted by the operating system."""
+  lib = library()
+  fn = getattr(lib, "SqW8A8Amx", None) if lib is not None else None
+  if fn is None:
+    return False
+  fn.restype = ctypes.c_int64
+  return bool(int(fn()))
 
 
 def w4a8_isas() -> dict[int, int]:

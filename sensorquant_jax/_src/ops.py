@@ -399,6 +399,8 @@ def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
     and native_available(W8_TARGET, "auto")
   ):
     out["native"] = _native_w8a8_float
+    if native.w8a8_amx():
+      out["native_amx"] = _native_w8a8_amx_float
   if m.bits == 4 and w4a8_ok(m) and native_available(W4A8_TARGET, "auto"):
     out["native"] = _native_w4a8_float
   out["xla"] = _xla_w8a8_float
@@ -446,6 +448,10 @@ def _native_w8a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   return native_w8a8(*quantize_activations(x2, act_scale), m)
 
 
+def _native_w8a8_amx_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
+  return native_w8a8(*quantize_activations(x2, act_scale), m, isa=native.ISA_AMX)
+
+
 def _native_w4a8_float(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
   return native_w4a8(*quantize_activations(x2, act_scale), m)
 
@@ -484,7 +490,8 @@ def _pallas_w8a8(x2: jax.Array, m: Matrix, act_scale=None) -> jax.Array:
 
 def native_w8a8(xq: jax.Array, xs: jax.Array, m: Matrix, isa: int = native.ISA_BEST) -> jax.Array:
   """Int8 x int8 -> int32 on the native kernel (AVX-512 VNNI where built, else AVX2's
-  ``vpmaddubsw``; ``isa=ISA_MADD256`` forces the latter), rescaled to float32."""
+  ``vpmaddubsw``; ``isa=ISA_MADD256`` forces the latter, ``isa=ISA_AMX`` runs AMX tiles
+  where :func:`native.w8a8_amx`), rescaled to float32."""
   scale = m.scale.astype(jnp.float32)
 
   def reference(xq, xs, values, scale):

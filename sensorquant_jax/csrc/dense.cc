@@ -25,6 +25,10 @@
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // GCC 12's AVX-512 intrinsics seed their results with _mm512_undefined_*() and
 // trip -W(maybe-)uninitialized wherever they are inlined (GCC bug 105593, a false
@@ -948,8 +952,91 @@ void vnni_rows(const uint8_t* xu, int64_t ldx, int64_t m_rows, const int8_t* bp,
 
 #endif  // SQ_HAVE_W8A8_VNNI
 
-// isa: 0 the best this build has (VNNI where built), 2 the AVX2 path (tests
-// compare them bit for bit).
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
+#define SQ_HAVE_W8A8_AMX 1
+
+// AMX tiles (tdpbssd: int8 x int8 -> int32, 16 x 16 sums of 64 products per
+// instruction). The int32 sums are the VNNI path's (signed x signed, no offset
+// to correct) and the float steps after them the same, so the same bits.
+// Linux hands the 8 KB of tile state only to a process that asks for it, once.
+bool amx_usable() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kAmxK = 64;     // k per tile step: 16 quads
+constexpr int64_t kAmxRows = 32;  // rows per block: two 16-row activation tiles
+constexpr int64_t kAmxLd = 128;   // int32 sums per block row: two 16-column tiles (as bytes / 4)
+
+// Tiles 0-3 sum rows [16 r, 16 r + 16) x columns [16 c, 16 c + 16) as tile 2 c + r;
+// 4-5 hold activations, 6-7 weights. MR row tiles x NC column tiles of one panel.
+template <int MR, int NC>
+void amx_block(const int8_t* xa, int64_t ldx, const int8_t* bp, int64_t kp, int32_t* c) {
+  _tile_zero(0);
+  if (MR == 2) _tile_zero(1);
+  if (NC == 2) _tile_zero(2);
+  if (MR == 2 && NC == 2) _tile_zero(3);
+  for (int64_t k = 0; k < kp; k += kAmxK) {
+    const int8_t* b = bp + k * kPanel;  // quad row k / 4 of the panel, 4 * kPanel bytes each
+    _tile_loadd(4, xa + k, ldx);
+    _tile_loadd(6, b, 4 * kPanel);
+    if (MR == 2) _tile_loadd(5, xa + 16 * ldx + k, ldx);
+    _tile_dpbssd(0, 4, 6);
+    if (MR == 2) _tile_dpbssd(1, 5, 6);
+    if (NC == 2) {
+      _tile_loadd(7, b + 64, 4 * kPanel);
+      _tile_dpbssd(2, 4, 7);
+      if (MR == 2) _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kAmxLd);
+  if (MR == 2) _tile_stored(1, c + 16 * 32, kAmxLd);
+  if (NC == 2) _tile_stored(2, c + 16, kAmxLd);
+  if (MR == 2 && NC == 2) _tile_stored(3, c + 16 * 32 + 16, kAmxLd);
+}
+
+// Rows [0, m_rows) of y[:, 0 : 16 * groups16] from a packed panel; xa holds the
+// rows padded to a multiple of 16 (zeros), ldx bytes apart.
+void amx_panel(const int8_t* xa, int64_t ldx, int64_t m_rows, const int8_t* bp, int64_t kp,
+               int groups16, const float* xs, const float* ws, float* y, int64_t ldy) {
+  alignas(64) int32_t c[kAmxRows * 32];
+  for (int64_t m = 0; m < m_rows; m += kAmxRows) {
+    const int64_t rows = std::min(kAmxRows, m_rows - m);
+    const int8_t* xr = xa + m * ldx;
+    for (int g = 0; g < groups16; g += 2) {
+      const bool two = g + 1 < groups16;
+      const int8_t* b = bp + 64 * g;
+      if (rows > 16) {
+        if (two) amx_block<2, 2>(xr, ldx, b, kp, c);
+        else amx_block<2, 1>(xr, ldx, b, kp, c);
+      } else {
+        if (two) amx_block<1, 2>(xr, ldx, b, kp, c);
+        else amx_block<1, 1>(xr, ldx, b, kp, c);
+      }
+      for (int v = 0; v < (two ? 2 : 1); ++v) {
+        const f32x16 s = load_f32(ws + 16 * (g + v));
+        for (int64_t r = 0; r < rows; ++r) {
+          i32x16 acc;
+          std::memcpy(&acc, c + r * 32 + 16 * v, 64);
+          const f32x16 f = __builtin_convertvector(acc, f32x16);
+          store_f32(y + (m + r) * ldy + 16 * (g + v), f * s * splat(xs[m + r]));
+        }
+      }
+    }
+  }
+}
+#endif  // SQ_HAVE_W8A8_AMX
+
+// isa: 0 the best this build has without AMX (VNNI where built), 2 the AVX2
+// path, 3 AMX tiles (tests compare them bit for bit).
 ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F32> xs,
                      ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
@@ -961,21 +1048,31 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   if (xs.element_count() != size_t(xd[0])) return ffi::Error::InvalidArgument("xs must be [M, 1]");
   const int64_t m_rows = xd[0];
   if (wt.k > kW8A8MaxK) return ffi::Error::InvalidArgument("K > 65536 could overflow int32");
+  bool amx = false;
+  if (isa == 3) {
+#if defined(SQ_HAVE_W8A8_AMX)
+    amx = amx_usable();
+#endif
+    if (!amx) return ffi::Error::InvalidArgument("AMX tiles are not available here");
+  }
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
-  const int64_t kp = (wt.k + 3) / 4 * 4;
-  // Activations once, K padded to a multiple of 4 with zeros (the padded weights
-  // are zero too): offset to unsigned for VNNI, as they are for AVX2.
+  // K padded with zeros (the padded weights are zero too) to a multiple of 4,
+  // or of a tile step for AMX; AMX rows padded to a whole tile, and spaced off
+  // a power of two so a tile's 16 rows do not share one L1 set.
+  const int64_t kp = amx ? (wt.k + 63) / 64 * 64 : (wt.k + 3) / 4 * 4;
+  const int64_t ldx = amx ? kp + 64 : kp;
+  const int64_t mp = amx ? (m_rows + 15) / 16 * 16 : m_rows;
+  // Activations once: offset to unsigned for VNNI, as they are for AVX2 and AMX.
   bool vnni = false;
 #if defined(SQ_HAVE_W8A8_VNNI)
-  vnni = isa != 2;
+  vnni = isa != 2 && !amx;
 #endif
-  (void)isa;
-  std::vector<uint8_t> xu(m_rows * kp, 0);
+  std::vector<uint8_t> xu(mp * ldx, 0);
   const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
   const uint8_t flip = vnni ? 0x80 : 0;
   for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(xp[m * wt.k + k]) ^ flip;
+    for (int64_t k = 0; k < wt.k; ++k) xu[m * ldx + k] = uint8_t(xp[m * wt.k + k]) ^ flip;
   const float* xsp = xs.typed_data();
   const int64_t chunks_per_tile = (wt.tile + kW8Cols - 1) / kW8Cols;
   const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
@@ -988,6 +1085,23 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
     packed.resize(kp * kW8Cols);
     colsum.resize(kW8Cols);
     pack_quads(wt, c0, c1, kp, packed.data(), vnni ? colsum.data() : nullptr);
+#if defined(SQ_HAVE_W8A8_AMX)
+    if (amx) {
+      // Tile configuration is per thread, and released so that the thread
+      // pool's other work does not carry 8 KB of tile state.
+      TileConfig cfg;
+      for (int r = 0; r < 8; ++r) cfg.colsb[r] = 64, cfg.rows[r] = 16;
+      _tile_loadconfig(&cfg);
+      for (int64_t c = c0; c < c1; c += kPanel) {
+        const int8_t* bp = packed.data() + ((c - c0) / kPanel) * kp * kPanel;
+        const int groups16 = int(std::min<int64_t>(kPanel, c1 - c) / kLanes);
+        amx_panel(reinterpret_cast<const int8_t*>(xu.data()), ldx, m_rows, bp, kp, groups16, xsp,
+                  wt.scale + c, yp + c, wt.n);
+      }
+      _tile_release();
+      return;
+    }
+#endif
     for (int64_t c = c0; c < c1; c += kPanel) {
       const int8_t* bp = packed.data() + ((c - c0) / kPanel) * kp * kPanel;
       const int groups16 = int(std::min<int64_t>(kPanel, c1 - c) / kLanes);
@@ -1661,6 +1775,15 @@ int64_t w4a8_isas() {
 
 // Lets Python check its copy of the limit against this one (tests/test_native.py).
 extern "C" int64_t SqW8A8MaxK() { return kW8A8MaxK; }
+
+// Whether isa=3 (AMX tiles) runs here: built with AMX and granted by the OS.
+extern "C" int64_t SqW8A8Amx() {
+#if defined(SQ_HAVE_W8A8_AMX)
+  return amx_usable() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 #if defined(SQ_HAVE_W4A8)
 extern "C" int64_t SqW4A8Isas() { return w4a8_isas(); }
