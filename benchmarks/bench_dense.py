@@ -19,7 +19,8 @@ dequantized, ``p`` Pallas).
 acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
 ``sq.pack``-ed kernels, the native kernel's streaming layout; ``i4/packed`` and
 ``w4/packed`` the same on ``sq.pack``-ed int4 kernels (64-column int4 tiles,
-where the native packed int4 kernel is built). ``GB/s`` is the
+where the native packed int4 kernel is built); ``w8/amx`` the W8A8 kernel's AMX
+path (where the CPU and OS have AMX tiles; auto's letter ``a``). ``GB/s`` is the
 int8 weight bytes streamed per second by the fastest weight-only column at
 batch 1.
 
@@ -37,7 +38,7 @@ import numpy as np
 from _timing import machine, median_times
 
 import sensorquant_jax as sq
-from sensorquant_jax._src import native, tuning
+from sensorquant_jax._src import native, ops, packed, tuning
 
 LETTERS = {
   "native": "n",
@@ -47,6 +48,7 @@ LETTERS = {
   "xla_groups": "g",
   "xla_dequantize": "q",
   "pallas": "p",
+  "native_amx": "a",
 }
 TAGS = {"weight_only": "wo", "w8a8": "w8", "int4": "i4", "w4a8": "w4"}
 MODES = {"weight_only": "weight_only", "w8a8": "w8a8", "int4": "weight_only", "w4a8": "w8a8"}
@@ -59,6 +61,12 @@ def _stack(layer_fn):
     return sum(jnp.tanh(layer_fn(x, w).astype(jnp.float32))[:, :8].sum() for w in weights)
 
   return run
+
+
+def _amx_w8a8(x, w):
+  """W8A8 on the native kernel's AMX path, whatever ``impl="auto"`` would pick."""
+  m = packed.as_matrix(w, 1)
+  return ops.native_w8a8(*ops.quantize_activations(x), m, isa=native.ISA_AMX)
 
 
 def main():
@@ -105,6 +113,8 @@ def main():
       variants[f"{tag[mode]}/{impl}"] = _stack(
         lambda x, w, mode=mode, impl=impl: sq.dense(x, w, mode=MODES[mode], impl=impl)
       )
+    if mode == "w8a8" and not gpu and not fp8 and native.w8a8_amx():
+      variants["w8/amx"] = _stack(lambda x, w: _amx_w8a8(x, w))
   if not gpu and "weight_only" in modes and not fp8:  # sq.pack's layout, for the native kernel
     variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
   if not gpu and native.INT4_PACKED_TARGET in targets:  # sq.pack's int4 tiles
@@ -147,7 +157,7 @@ def main():
       ratios = " ".join(f"{t0 / t:9.2f}x" for name, t in times.items() if name != base)
       bests = []
       for m in modes:
-        others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel))
+        others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel, "amx"))
         bests.append(f"{others / times[f'{tag[m]}/auto']:7.2f}x")
       int8_modes = [MODES[m] for m in modes if m not in INT4_MODES]
       picks = list(sq.tune(q[0], batch_sizes=(b,), modes=int8_modes, dtype=dtype).values())

@@ -398,9 +398,9 @@ def _w8a8_candidates(m: Matrix, k: int) -> dict[str, Callable]:
     and kernel_shape_ok(m.values)
     and native_available(W8_TARGET, "auto")
   ):
-    out["native"] = _native_w8a8_float
-    if native.w8a8_amx():
+    if native.w8a8_amx():  # AMX tiles where the CPU and OS have them: faster at every batch
       out["native_amx"] = _native_w8a8_amx_float
+    out["native"] = _native_w8a8_float
   if m.bits == 4 and w4a8_ok(m) and native_available(W4A8_TARGET, "auto"):
     out["native"] = _native_w4a8_float
   out["xla"] = _xla_w8a8_float
@@ -440,7 +440,9 @@ def _w8a8(x2: jax.Array, m: Matrix, act_scale, impl: Impl = "auto") -> jax.Array
       raise RuntimeError(
         f"native W8A8 kernel: unsupported kernel {m.values.shape}, block {m.block}"
       )
-    return candidates["native"](x2, m, scale)
+    # The shipped fallback's native kernel: AMX tiles where they run, else VNNI / AVX2.
+    best = next(name for name in candidates if name.startswith("native"))
+    return candidates[best](x2, m, scale)
   return _xla_w8a8_float(x2, m, scale)
 
 

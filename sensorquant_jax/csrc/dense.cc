@@ -806,13 +806,20 @@ ffi::Error Int4ZeroDense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 // exact in int32 while K * 255 * 127 < 2^31 (K <= 65536, checked by the caller).
 constexpr int64_t kW8Cols = 128;  // columns per work item; packed block K * 128 bytes
 
+// Where pack_quads puts the quads of columns [c, c + 16) (c a multiple of 16) at
+// k (a multiple of 4): 64 bytes, in panels (see below) or in AMX tiles
+// [c / 16][kp / 4][16 columns][4 k], each 16 quads one contiguous 1 KB tile.
+inline int8_t* quads_at(int8_t* out, bool tiles, int64_t c, int64_t k, int64_t kp) {
+  if (tiles) return out + (c / kLanes) * kp * kLanes + k * kLanes;
+  return out + (c / kPanel) * kp * kPanel + k * kPanel + (c % kPanel) * 4;
+}
+
 // Packs w[:, c0:c1] (c1 - c0 <= kW8Cols, a multiple of 16) as
 // [panel][K/4][64 columns][4 k] bytes (zero-padded in K), and, where `colsum` is
 // given (the VNNI path's offset activations need them), column sums.
 void pack_quads(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* out,
-                int32_t* colsum) {
+                int32_t* colsum, bool tiles = false) {
   const int64_t width = c1 - c0;
-  const int64_t panel_bytes = kp * kPanel;
   const int64_t ahead = ahead_bytes(wt.tile);
   i32x16 sums[kW8Cols / kLanes] = {};
   // Four rows at a time, each read as one contiguous segment of the chunk.
@@ -822,7 +829,34 @@ void pack_quads(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* o
       rows[j] = k + j < wt.k ? wt.at(k + j, c0) : nullptr;
       if (rows[j]) prefetch_row(rows[j] + ahead, width);
     }
-    for (int64_t c = 0; c < width; c += kLanes) {
+    int64_t c = 0;
+#if defined(__AVX512BW__)
+    // Whole panels on 512 bits: the same transpose in each 128-bit lane, then a
+    // 4 x 4 transpose of the lanes puts each 16-column group's quads together.
+    for (; c + kPanel <= width; c += kPanel) {
+      __m512i r[4];
+      for (int j = 0; j < 4; ++j)
+        r[j] = rows[j] ? _mm512_loadu_si512(rows[j] + c) : _mm512_setzero_si512();
+      const __m512i t0 = _mm512_unpacklo_epi8(r[0], r[1]), t1 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i t2 = _mm512_unpacklo_epi8(r[2], r[3]), t3 = _mm512_unpackhi_epi8(r[2], r[3]);
+      // u0..u3: in lane L, columns 16 L + {0-3, 4-7, 8-11, 12-15}, 4 k each.
+      const __m512i u0 = _mm512_unpacklo_epi16(t0, t2), u1 = _mm512_unpackhi_epi16(t0, t2);
+      const __m512i u2 = _mm512_unpacklo_epi16(t1, t3), u3 = _mm512_unpackhi_epi16(t1, t3);
+      const __m512i v0 = _mm512_shuffle_i64x2(u0, u1, 0x44), v1 = _mm512_shuffle_i64x2(u2, u3, 0x44);
+      const __m512i v2 = _mm512_shuffle_i64x2(u0, u1, 0xEE), v3 = _mm512_shuffle_i64x2(u2, u3, 0xEE);
+      const __m512i q[4] = {_mm512_shuffle_i64x2(v0, v1, 0x88), _mm512_shuffle_i64x2(v0, v1, 0xDD),
+                            _mm512_shuffle_i64x2(v2, v3, 0x88), _mm512_shuffle_i64x2(v2, v3, 0xDD)};
+      for (int j = 0; j < 4; ++j)
+        _mm512_storeu_si512(quads_at(out, tiles, c + kLanes * j, k, kp), q[j]);
+#if defined(__AVX512VNNI__)
+      if (colsum)
+        for (int j = 0; j < 4; ++j)
+          sums[c / kLanes + j] = (i32x16)_mm512_dpbusd_epi32((__m512i)sums[c / kLanes + j],
+                                                              _mm512_set1_epi8(1), q[j]);
+#endif
+    }
+#endif
+    for (; c < width; c += kLanes) {
       __m128i r[4];
       for (int j = 0; j < 4; ++j)
         r[j] = rows[j] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + c))
@@ -832,7 +866,7 @@ void pack_quads(const Weights& wt, int64_t c0, int64_t c1, int64_t kp, int8_t* o
       __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
       const __m128i u[4] = {_mm_unpacklo_epi16(t0, t2), _mm_unpackhi_epi16(t0, t2),
                             _mm_unpacklo_epi16(t1, t3), _mm_unpackhi_epi16(t1, t3)};
-      int8_t* dst = out + (c / kPanel) * panel_bytes + k * kPanel + (c % kPanel) * 4;
+      int8_t* dst = quads_at(out, tiles, c, k, kp);
       for (int j = 0; j < 4; ++j) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * j), u[j]);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       if (colsum) {
@@ -972,64 +1006,74 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int64_t kAmxK = 64;     // k per tile step: 16 quads
-constexpr int64_t kAmxRows = 32;  // rows per block: two 16-row activation tiles
-constexpr int64_t kAmxLd = 128;   // int32 sums per block row: two 16-column tiles (as bytes / 4)
+constexpr int64_t kAmxTile = 1024;     // bytes per int8 tile: 16 rows of 64
+constexpr int64_t kAmxRows = 32;       // rows per block: two 16-row activation tiles
+constexpr int64_t kAmxLd = kW8Cols * 4;  // bytes per row of a chunk's int32 sums
 
 // Tiles 0-3 sum rows [16 r, 16 r + 16) x columns [16 c, 16 c + 16) as tile 2 c + r;
-// 4-5 hold activations, 6-7 weights. MR row tiles x NC column tiles of one panel.
+// 4-5 hold activations, 6-7 weights. MR row tiles x NC column tiles over all of
+// K (`steps` tile steps of 64 k) into c. a and b are the first tiles, each
+// followed by its next step's tile; the second row (column) tile is `next`
+// bytes on. Every tile is one contiguous 1 KB block. (Passes over K with the
+// sums reloaded between them, so that a column pair's weights stay in L1, were
+// slower on our AMX Xeon: the sums' traffic cost more than L1 saved.)
 template <int MR, int NC>
-void amx_block(const int8_t* xa, int64_t ldx, const int8_t* bp, int64_t kp, int32_t* c) {
+void amx_block(const int8_t* a, const int8_t* b, int64_t next, int64_t steps, int32_t* c) {
   _tile_zero(0);
   if (MR == 2) _tile_zero(1);
   if (NC == 2) _tile_zero(2);
   if (MR == 2 && NC == 2) _tile_zero(3);
-  for (int64_t k = 0; k < kp; k += kAmxK) {
-    const int8_t* b = bp + k * kPanel;  // quad row k / 4 of the panel, 4 * kPanel bytes each
-    _tile_loadd(4, xa + k, ldx);
-    _tile_loadd(6, b, 4 * kPanel);
-    if (MR == 2) _tile_loadd(5, xa + 16 * ldx + k, ldx);
+  for (int64_t s = 0; s < steps; ++s, a += kAmxTile, b += kAmxTile) {
+    _tile_loadd(4, a, 64);
+    _tile_loadd(6, b, 64);
+    if (MR == 2) _tile_loadd(5, a + next, 64);
     _tile_dpbssd(0, 4, 6);
     if (MR == 2) _tile_dpbssd(1, 5, 6);
     if (NC == 2) {
-      _tile_loadd(7, b + 64, 4 * kPanel);
+      _tile_loadd(7, b + next, 64);
       _tile_dpbssd(2, 4, 7);
       if (MR == 2) _tile_dpbssd(3, 5, 7);
     }
   }
+  int32_t* c1 = c + 16 * kW8Cols;
   _tile_stored(0, c, kAmxLd);
-  if (MR == 2) _tile_stored(1, c + 16 * 32, kAmxLd);
+  if (MR == 2) _tile_stored(1, c1, kAmxLd);
   if (NC == 2) _tile_stored(2, c + 16, kAmxLd);
-  if (MR == 2 && NC == 2) _tile_stored(3, c + 16 * 32 + 16, kAmxLd);
+  if (MR == 2 && NC == 2) _tile_stored(3, c1 + 16, kAmxLd);
 }
 
-// Rows [0, m_rows) of y[:, 0 : 16 * groups16] from a packed panel; xa holds the
-// rows padded to a multiple of 16 (zeros), ldx bytes apart.
-void amx_panel(const int8_t* xa, int64_t ldx, int64_t m_rows, const int8_t* bp, int64_t kp,
-               int groups16, const float* xs, const float* ws, float* y, int64_t ldy) {
-  alignas(64) int32_t c[kAmxRows * 32];
-  for (int64_t m = 0; m < m_rows; m += kAmxRows) {
-    const int64_t rows = std::min(kAmxRows, m_rows - m);
-    const int8_t* xr = xa + m * ldx;
-    for (int g = 0; g < groups16; g += 2) {
-      const bool two = g + 1 < groups16;
-      const int8_t* b = bp + 64 * g;
-      if (rows > 16) {
-        if (two) amx_block<2, 2>(xr, ldx, b, kp, c);
-        else amx_block<2, 1>(xr, ldx, b, kp, c);
+// y[:m_rows, 0 : width] for one chunk (width a multiple of 16). xt: the
+// activations as tiles [mp / 16][kp / 64][16 rows][64 k] (rows past m_rows
+// zeros); bt: the chunk's weights as pack_quads' AMX tiles; c: the chunk's int32
+// sums [mp][kW8Cols].
+void amx_chunk(const int8_t* xt, int64_t m_rows, int64_t mp, const int8_t* bt, int64_t kp,
+               int64_t width, int32_t* c, const float* xs, const float* ws, float* y,
+               int64_t ldy) {
+  const int groups = int(width / kLanes);
+  const int64_t next = kp * kLanes;  // bytes from one row (column) block's tiles to the next
+  const int64_t steps = kp / 64;
+  for (int g = 0; g < groups; g += 2) {
+    const bool two = g + 1 < groups;
+    const int8_t* b = bt + g * next;
+    for (int64_t m = 0; m < mp; m += kAmxRows) {
+      const int8_t* a = xt + (m / 16) * next;
+      int32_t* cr = c + m * kW8Cols + 16 * g;
+      if (mp - m > 16) {
+        if (two) amx_block<2, 2>(a, b, next, steps, cr);
+        else amx_block<2, 1>(a, b, next, steps, cr);
       } else {
-        if (two) amx_block<1, 2>(xr, ldx, b, kp, c);
-        else amx_block<1, 1>(xr, ldx, b, kp, c);
+        if (two) amx_block<1, 2>(a, b, next, steps, cr);
+        else amx_block<1, 1>(a, b, next, steps, cr);
       }
-      for (int v = 0; v < (two ? 2 : 1); ++v) {
-        const f32x16 s = load_f32(ws + 16 * (g + v));
-        for (int64_t r = 0; r < rows; ++r) {
-          i32x16 acc;
-          std::memcpy(&acc, c + r * 32 + 16 * v, 64);
-          const f32x16 f = __builtin_convertvector(acc, f32x16);
-          store_f32(y + (m + r) * ldy + 16 * (g + v), f * s * splat(xs[m + r]));
-        }
-      }
+    }
+  }
+  for (int g = 0; g < groups; ++g) {
+    const f32x16 s = load_f32(ws + 16 * g);
+    for (int64_t r = 0; r < m_rows; ++r) {
+      i32x16 acc;
+      std::memcpy(&acc, c + r * kW8Cols + 16 * g, 64);
+      const f32x16 f = __builtin_convertvector(acc, f32x16);
+      store_f32(y + r * ldy + 16 * g, f * s * splat(xs[r]));
     }
   }
 }
@@ -1058,21 +1102,28 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   float* yp = y->typed_data();
   if (m_rows == 0 || wt.n == 0) return ffi::Error::Success();
   // K padded with zeros (the padded weights are zero too) to a multiple of 4,
-  // or of a tile step for AMX; AMX rows padded to a whole tile, and spaced off
-  // a power of two so a tile's 16 rows do not share one L1 set.
+  // or of a tile step for AMX, whose rows are padded to a whole tile.
   const int64_t kp = amx ? (wt.k + 63) / 64 * 64 : (wt.k + 3) / 4 * 4;
-  const int64_t ldx = amx ? kp + 64 : kp;
   const int64_t mp = amx ? (m_rows + 15) / 16 * 16 : m_rows;
-  // Activations once: offset to unsigned for VNNI, as they are for AVX2 and AMX.
+  // Activations once: offset to unsigned for VNNI, as they are for AVX2 and
+  // AMX; for AMX as tiles [mp / 16][kp / 64][16 rows][64 k].
   bool vnni = false;
 #if defined(SQ_HAVE_W8A8_VNNI)
   vnni = isa != 2 && !amx;
 #endif
-  std::vector<uint8_t> xu(mp * ldx, 0);
+  std::vector<uint8_t> xu(mp * kp, 0);
   const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
   const uint8_t flip = vnni ? 0x80 : 0;
-  for (int64_t m = 0; m < m_rows; ++m)
-    for (int64_t k = 0; k < wt.k; ++k) xu[m * ldx + k] = uint8_t(xp[m * wt.k + k]) ^ flip;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const int8_t* row = xp + m * wt.k;
+    if (amx) {
+      for (int64_t k = 0; k < wt.k; k += 64)  // row m % 16 of tile (m / 16, k / 64)
+        std::memcpy(xu.data() + (m / 16) * kp * 16 + k * 16 + (m % 16) * 64, row + k,
+                    std::min<int64_t>(64, wt.k - k));
+    } else {
+      for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(row[k]) ^ flip;
+    }
+  }
   const float* xsp = xs.typed_data();
   const int64_t chunks_per_tile = (wt.tile + kW8Cols - 1) / kW8Cols;
   const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
@@ -1084,7 +1135,7 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
     thread_local std::vector<int32_t> colsum;
     packed.resize(kp * kW8Cols);
     colsum.resize(kW8Cols);
-    pack_quads(wt, c0, c1, kp, packed.data(), vnni ? colsum.data() : nullptr);
+    pack_quads(wt, c0, c1, kp, packed.data(), vnni ? colsum.data() : nullptr, amx);
 #if defined(SQ_HAVE_W8A8_AMX)
     if (amx) {
       // Tile configuration is per thread, and released so that the thread
@@ -1092,12 +1143,10 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
       TileConfig cfg;
       for (int r = 0; r < 8; ++r) cfg.colsb[r] = 64, cfg.rows[r] = 16;
       _tile_loadconfig(&cfg);
-      for (int64_t c = c0; c < c1; c += kPanel) {
-        const int8_t* bp = packed.data() + ((c - c0) / kPanel) * kp * kPanel;
-        const int groups16 = int(std::min<int64_t>(kPanel, c1 - c) / kLanes);
-        amx_panel(reinterpret_cast<const int8_t*>(xu.data()), ldx, m_rows, bp, kp, groups16, xsp,
-                  wt.scale + c, yp + c, wt.n);
-      }
+      thread_local std::vector<int32_t> sums;
+      sums.resize(mp * kW8Cols);
+      amx_chunk(reinterpret_cast<const int8_t*>(xu.data()), m_rows, mp, packed.data(), kp,
+                c1 - c0, sums.data(), xsp, wt.scale + c0, yp + c0, wt.n);
       _tile_release();
       return;
     }
