@@ -380,6 +380,35 @@ def test_w4a8_is_the_integer_reference_bit_for_bit_on_every_isa(scheme, k, n, bl
       np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=isa)
 
 
+@pytest.mark.parametrize("scheme", sq.INT4_SCHEMES)
+@pytest.mark.parametrize(("rows", "k", "block"), [(5, 200, 64), (17, 256, 128), (40, 330, 64)])
+def test_w4a8_amx_on_packed_tiles_is_the_integer_reference_bit_for_bit(scheme, rows, k, block):
+  """AMX tiles (tdpbsud) on sq.pack's int4 tiles: rows in blocks of 16 and 32, a
+  partial last group, asymmetric zero points: the bits of numpy's integer sums and
+  float32 epilogue, as every other path; the dispatcher offers it where it runs."""
+  from sensorquant_jax._src import nibbles, ops, packed
+
+  _needs_packed_int4()
+  n = 192
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  q = sq.quantize_array(w, scheme, block_size=block)
+  pm = packed.as_matrix(sq.pack(q), 1)
+  if not ops.w4a8_amx_ok(pm):
+    pytest.skip("no AMX tiles on this machine")
+  x = (rng.standard_normal((rows, k)) * 3).astype(np.float32)
+  xq, xs = jax.jit(ops.quantize_activations)(jnp.asarray(x))
+  codes = np.asarray(nibbles.unpack(q.values, 0, k), np.int64)
+  zero = np.full(np.shape(q.scale), 8) if q.zero_point is None else np.asarray(q.zero_point)
+  want = w4a8_reference(xq, xs, codes, zero, np.asarray(q.scale), block)
+  amx = _native.ISA_AMX
+  got = np.asarray(jax.jit(lambda a, b: ops.native_w4a8(a, b, pm, amx))(xq, xs))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  assert "native_amx" in ops._w8a8_candidates(pm, k)
+  # Canonical nibbles are not tiles: the AMX path refuses them with the reason.
+  with pytest.raises(Exception, match="packed int4 tiles"):
+    jax.jit(lambda a, b: ops.native_w4a8(a, b, packed.as_matrix(q, 1), amx))(xq, xs)
+
+
 def test_w4a8_under_vmap_and_shardings_and_its_fallbacks():
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P

@@ -1011,14 +1011,16 @@ constexpr int64_t kAmxRows = 32;       // rows per block: two 16-row activation 
 constexpr int64_t kAmxLd = kW8Cols * 4;  // bytes per row of a chunk's int32 sums
 
 // Tiles 0-3 sum rows [16 r, 16 r + 16) x columns [16 c, 16 c + 16) as tile 2 c + r;
-// 4-5 hold activations, 6-7 weights. MR row tiles x NC column tiles over all of
-// K (`steps` tile steps of 64 k) into c. a and b are the first tiles, each
-// followed by its next step's tile; the second row (column) tile is `next`
-// bytes on. Every tile is one contiguous 1 KB block. (Passes over K with the
-// sums reloaded between them, so that a column pair's weights stay in L1, were
-// slower on our AMX Xeon: the sums' traffic cost more than L1 saved.)
-template <int MR, int NC>
-void amx_block(const int8_t* a, const int8_t* b, int64_t next, int64_t steps, int32_t* c) {
+// 4-5 hold activations, 6-7 weights. MR row tiles x NC column tiles over `steps`
+// tile steps of 64 k into c (ldc bytes a row). a and b are the first tiles, each
+// followed by its next step's tile; the second row (column) tile is a_next
+// (b_next) bytes on. Every tile is one contiguous 1 KB block. Weights are signed
+// (int8) or unsigned (int4 codes). (Passes over K with the sums reloaded between
+// them, so that a column pair's weights stay in L1, were slower on our AMX Xeon:
+// the sums' traffic cost more than L1 saved.)
+template <int MR, int NC, bool kSignedW>
+void amx_block(const int8_t* a, int64_t a_next, const int8_t* b, int64_t b_next, int64_t steps,
+               int32_t* c, int64_t ldc) {
   _tile_zero(0);
   if (MR == 2) _tile_zero(1);
   if (NC == 2) _tile_zero(2);
@@ -1026,20 +1028,54 @@ void amx_block(const int8_t* a, const int8_t* b, int64_t next, int64_t steps, in
   for (int64_t s = 0; s < steps; ++s, a += kAmxTile, b += kAmxTile) {
     _tile_loadd(4, a, 64);
     _tile_loadd(6, b, 64);
-    if (MR == 2) _tile_loadd(5, a + next, 64);
-    _tile_dpbssd(0, 4, 6);
-    if (MR == 2) _tile_dpbssd(1, 5, 6);
+    if (MR == 2) _tile_loadd(5, a + a_next, 64);
+    if (kSignedW) {
+      _tile_dpbssd(0, 4, 6);
+      if (MR == 2) _tile_dpbssd(1, 5, 6);
+    } else {
+      _tile_dpbsud(0, 4, 6);
+      if (MR == 2) _tile_dpbsud(1, 5, 6);
+    }
     if (NC == 2) {
-      _tile_loadd(7, b + next, 64);
-      _tile_dpbssd(2, 4, 7);
-      if (MR == 2) _tile_dpbssd(3, 5, 7);
+      _tile_loadd(7, b + b_next, 64);
+      if (kSignedW) {
+        _tile_dpbssd(2, 4, 7);
+        if (MR == 2) _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbsud(2, 4, 7);
+        if (MR == 2) _tile_dpbsud(3, 5, 7);
+      }
     }
   }
-  int32_t* c1 = c + 16 * kW8Cols;
-  _tile_stored(0, c, kAmxLd);
-  if (MR == 2) _tile_stored(1, c1, kAmxLd);
-  if (NC == 2) _tile_stored(2, c + 16, kAmxLd);
-  if (MR == 2 && NC == 2) _tile_stored(3, c1 + 16, kAmxLd);
+  int32_t* c1 = c + 16 * (ldc / 4);
+  _tile_stored(0, c, ldc);
+  if (MR == 2) _tile_stored(1, c1, ldc);
+  if (NC == 2) _tile_stored(2, c + 16, ldc);
+  if (MR == 2 && NC == 2) _tile_stored(3, c1 + 16, ldc);
+}
+
+// Rows [0, rows) (rows <= 32, padded to whole tiles) x one or two 16-column tiles.
+template <bool kSignedW>
+void amx_pair(const int8_t* a, int64_t a_next, const int8_t* b, int64_t b_next, int64_t steps,
+              int64_t rows, bool two, int32_t* c, int64_t ldc) {
+  if (rows > 16) {
+    if (two) amx_block<2, 2, kSignedW>(a, a_next, b, b_next, steps, c, ldc);
+    else amx_block<2, 1, kSignedW>(a, a_next, b, b_next, steps, c, ldc);
+  } else {
+    if (two) amx_block<1, 2, kSignedW>(a, a_next, b, b_next, steps, c, ldc);
+    else amx_block<1, 1, kSignedW>(a, a_next, b, b_next, steps, c, ldc);
+  }
+}
+
+// The activations as AMX tiles [mp / 16][kt / 64][16 rows][64 k], zeros past
+// [m_rows, k) (mp: m_rows rounded up to 16; kt: k rounded up to a tile step or more).
+void amx_activations(const int8_t* xp, int64_t m_rows, int64_t k, int64_t kt,
+                     std::vector<uint8_t>* out) {
+  out->assign((m_rows + 15) / 16 * 16 * kt, 0);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t j = 0; j < k; j += 64)  // row m % 16 of tile (m / 16, j / 64)
+      std::memcpy(out->data() + (m / 16) * kt * 16 + j * 16 + (m % 16) * 64, xp + m * k + j,
+                  std::min<int64_t>(64, k - j));
 }
 
 // y[:m_rows, 0 : width] for one chunk (width a multiple of 16). xt: the
@@ -1057,14 +1093,7 @@ void amx_chunk(const int8_t* xt, int64_t m_rows, int64_t mp, const int8_t* bt, i
     const int8_t* b = bt + g * next;
     for (int64_t m = 0; m < mp; m += kAmxRows) {
       const int8_t* a = xt + (m / 16) * next;
-      int32_t* cr = c + m * kW8Cols + 16 * g;
-      if (mp - m > 16) {
-        if (two) amx_block<2, 2>(a, b, next, steps, cr);
-        else amx_block<2, 1>(a, b, next, steps, cr);
-      } else {
-        if (two) amx_block<1, 2>(a, b, next, steps, cr);
-        else amx_block<1, 1>(a, b, next, steps, cr);
-      }
+      amx_pair<true>(a, next, b, next, steps, mp - m, two, c + m * kW8Cols + 16 * g, kAmxLd);
     }
   }
   for (int g = 0; g < groups; ++g) {
@@ -1111,19 +1140,15 @@ ffi::Error W8A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
 #if defined(SQ_HAVE_W8A8_VNNI)
   vnni = isa != 2 && !amx;
 #endif
-  std::vector<uint8_t> xu(mp * kp, 0);
+  std::vector<uint8_t> xu(amx ? 0 : mp * kp, 0);
   const int8_t* xp = reinterpret_cast<const int8_t*>(xq.untyped_data());
   const uint8_t flip = vnni ? 0x80 : 0;
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const int8_t* row = xp + m * wt.k;
-    if (amx) {
-      for (int64_t k = 0; k < wt.k; k += 64)  // row m % 16 of tile (m / 16, k / 64)
-        std::memcpy(xu.data() + (m / 16) * kp * 16 + k * 16 + (m % 16) * 64, row + k,
-                    std::min<int64_t>(64, wt.k - k));
-    } else {
-      for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(row[k]) ^ flip;
-    }
-  }
+#if defined(SQ_HAVE_W8A8_AMX)
+  if (amx) amx_activations(xp, m_rows, wt.k, kp, &xu);
+#endif
+  if (!amx)
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t k = 0; k < wt.k; ++k) xu[m * kp + k] = uint8_t(xp[m * wt.k + k]) ^ flip;
   const float* xsp = xs.typed_data();
   const int64_t chunks_per_tile = (wt.tile + kW8Cols - 1) / kW8Cols;
   const int64_t items = (wt.n / wt.tile) * chunks_per_tile;
@@ -1748,6 +1773,100 @@ void pad_int8_rows(const int8_t* xp, int64_t m_rows, int64_t k, int64_t kp, int6
   }
 }
 
+#if defined(SQ_HAVE_W8A8_AMX)
+// W4A8 on packed tiles with AMX tiles (groups a multiple of 64). Per tile and
+// group, each 16-column line of the tile gives two weight-tile rows as it lies:
+// its low nibbles are one quad of k, its high nibbles the next, so staging is a
+// mask and a shift per 64 bytes. tdpbsud (signed activations x unsigned codes)
+// forms the group's int32 sums exactly; they leave the tiles, and each adds
+// fl(s * float(sum - z * xsum)) to y as w4a8_packed_rows does: the same bits.
+constexpr int64_t kAmxW4Ld = kP4Cols * 4;  // bytes per row of a tile's int32 sums
+
+void w4a8_amx_tile(const uint8_t* xt, int64_t kt, int64_t m_rows, const int32_t* xsum,
+                   int64_t groups, const PackedInt4& wt, int64_t t, float* y, int64_t ldy,
+                   uint8_t* stage, int32_t* c) {
+  const uint8_t* base = wt.tile(t);
+  const int64_t col = t * kP4Cols;
+  const int64_t b_next = wt.block * 16;  // bytes of one column group's codes in a group
+  const int64_t mp = (m_rows + 15) / 16 * 16;
+  // Group g's codes as 4 weight tiles per tile step: [column group][quad row][64].
+  auto stage_group = [&](int64_t g, uint8_t* out) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int64_t k0 = g * wt.block, k1 = std::min(wt.kp, k0 + wt.block);
+    for (int64_t k = k0; k < k1; k += 8) {
+      const uint8_t* line = base + (k / 8) * kP4Step;
+      uint8_t* row = out + (k - k0) * 16;  // quad row (k - k0) / 4
+      for (int q = 0; q < 4; ++q) {
+        const __m512i v = _mm512_loadu_si512(line + 64 * q);
+        _mm512_storeu_si512(row + q * b_next, _mm512_and_si512(v, low));
+        _mm512_storeu_si512(row + q * b_next + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+      }
+    }
+    for (int q = 0; q < 4; ++q)  // the last group's rows past Kp meet zero activations
+      std::memset(out + q * b_next + (k1 - k0) * 16, 0, (k0 + wt.block - k1) * 16);
+  };
+  // Rows [m, m + 32) x group g (codes staged at b): the sums, then y += the group's term.
+  auto group_rows = [&](int64_t m, int64_t g, const uint8_t* b) {
+    const int8_t* a = reinterpret_cast<const int8_t*>(xt) + (m / 16) * kt * 16 + g * b_next;
+    for (int p = 0; p < 2; ++p)
+      amx_pair<false>(a, kt * 16, reinterpret_cast<const int8_t*>(b) + 2 * p * b_next, b_next,
+                      wt.block / 64, mp - m, true, c + 32 * p, kAmxW4Ld);
+    __m512i zi[4];
+    __m512 sv[4];
+    for (int v = 0; v < 4; ++v) {
+      zi[v] = _mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt.zero + g * wt.n + col + 16 * v)));
+      sv[v] = _mm512_loadu_ps(wt.scale + g * wt.n + col + 16 * v);
+    }
+    for (int64_t r = 0; r < std::min(kAmxRows, m_rows - m); ++r) {
+      const __m512i xsr = _mm512_set1_epi32(xsum[(m + r) * groups + g]);
+      for (int v = 0; v < 4; ++v) {
+        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(c + r * kP4Cols + 16 * v),
+                                           _mm512_mullo_epi32(zi[v], xsr));
+        __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(d), sv[v]);
+        asm("" : "+v"(part));  // no FMA with the add: the same bits on every ISA
+        float* out = y + (m + r) * ldy + col + 16 * v;
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), part));
+      }
+    }
+  };
+  if (mp <= kAmxRows) {  // one row block: each group's codes staged in L1 and used at once
+    for (int64_t g = 0; g < groups; ++g) {
+      stage_group(g, stage);
+      group_rows(0, g, stage);
+    }
+    return;
+  }
+  // More rows: the whole tile staged once, then each row block runs through every
+  // group with its rows of y in L1 (measured faster than groups outside).
+  for (int64_t g = 0; g < groups; ++g) stage_group(g, stage + g * wt.block * 64);
+  for (int64_t m = 0; m < mp; m += kAmxRows)
+    for (int64_t g = 0; g < groups; ++g) group_rows(m, g, stage + g * wt.block * 64);
+}
+
+void w4a8_amx_run(ffi::ThreadPool& pool, const int8_t* xp, int64_t m_rows, const int32_t* xsum,
+                  int64_t groups, const PackedInt4& wt, const float* xs, float* yp) {
+  const int64_t kt = groups * wt.block;  // every group's tile steps, zeros past K
+  std::vector<uint8_t> xt;
+  amx_activations(xp, m_rows, wt.k, kt, &xt);
+  over_tiles(pool, wt.n / kP4Cols, [&](int64_t t) {
+    thread_local std::vector<uint8_t> stage;
+    thread_local std::vector<int32_t> sums;
+    stage.resize(kt * 64);
+    sums.resize(kAmxRows * kP4Cols);
+    const int64_t col = t * kP4Cols;
+    for (int64_t m = 0; m < m_rows; ++m) std::fill_n(yp + m * wt.n + col, kP4Cols, 0.0f);
+    TileConfig cfg;
+    for (int r = 0; r < 8; ++r) cfg.colsb[r] = 64, cfg.rows[r] = 16;
+    _tile_loadconfig(&cfg);
+    w4a8_amx_tile(xt.data(), kt, m_rows, xsum, groups, wt, t, yp, wt.n, stage.data(), sums.data());
+    _tile_release();
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = col; c < col + kP4Cols; ++c) yp[m * wt.n + c] *= xs[m];
+  });
+}
+#endif  // SQ_HAVE_W8A8_AMX
+
 // W4A8 on packed tiles [N / 64, Kp / 2, 64] (see PackedInt4): the same sums and
 // float steps as the canonical kernel, so the same bits.
 ffi::Error W4A8PackedDense(ffi::ThreadPool& pool, const ffi::AnyBuffer& xq,
@@ -1766,6 +1885,16 @@ ffi::Error W4A8PackedDense(ffi::ThreadPool& pool, const ffi::AnyBuffer& xq,
   std::vector<int32_t> xsum;
   pad_int8_rows(reinterpret_cast<const int8_t*>(xq.untyped_data()), m_rows, wt.k, wt.kp, block,
                 groups, &xpad, &xsum);
+  if (isa == 3) {
+#if defined(SQ_HAVE_W8A8_AMX)
+    if (amx_usable() && block % 64 == 0) {
+      w4a8_amx_run(pool, reinterpret_cast<const int8_t*>(xq.untyped_data()), m_rows, xsum.data(),
+                   groups, wt, xs.typed_data(), yp);
+      return ffi::Error::Success();
+    }
+#endif
+    return ffi::Error::InvalidArgument("AMX W4A8 needs AMX tiles and groups of a multiple of 64");
+  }
   return with_dot(isa, [&](auto d) {
     w4a8_packed_run<decltype(d)>(pool, xpad.data(), wt.kp, m_rows, xsum.data(), groups, wt,
                                  xs.typed_data(), yp);
@@ -1781,6 +1910,7 @@ ffi::Error W4A8Dense(ffi::ThreadPool pool, ffi::AnyBuffer xq, ffi::Buffer<ffi::F
   if (xd.size() != 2 || xq.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("xq must be int8 [M, K]");
   if (wd.size() == 3) return W4A8PackedDense(pool, xq, xs, w, scale, zero, y, block, isa);
+  if (isa == 3) return ffi::Error::InvalidArgument("AMX W4A8 runs on packed int4 tiles");
   if (w.element_type() != ffi::U8 || wd.size() != 2)
     return ffi::Error::InvalidArgument("w must be uint8 [ceil(K / 2), N]");
   if (zero.element_type() != ffi::S8) return ffi::Error::InvalidArgument("zero must be int8");
