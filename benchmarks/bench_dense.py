@@ -19,8 +19,10 @@ dequantized, ``p`` Pallas).
 acceptance target is >= 0.9). ``wo/packed`` (CPU): ``auto`` on
 ``sq.pack``-ed kernels, the native kernel's streaming layout; ``i4/packed`` and
 ``w4/packed`` the same on ``sq.pack``-ed int4 kernels (64-column int4 tiles,
-where the native packed int4 kernel is built); ``w8/amx`` the W8A8 kernel's AMX
-path (where the CPU and OS have AMX tiles; auto's letter ``a``). ``GB/s`` is the
+where the native packed int4 kernel is built). Where the CPU and OS have AMX
+tiles, ``w8/native`` is the W8A8 kernel's AMX path and ``w8/vnni`` its VNNI (or
+AVX2) path, and ``w4/p-vnni`` and ``w4/p-amx`` are W4A8 on packed int4 tiles on
+each (auto's letter ``a``: AMX). ``GB/s`` is the
 int8 weight bytes streamed per second by the fastest weight-only column at
 batch 1.
 
@@ -63,10 +65,11 @@ def _stack(layer_fn):
   return run
 
 
-def _amx_w8a8(x, w):
-  """W8A8 on the native kernel's AMX path, whatever ``impl="auto"`` would pick."""
+def _native_isa(x, w, isa):
+  """W8A8 (W4A8 on int4 kernels) on one instruction path of the native kernel."""
   m = packed.as_matrix(w, 1)
-  return ops.native_w8a8(*ops.quantize_activations(x), m, isa=native.ISA_AMX)
+  run = ops.native_w4a8 if m.bits == 4 else ops.native_w8a8
+  return run(*ops.quantize_activations(x), m, isa=isa)
 
 
 def main():
@@ -114,7 +117,8 @@ def main():
         lambda x, w, mode=mode, impl=impl: sq.dense(x, w, mode=MODES[mode], impl=impl)
       )
     if mode == "w8a8" and not gpu and not fp8 and native.w8a8_amx():
-      variants["w8/amx"] = _stack(lambda x, w: _amx_w8a8(x, w))
+      # impl="native" runs AMX here; this column is the VNNI / AVX2 kernel it replaces
+      variants["w8/vnni"] = _stack(lambda x, w: _native_isa(x, w, native.ISA_BEST))
   if not gpu and "weight_only" in modes and not fp8:  # sq.pack's layout, for the native kernel
     variants["wo/packed"] = _stack(lambda x, w: sq.dense(x, w, impl="auto"))
   if not gpu and native.INT4_PACKED_TARGET in targets:  # sq.pack's int4 tiles
@@ -123,6 +127,9 @@ def main():
         variants[f"{tag[mode]}/packed"] = _stack(
           lambda x, w, mode=mode: sq.dense(x, w, mode=MODES[mode], impl="auto")
         )
+    if "w4a8" in modes and native.w8a8_amx():  # packed int4 tiles on each W4A8 path
+      variants["w4/p-vnni"] = _stack(lambda x, w: _native_isa(x, w, native.ISA_BEST))
+      variants["w4/p-amx"] = _stack(lambda x, w: _native_isa(x, w, native.ISA_AMX))
   for size in args.sizes.split(","):
     k, n = (int(v) for v in size.split("x"))
     floats = [
@@ -133,7 +140,7 @@ def main():
     with_int4 = any(m in modes for m in INT4_MODES)
     int4 = [sq.quantize_array(w, args.int4_scheme) for w in floats] if with_int4 else []
     for name in variants:
-      if name in ("i4/packed", "w4/packed"):
+      if name in ("i4/packed", "w4/packed", "w4/p-vnni", "w4/p-amx"):
         weights[name] = [sq.pack(w) for w in int4]
       elif name.startswith(("i4/", "w4/")):
         weights[name] = int4
@@ -157,7 +164,7 @@ def main():
       ratios = " ".join(f"{t0 / t:9.2f}x" for name, t in times.items() if name != base)
       bests = []
       for m in modes:
-        others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel, "amx"))
+        others = min(times.get(f"{tag[m]}/{v}", np.inf) for v in ("xla", kernel, "vnni"))
         bests.append(f"{others / times[f'{tag[m]}/auto']:7.2f}x")
       int8_modes = [MODES[m] for m in modes if m not in INT4_MODES]
       picks = list(sq.tune(q[0], batch_sizes=(b,), modes=int8_modes, dtype=dtype).values())
