@@ -403,7 +403,9 @@ def test_w4a8_amx_on_packed_tiles_is_the_integer_reference_bit_for_bit(scheme, r
   amx = _native.ISA_AMX
   got = np.asarray(jax.jit(lambda a, b: ops.native_w4a8(a, b, pm, amx))(xq, xs))
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-  assert "native_amx" in ops._w8a8_candidates(pm, k)
+  # The shipped fallback from W4A8_AMX_MIN_ROWS rows; the VNNI kernel's below.
+  assert next(iter(ops._w8a8_candidates(pm, k, ops.W4A8_AMX_MIN_ROWS))) == "native_amx"
+  assert list(ops._w8a8_candidates(pm, k, 1))[:2] == ["native", "native_amx"]
   # Canonical nibbles are not tiles: the AMX path refuses them with the reason.
   with pytest.raises(Exception, match="packed int4 tiles"):
     jax.jit(lambda a, b: ops.native_w4a8(a, b, packed.as_matrix(q, 1), amx))(xq, xs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sensorquant_jax as sq
-from sensorquant_jax._src import packed
+from sensorquant_jax._src import ops, packed
 
 SCHEMES = [s for s in sq.SCHEMES if sq.bits_of(s) == 8]  # int4: tests/test_int4.py
 rng = np.random.default_rng(0)
@@ -25,6 +25,26 @@ def _fake_quant_acts(x2, scheme=""):
   y = x2 / s
   q = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), -127, 127)
   return q * s
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_activations_is_numpys_ieee_rounding_bit_for_bit(static):
+  # 64 x 512 draws: XLA's ``/ 127`` as ``* (1 / 127)`` gave another scale in ~5% of rows.
+  x = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
+  x[0, :7] = np.float32(0.5) * np.arange(7)  # exact ties at .5 under a static scale of 1
+  act_scale = np.float32(1.0) if static else None
+  q, s = jax.jit(lambda x: ops.quantize_activations(x, act_scale))(x)
+  want_s = (
+    np.full((len(x), 1), act_scale, np.float32)
+    if static
+    else np.maximum(np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127), 1e-12)
+  )
+  y = x / want_s
+  want_q = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), -127, 127).astype(np.int8)
+  np.testing.assert_array_equal(np.asarray(s).view(np.uint32), want_s.view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(q), want_q)
+  if static:
+    np.testing.assert_array_equal(np.asarray(q)[0, :7], [0, 1, 1, 2, 2, 3, 3])
 
 
 # sq.pack leaves fp8 kernels as they are (test_pack_round_trip_and_fallbacks): once each.

@@ -76,7 +76,7 @@ def test_auto_runs_the_fastest_measured_candidate(tuned, timings, mode):
   names = list(
     ops._weight_only_candidates(ops.as_matrix(qk, 1), 512, 3)
     if mode == "weight_only"
-    else ops._w8a8_candidates(ops.as_matrix(qk, 1), 256)
+    else ops._w8a8_candidates(ops.as_matrix(qk, 1), 256, 3)
   )
   ref = sq.dense(x, qk, mode=mode, impl="xla")
   for slowest_first in (names, names[::-1]):
@@ -177,7 +177,7 @@ def test_no_tuning_switch_is_deterministic(tmp_path, monkeypatch):
     fallback = (
       ops._weight_only_candidates(m, 512, rows)
       if key.startswith("weight_only")
-      else ops._w8a8_candidates(m, 256)
+      else ops._w8a8_candidates(m, 256, rows)
     )
     assert name == next(iter(fallback))
   assert not os.listdir(tmp_path) or not any(f.startswith("tuning-") for f in os.listdir(tmp_path))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sensorquant_jax._src.qarray import SYMMETRIC_INT4_ZERO
+from sensorquant_jax._src.schemes import exact_div
 
 BLOCK_N = 128
 """Output columns per program."""
@@ -293,7 +294,8 @@ def w8a8_dense(
   n = values.shape[1]
   xf = x.astype(jnp.float32)
   if act_scale is None:
-    xs = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True) / 127.0, 1e-12)
+    xs = exact_div(jnp.max(jnp.abs(xf), axis=1, keepdims=True), jnp.float32(127))
+    xs = jnp.maximum(xs, 1e-12)  # the scales of ops.quantize_activations, bit for bit
   else:
     xs = jnp.broadcast_to(jnp.asarray(act_scale, jnp.float32).reshape(1, 1), (m, 1))
   _check_block(block)

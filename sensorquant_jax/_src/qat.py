@@ -545,7 +545,7 @@ _A_MAX = 127.0  # int8 activations: symmetric codes -127..127, as ops.quantize_a
 
 def _act_codes(x: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(x / s, its int8 codes)`` in float32, rounded as ``ops.quantize_activations``."""
-  v = x.astype(jnp.float32) / s
+  v = schemes.exact_div(x.astype(jnp.float32), s)
   return v, jnp.clip(jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO), -_A_MAX, _A_MAX)
 
 
