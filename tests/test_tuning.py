@@ -160,6 +160,23 @@ def test_a_failing_candidate_is_never_chosen(tuned):
   assert entry["seconds"]["fails"] is None
 
 
+def test_candidates_are_timed_in_interleaved_rounds(monkeypatch):
+  """A machine slow for a while (the first four calls here) slows every candidate
+  alike: timed one after the other, "a" would take the whole slow spell and lose."""
+  calls: list[str] = []
+
+  def fake_timed(run, copies):
+    name = "a" if float(run(copies)[0][0]) == 1 else "b"
+    calls.append(name)
+    slow = len(calls) <= 4
+    return 10.0 if slow else {"a": 1.0, "b": 1.1}[name]
+
+  monkeypatch.setattr(tuning, "_timed", fake_timed)
+  seconds = tuning.measure({"a": lambda x: x * 1, "b": lambda x: x * 2}, lambda s: (jnp.ones(4),))
+  assert seconds == {"a": 1.0, "b": 1.1}
+  assert calls[:4] == ["a", "b", "b", "a"] and len(calls) == 2 * tuning.REPEATS
+
+
 def test_no_tuning_switch_is_deterministic(tmp_path, monkeypatch):
   monkeypatch.setenv("SENSORQUANT_CACHE", str(tmp_path))
   monkeypatch.setenv(tuning.ENV, "0")

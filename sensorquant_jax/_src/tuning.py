@@ -184,23 +184,23 @@ def _random_like(x: Any, seed: int) -> Any:
   return jnp.asarray(rng.uniform(0.5, 1.0, x.shape).astype(np.float32)).astype(dtype)
 
 
-def _time(fn: Callable, copies: list[tuple]) -> float:
-  """Median seconds of one call over distinct copies of the inputs (after a warm-up)."""
-  run = jax.jit(lambda all_args: [fn(*args) for args in all_args])
+def _timed(run: Callable, copies: list[tuple]) -> float:
+  """Seconds per call of one pass of ``run`` over the copies."""
+  t = time.perf_counter()
   jax.block_until_ready(run(copies))
-  times: list[float] = []
-  start = time.perf_counter()
-  while len(times) < REPEATS and (len(times) < 2 or time.perf_counter() - start < SECONDS):
-    t = time.perf_counter()
-    jax.block_until_ready(run(copies))
-    times.append((time.perf_counter() - t) / len(copies))
-  return statistics.median(times)
+  return (time.perf_counter() - t) / len(copies)
 
 
 def measure(
   candidates: Mapping[str, Callable], example: Callable[[int], tuple]
 ) -> dict[str, float]:
   """Seconds per call of each candidate (``inf`` where it fails to run).
+
+  Every candidate is compiled and run once, then timed in rounds, one call of
+  each per round in a rotating order, and each gets the median of its rounds:
+  a machine that slows down for a while (a shared or throttled CPU) slows every
+  candidate alike, where timing them one after the other would charge it to
+  whichever ran then.
 
   Args:
     candidates: name -> function of the example's arguments.
@@ -211,13 +211,32 @@ def measure(
     nbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(first))
     n_copies = max(1, min(MAX_COPIES, -(-WORKING_SET // max(nbytes, 1))))
     copies = [first] + [example(i) for i in range(1, n_copies)]
-    out = {}
+    runs: dict[str, Callable] = {}
     for name, fn in candidates.items():
+      run = jax.jit(lambda all_args, fn=fn: [fn(*args) for args in all_args])
       try:
-        out[name] = _time(fn, copies)
+        jax.block_until_ready(run(copies))  # compile and warm up
       except Exception:  # a candidate that cannot run here is not chosen
-        out[name] = math.inf
-    return out
+        continue
+      runs[name] = run
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    start = time.perf_counter()
+    rounds = 0
+    # At least two rounds; more up to REPEATS while the budget (per candidate) lasts.
+    while rounds < REPEATS and (
+      rounds < 2 or time.perf_counter() - start < SECONDS * max(len(names), 1)
+    ):
+      for i in range(len(names)):
+        name = names[(rounds + i) % len(names)]
+        try:
+          times[name].append(_timed(runs[name], copies))
+        except Exception:
+          times[name].append(math.inf)
+      rounds += 1
+    return {
+      name: statistics.median(times[name]) if name in times else math.inf for name in candidates
+    }
 
 
 def example_like(*args: Any) -> Callable[[int], tuple]:
