@@ -2,6 +2,7 @@
 
     python _distributed_worker.py main OUT DEST
     python _distributed_worker.py crash OUT DEST
+    python _distributed_worker.py tuning OUT DEST
 
 Started by ``sensorquant_jax._src.distributed.launch`` (2 processes x 4 CPU
 devices), it joins the others and, with params sharded over a (2, 4) mesh that
@@ -17,6 +18,10 @@ holds (and read) to OUT/held_<process>.json.
 It then does the same in the other model styles (``distributed_case.STYLES``):
 quantizes, runs the quantized forward and (plain function) runs GPTQ.
 
+``tuning``: with measuring on, each process timing its own way (process 1's timings
+reversed), chooses implementations for a fake problem and for a sharded quantized
+forward; writes its choices and the forward's output to OUT/tuning_<process>.json.
+
 ``crash``: saves a first checkpoint to DEST, then a second one over it, during
 which process 1 kills itself with SIGKILL (the time in OUT/killed_at).
 """
@@ -27,6 +32,7 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,7 +205,34 @@ def crash(out: str, dest: str) -> None:
   time.sleep(600)  # process 0: never reached
 
 
+def tuning(out: str, dest: str) -> None:
+  from sensorquant_jax._src import tuning as tuning_mod
+
+  me = jax.process_index()
+  # Each process its own tuning file, and its own opinion: process 0 finds the shipped
+  # fallback (the first candidate) fastest, process 1 the last.
+  path = Path(out) / f"tuning_cache_{me}.json"
+  tuning_mod.cache_path = lambda: path
+  tuning_mod.clear_memory()
+
+  def measure(candidates, example):
+    order = list(candidates)
+    return {name: float(i if me == 0 else -i) for i, name in enumerate(order)}
+
+  tuning_mod.measure = measure
+  problem = tuning_mod.Problem("w8a8", "fake", 1, 1, 1, "float32")
+  fake = tuning_mod.choose(problem, {"a": abs, "b": abs}, lambda seed: (np.zeros(4),))
+  mesh = case.mesh(np.array(jax.devices()).reshape(2, 4))
+  params = case.place(case.float_params(), mesh)
+  q = sq.quantize(params, case.SCHEMES[0])
+  with tuning_mod.recording() as choices:
+    logits = jax.jit(lambda q, t: sq.apply(case.model(), q, t, mode="w8a8"))(q, case.tokens())
+  result = {"fake": fake, "choices": choices, "forward": gather(logits).tolist()}
+  with open(os.path.join(out, f"tuning_{me}.json"), "w") as f:
+    json.dump(result, f)
+
+
 if __name__ == "__main__":
   what, out, dest = sys.argv[1:4]
-  {"main": main, "crash": crash}[what](out, dest)
+  {"main": main, "crash": crash, "tuning": tuning}[what](out, dest)
   jax.distributed.shutdown()

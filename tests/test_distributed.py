@@ -8,6 +8,7 @@ oracle's fixtures, or the saved checkpoint restored here on other meshes.
 """
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -340,6 +341,28 @@ def test_one_run_across_processes(run, tmp_path):
   _streaming_writes_the_one_process_checkpoint(run, tmp_path)
   _other_styles_equal_one_process(run)
   _gptq_on_a_scanned_plain_function(run)
+
+
+def test_tuned_choices_are_process_0s_on_every_process(tmp_path):
+  """With measuring on and each process timing its own way, every process takes process
+  0's choices, so that they compile one program (mismatched ones crash on collectives)."""
+  code = distributed.launch(
+    [WORKER, "tuning", str(tmp_path), str(tmp_path / "unused")],
+    case.PROCESSES,
+    devices=4,
+    timeout_s=180,  # 15 s here; processes that chose apart hang on their collectives
+    grace_s=30,
+    env={**ONE_THREAD, "SENSORQUANT_TUNING": "1"},
+  )
+  assert code == 0, "the worker processes failed (their output is above)"
+  got = [json.loads((tmp_path / f"tuning_{i}.json").read_text()) for i in range(2)]
+  assert got[0]["fake"] == got[1]["fake"] == "a"  # process 1 on its own would take "b"
+  assert got[0]["choices"] and got[0]["choices"] == got[1]["choices"]
+  mesh = _this_mesh()
+  params = case.place(case.float_params(), mesh)
+  q = sq.quantize(params, case.SCHEMES[0])
+  want = jax.jit(lambda q, t: sq.apply(case.model(), q, t, mode="w8a8"))(q, case.tokens())
+  np.testing.assert_allclose(np.asarray(got[0]["forward"]), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_killed_process_during_save_leaves_the_old_checkpoint(tmp_path):

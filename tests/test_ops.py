@@ -54,9 +54,19 @@ def test_quantize_activations_is_numpys_ieee_rounding_bit_for_bit(static):
 PACKINGS = [(s, p) for s in SCHEMES for p in (False, True) if not (p and s in sq.FP8_SCHEMES)]
 
 
-@pytest.mark.parametrize("scheme,packed", PACKINGS)
+DENSE_SHAPES = [(1, 256, 1024), (5, 200, 96), (40, 512, 1024)]
+
+
+# Each scheme, layout and mode on two of the three shapes in turn.
 @pytest.mark.parametrize("mode", ["weight_only", "w8a8"])
-@pytest.mark.parametrize("rows,k,n", [(1, 256, 1024), (5, 200, 96), (40, 512, 1024)])
+@pytest.mark.parametrize(
+  "scheme,packed,rows,k,n",
+  [
+    (s, p, *DENSE_SHAPES[(i + j) % len(DENSE_SHAPES)])
+    for i, (s, p) in enumerate(PACKINGS)
+    for j in (0, 1)
+  ],
+)
 def test_dense_matches_float_on_dequantized(scheme, mode, rows, k, n, packed):
   w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.1, 2, (1, n))
   x = rng.standard_normal((rows, k)).astype(np.float32)

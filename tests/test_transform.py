@@ -63,8 +63,15 @@ def gemma_like():
   return out
 
 
-@pytest.mark.parametrize("style", ["loop", "scan", "remat"])
-@pytest.mark.parametrize("scheme", SCHEMES)
+# Every scheme on the scanned stack (layer slices of stacked codes); the unrolled and
+# rematerialized styles differ from it in how the transform walks the jaxpr, not in
+# the scheme, so each takes two schemes that between them cover int8, int4 and fp8.
+@pytest.mark.parametrize(
+  ("style", "scheme"),
+  [("scan", s) for s in SCHEMES]
+  + [("loop", sq.PER_CHANNEL), ("loop", sq.ASYMMETRIC_INT4)]
+  + [("remat", sq.INT4), ("remat", sq.FP8_BLOCK)],
+)
 def test_linen_einsum_models(gemma_like, style, scheme):
   model, params = gemma_like[style]
   q = sq.quantize(params, scheme, like=(model.apply, TOKENS))

@@ -10,6 +10,9 @@ next to the native build cache (``$SENSORQUANT_CACHE``), one file per machine
 of our kernels. Later processes read the file and never time again; a corrupt
 file is ignored with a warning and replaced on the next write.
 
+In a multi-process run (``jax.distributed``) every process takes process 0's choice,
+so that all of them compile one program the same way.
+
 ``SENSORQUANT_TUNING=0`` switches measuring (and the file) off: every problem
 then gets its shipped fallback, the first candidate its op lists, which makes
 ``impl="auto"`` deterministic. The test suite runs that way.
@@ -52,7 +55,11 @@ REPEATS = 6
 SECONDS = 0.5
 """A candidate's timed calls stop after this long."""
 
+AGREE_TIMEOUT_MS = 600_000
+"""How long a process waits for process 0's choice (process 0 may be timing)."""
+
 _LOCK = threading.RLock()
+_AGREEMENTS = 0  # choices agreed with process 0 so far (multi-process runs)
 _MEMORY: dict[str, dict[str, Any]] = {}  # file name -> {problem key: entry}
 _RECORD = threading.local()  # .choices: {problem key: name} while tune() traces
 
@@ -296,6 +303,40 @@ def _choose(problem: Problem, candidates: Mapping[str, Callable], example: Calla
   names = list(candidates)
   if len(names) == 1 or not enabled():
     return names[0]
+  return _agreed(names, _fastest(problem, candidates, example))
+
+
+def _agreed(names: list[str], mine: str) -> str:
+  """Process 0's choice in a multi-process run, ``mine`` otherwise.
+
+  Each process times on its own (or reads its own host's cache), and timings differ:
+  processes that traced one program into different implementations would run
+  mismatched collectives. Every process reaches the same choices in the same order
+  (they trace the same program), so the n-th choice is agreed under the n-th key of
+  the ``jax.distributed`` coordinator's key-value store (choices are made while
+  tracing, where no collective can run).
+  """
+  if jax.process_count() == 1:
+    return mine
+  from jax._src import distributed as jax_distributed  # the coordinator's client
+
+  client = jax_distributed.global_state.client
+  if client is None:
+    return mine
+  global _AGREEMENTS
+  with _LOCK:
+    _AGREEMENTS += 1
+    key = f"sensorquant_jax/tuning/{_AGREEMENTS}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, mine)
+    return mine
+  theirs = client.blocking_key_value_get(key, AGREE_TIMEOUT_MS)
+  return theirs if theirs in names else names[0]
+
+
+def _fastest(problem: Problem, candidates: Mapping[str, Callable], example: Callable) -> str:
+  """The cached or measured fastest candidate on this process's machine."""
+  names = list(candidates)
   with _LOCK:
     path = cache_path()
     hit = _entries(path).get(problem.key)
