@@ -59,7 +59,7 @@ AGREE_TIMEOUT_MS = 600_000
 """How long a process waits for process 0's choice (process 0 may be timing)."""
 
 _LOCK = threading.RLock()
-_AGREEMENTS = 0  # choices agreed with process 0 so far (multi-process runs)
+_PUBLISHED: dict[str, str] = {}  # process 0: the choices it published (multi-process runs)
 _MEMORY: dict[str, dict[str, Any]] = {}  # file name -> {problem key: entry}
 _RECORD = threading.local()  # .choices: {problem key: name} while tune() traces
 
@@ -303,18 +303,17 @@ def _choose(problem: Problem, candidates: Mapping[str, Callable], example: Calla
   names = list(candidates)
   if len(names) == 1 or not enabled():
     return names[0]
-  return _agreed(names, _fastest(problem, candidates, example))
+  return _agreed(problem, names, _fastest(problem, candidates, example))
 
 
-def _agreed(names: list[str], mine: str) -> str:
+def _agreed(problem: Problem, names: list[str], mine: str) -> str:
   """Process 0's choice in a multi-process run, ``mine`` otherwise.
 
   Each process times on its own (or reads its own host's cache), and timings differ:
   processes that traced one program into different implementations would run
-  mismatched collectives. Every process reaches the same choices in the same order
-  (they trace the same program), so the n-th choice is agreed under the n-th key of
-  the ``jax.distributed`` coordinator's key-value store (choices are made while
-  tracing, where no collective can run).
+  mismatched collectives. Choices are made while tracing, where no collective can
+  run, so process 0 publishes each problem's choice once in the ``jax.distributed``
+  coordinator's key-value store and the others wait for it there.
   """
   if jax.process_count() == 1:
     return mine
@@ -323,14 +322,23 @@ def _agreed(names: list[str], mine: str) -> str:
   client = jax_distributed.global_state.client
   if client is None:
     return mine
-  global _AGREEMENTS
-  with _LOCK:
-    _AGREEMENTS += 1
-    key = f"sensorquant_jax/tuning/{_AGREEMENTS}"
+  key = f"sensorquant_jax/tuning/{problem.key}"
   if jax.process_index() == 0:
-    client.key_value_set(key, mine)
+    with _LOCK:
+      if key not in _PUBLISHED:
+        client.key_value_set(key, mine)
+        _PUBLISHED[key] = mine
+      published = _PUBLISHED[key]
+    return published if published in names else mine
+  try:
+    theirs = client.blocking_key_value_get(key, AGREE_TIMEOUT_MS)
+  except Exception as e:  # process 0 never traced this problem
+    warnings.warn(
+      f"impl='auto': process 0 chose nothing for {problem.key} ({e}); this process "
+      f"runs its own choice {mine!r}",
+      stacklevel=4,
+    )
     return mine
-  theirs = client.blocking_key_value_get(key, AGREE_TIMEOUT_MS)
   return theirs if theirs in names else names[0]
 
 
