@@ -177,6 +177,19 @@ def test_candidates_are_timed_in_interleaved_rounds(monkeypatch):
   assert calls[:4] == ["a", "b", "b", "a"] and len(calls) == 2 * tuning.REPEATS
 
 
+def test_timed_calls_run_one_after_the_other():
+  """Each timed call depends on the previous one's output (so XLA cannot run them side by
+  side on part of the cores each): a NaN from the first call reaches the second."""
+  first = (jnp.zeros(3), jnp.arange(3, dtype=jnp.int32))
+  second = (jnp.ones(3), jnp.arange(3, dtype=jnp.int32))
+  out = jax.jit(lambda a: tuning._in_sequence(lambda x, i: x / x[0] + i, a))([first, second])
+  assert np.isnan(np.asarray(out[0])).all()
+  assert np.isnan(np.asarray(out[1])).all()
+  # without a NaN upstream the values are the calls' own
+  out = jax.jit(lambda a: tuning._in_sequence(lambda x, i: x * 2 + i, a))([second, second])
+  np.testing.assert_array_equal(np.asarray(out[1]), [2, 3, 4])
+
+
 def test_no_tuning_switch_is_deterministic(tmp_path, monkeypatch):
   monkeypatch.setenv("SENSORQUANT_CACHE", str(tmp_path))
   monkeypatch.setenv(tuning.ENV, "0")

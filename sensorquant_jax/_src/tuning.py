@@ -198,6 +198,36 @@ def _timed(run: Callable, copies: list[tuple]) -> float:
   return (time.perf_counter() - t) / len(copies)
 
 
+def _in_sequence(fn: Callable, all_args: list[tuple]) -> list[Any]:
+  """``fn`` on each copy of the arguments, each call after the previous one.
+
+  Independent calls in one program may run at the same time on XLA's CPU thread
+  pool, each on part of the cores, which times something a model (whose layers
+  wait for each other) never runs; a dependence on the previous output (one
+  element, times zero) keeps them in order.
+  """
+  outs: list[Any] = []
+  for args in all_args:
+    if outs:
+      args = _after(args, outs[-1])
+    outs.append(fn(*args))
+  return outs
+
+
+def _after(args: tuple, previous: Any) -> tuple:
+  """``args`` with its first floating-point leaf made to depend on ``previous``."""
+  dep = next(
+    (x for x in jax.tree_util.tree_leaves(previous) if jnp.issubdtype(x.dtype, jnp.floating)),
+    None,
+  )
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  for i, x in enumerate(leaves):
+    if dep is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      leaves[i] = x + (dep.ravel()[0] * 0).astype(x.dtype)
+      break
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def measure(
   candidates: Mapping[str, Callable], example: Callable[[int], tuple]
 ) -> dict[str, float]:
@@ -220,7 +250,7 @@ def measure(
     copies = [first] + [example(i) for i in range(1, n_copies)]
     runs: dict[str, Callable] = {}
     for name, fn in candidates.items():
-      run = jax.jit(lambda all_args, fn=fn: [fn(*args) for args in all_args])
+      run = jax.jit(functools.partial(_in_sequence, fn))
       try:
         jax.block_until_ready(run(copies))  # compile and warm up
       except Exception:  # a candidate that cannot run here is not chosen
