@@ -57,8 +57,9 @@ def _trained(tree, steps=3):
   return tree
 
 
-# Every scheme with and without learned scales; the dtypes alternate (each pairing of
-# learn and dtype still meets every scheme family), which halves the compilations.
+# Every scheme with and without learned scales and in both dtypes, though not in every
+# combination of the two: the dtype alternates with the scheme, which halves the
+# compilations.
 @pytest.mark.parametrize(
   ("scheme", "learn", "dtype"),
   [

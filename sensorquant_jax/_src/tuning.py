@@ -220,9 +220,11 @@ def _after(args: tuple, previous: Any) -> tuple:
     (x for x in jax.tree_util.tree_leaves(previous) if jnp.issubdtype(x.dtype, jnp.floating)),
     None,
   )
+  if dep is None:
+    return args
   leaves, treedef = jax.tree_util.tree_flatten(args)
   for i, x in enumerate(leaves):
-    if dep is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    if jnp.issubdtype(x.dtype, jnp.floating):
       leaves[i] = x + (dep.ravel()[0] * 0).astype(x.dtype)
       break
   return jax.tree_util.tree_unflatten(treedef, leaves)
